@@ -1,0 +1,336 @@
+//! Frames: the self-checking byte layout of one record, the same in NVRAM, on the wire and in
+//! journal files.
+//!
+//! ```text
+//!  offset size field
+//!  0      4    magic        "NVF1" (0x3146_564E little-endian)
+//!  4      4    payload_len  bytes of payload after the header
+//!  8      8    seq          record sequence number (per source, from 1, never reused)
+//!  16     4    epoch        use count of the partition holding the frame (stale-data filter)
+//!  20     2    partition    NVLOG partition of the *source* that logged the record
+//!  22     2    kind         0 = record payload (MessagePack `Op`), 1 = opaque/nested frame
+//!  24     4    origin       source slot on a destination's shared NVLOG; 0 elsewhere
+//!  28     4    crc          CRC32C over bytes 0..28 followed by the payload
+//!  32     ..   payload
+//! ```
+//! All integers little-endian. Frames are padded to 8 bytes inside an NVLOG; the padding is
+//! not covered by the CRC. The CRC is computed when a frame is sealed and checked whenever one
+//! is read back, so a torn or flipped frame is never mistaken for a record.
+
+use thiserror::Error;
+
+/// Size of the fixed frame header.
+pub const HEADER_LEN: usize = 32;
+/// The magic number that starts every frame.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"NVF1");
+/// Largest payload a frame may carry (a 1 MiB write plus its path and encoding, with room).
+pub const MAX_PAYLOAD_LEN: usize = 16 << 20;
+/// Frame kind: the payload is a MessagePack [`crate::Op`].
+pub const KIND_RECORD: u16 = 0;
+/// Frame kind: the payload is another complete frame (a destination wraps a source's frame).
+pub const KIND_NESTED: u16 = 1;
+
+/// The decoded fixed header of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Payload length in bytes.
+    pub payload_len: u32,
+    /// Record sequence number.
+    pub seq: u64,
+    /// Use count of the partition the frame was written into.
+    pub epoch: u32,
+    /// Source NVLOG partition.
+    pub partition: u16,
+    /// What the payload is ([`KIND_RECORD`] or [`KIND_NESTED`]).
+    pub kind: u16,
+    /// Destination-side source slot, 0 elsewhere.
+    pub origin: u32,
+}
+
+impl FrameHeader {
+    /// Total frame length (header + payload), without padding.
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + self.payload_len as usize
+    }
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// Fewer bytes than the header or the announced payload needs (a torn tail, typically).
+    #[error("frame truncated: need {needed} bytes, have {available}")]
+    Truncated {
+        /// Bytes the frame needs.
+        needed: usize,
+        /// Bytes present.
+        available: usize,
+    },
+    /// The first four bytes are not the frame magic.
+    #[error("bad frame magic {found:#010x}")]
+    BadMagic {
+        /// What was found.
+        found: u32,
+    },
+    /// The announced payload is larger than any frame may be.
+    #[error("frame payload of {len} bytes exceeds the limit of {MAX_PAYLOAD_LEN}")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+    },
+    /// The CRC does not match the contents.
+    #[error("frame CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    BadCrc {
+        /// CRC in the frame.
+        stored: u32,
+        /// CRC of the bytes.
+        computed: u32,
+    },
+}
+
+/// A checked frame borrowed from a buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Frame<'a> {
+    /// Its header.
+    pub header: FrameHeader,
+    /// Its payload.
+    pub payload: &'a [u8],
+    /// The whole frame (header + payload), as stored.
+    pub bytes: &'a [u8],
+}
+
+fn crc_of(header_prefix: &[u8], payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(header_prefix), payload)
+}
+
+fn write_header(out: &mut [u8], h: &FrameHeader) {
+    out[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    out[4..8].copy_from_slice(&h.payload_len.to_le_bytes());
+    out[8..16].copy_from_slice(&h.seq.to_le_bytes());
+    out[16..20].copy_from_slice(&h.epoch.to_le_bytes());
+    out[20..22].copy_from_slice(&h.partition.to_le_bytes());
+    out[22..24].copy_from_slice(&h.kind.to_le_bytes());
+    out[24..28].copy_from_slice(&h.origin.to_le_bytes());
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn le_u16(b: &[u8], at: usize) -> u16 {
+    let mut a = [0u8; 2];
+    a.copy_from_slice(&b[at..at + 2]);
+    u16::from_le_bytes(a)
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Start a frame in `out` (cleared first): a zeroed header to be filled by [`seal`], after
+/// which the caller appends the payload. Lets the payload be encoded in place, without a copy.
+pub fn begin(out: &mut Vec<u8>) {
+    out.clear();
+    out.resize(HEADER_LEN, 0);
+}
+
+/// Fill in the header of a frame built with [`begin`] + payload, and compute its CRC.
+/// The payload length is taken from the buffer.
+pub fn seal(
+    frame: &mut [u8],
+    seq: u64,
+    epoch: u32,
+    partition: u16,
+    kind: u16,
+    origin: u32,
+) -> Result<(), FrameError> {
+    if frame.len() < HEADER_LEN {
+        return Err(FrameError::Truncated {
+            needed: HEADER_LEN,
+            available: frame.len(),
+        });
+    }
+    let payload_len = frame.len() - HEADER_LEN;
+    if payload_len > MAX_PAYLOAD_LEN {
+        return Err(FrameError::TooLarge { len: payload_len });
+    }
+    let header = FrameHeader {
+        payload_len: payload_len as u32,
+        seq,
+        epoch,
+        partition,
+        kind,
+        origin,
+    };
+    write_header(frame, &header);
+    let (head, payload) = frame.split_at_mut(HEADER_LEN);
+    let crc = crc_of(&head[..28], payload);
+    head[28..32].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// Re-stamp the placement fields (epoch, partition) of a sealed frame and recompute its CRC.
+/// Used when a frame built before its partition was known is placed into a log.
+pub fn restamp(frame: &mut [u8], epoch: u32, partition: u16) -> Result<(), FrameError> {
+    let h = parse_header(frame)?;
+    seal(
+        &mut frame[..h.frame_len()],
+        h.seq,
+        epoch,
+        partition,
+        h.kind,
+        h.origin,
+    )
+}
+
+/// Build a complete frame around `payload`.
+pub fn encode(
+    seq: u64,
+    epoch: u32,
+    partition: u16,
+    kind: u16,
+    origin: u32,
+    payload: &[u8],
+) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    begin(&mut out);
+    out.extend_from_slice(payload);
+    seal(&mut out, seq, epoch, partition, kind, origin)?;
+    Ok(out)
+}
+
+/// Parse the header only, checking magic and size limits but not the CRC.
+pub fn parse_header(bytes: &[u8]) -> Result<FrameHeader, FrameError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(FrameError::Truncated {
+            needed: HEADER_LEN,
+            available: bytes.len(),
+        });
+    }
+    let magic = le_u32(bytes, 0);
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic { found: magic });
+    }
+    let payload_len = le_u32(bytes, 4);
+    if payload_len as usize > MAX_PAYLOAD_LEN {
+        return Err(FrameError::TooLarge {
+            len: payload_len as usize,
+        });
+    }
+    Ok(FrameHeader {
+        payload_len,
+        seq: le_u64(bytes, 8),
+        epoch: le_u32(bytes, 16),
+        partition: le_u16(bytes, 20),
+        kind: le_u16(bytes, 22),
+        origin: le_u32(bytes, 24),
+    })
+}
+
+/// Parse and fully check (magic, length, CRC) the frame at the start of `bytes`.
+pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, FrameError> {
+    let header = parse_header(bytes)?;
+    let len = header.frame_len();
+    if bytes.len() < len {
+        return Err(FrameError::Truncated {
+            needed: len,
+            available: bytes.len(),
+        });
+    }
+    let stored = le_u32(bytes, 28);
+    let payload = &bytes[HEADER_LEN..len];
+    let computed = crc_of(&bytes[..28], payload);
+    if stored != computed {
+        return Err(FrameError::BadCrc { stored, computed });
+    }
+    Ok(Frame {
+        header,
+        payload,
+        bytes: &bytes[..len],
+    })
+}
+
+/// Round a frame length up to the 8-byte slot it occupies in an NVLOG.
+pub fn padded_len(frame_len: usize) -> usize {
+    (frame_len + 7) & !7
+}
+
+/// Iterate over back-to-back frames (no padding), as carried in a wire batch.
+pub fn split(mut bytes: &[u8]) -> impl Iterator<Item = Result<Frame<'_>, FrameError>> {
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed || bytes.is_empty() {
+            return None;
+        }
+        match decode(bytes) {
+            Ok(f) => {
+                bytes = &bytes[f.bytes.len()..];
+                Some(Ok(f))
+            }
+            Err(e) => {
+                failed = true;
+                Some(Err(e))
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn round_trip(seq: u64, epoch: u32, part: u16, origin: u32, payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let f = encode(seq, epoch, part, KIND_RECORD, origin, &payload).unwrap();
+            let d = decode(&f).unwrap();
+            prop_assert_eq!(d.header.seq, seq);
+            prop_assert_eq!(d.header.epoch, epoch);
+            prop_assert_eq!(d.header.partition, part);
+            prop_assert_eq!(d.header.origin, origin);
+            prop_assert_eq!(d.payload, &payload[..]);
+        }
+
+        #[test]
+        fn any_bit_flip_is_detected(payload in proptest::collection::vec(any::<u8>(), 1..512), bit in 0usize..(8 * 600)) {
+            let mut f = encode(7, 1, 0, KIND_RECORD, 0, &payload).unwrap();
+            let bit = bit % (f.len() * 8);
+            f[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(decode(&f).is_err());
+        }
+
+        #[test]
+        fn any_truncation_is_detected(payload in proptest::collection::vec(any::<u8>(), 0..512), cut in 0usize..600) {
+            let f = encode(7, 1, 0, KIND_RECORD, 0, &payload).unwrap();
+            let cut = cut % f.len();
+            prop_assert!(decode(&f[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn restamp_changes_placement_and_stays_valid() {
+        let mut f = encode(9, 0, 0, KIND_RECORD, 0, b"hello").unwrap();
+        restamp(&mut f, 5, 1).unwrap();
+        let d = decode(&f).unwrap();
+        assert_eq!(
+            (d.header.epoch, d.header.partition, d.header.seq),
+            (5, 1, 9)
+        );
+    }
+
+    #[test]
+    fn split_walks_a_batch_and_stops_at_damage() {
+        let mut batch = encode(1, 0, 0, KIND_RECORD, 0, b"a").unwrap();
+        batch.extend(encode(2, 0, 0, KIND_RECORD, 0, b"bb").unwrap());
+        let seqs: Vec<u64> = split(&batch).map(|f| f.unwrap().header.seq).collect();
+        assert_eq!(seqs, vec![1, 2]);
+        let last = batch.len() - 1;
+        batch[last] ^= 0xff;
+        let results: Vec<_> = split(&batch).collect();
+        assert!(results[0].is_ok() && results[1].is_err());
+    }
+}

@@ -1,0 +1,27 @@
+//! nvmirror's shared language: what both daemons say and store.
+//!
+//! * [`record`]: one mutating file operation ([`record::Op`]) and its sequence number.
+//! * [`frame`]: the self-checking byte layout (length, sequence, partition, CRC32C) in which a
+//!   record lives in NVRAM, on the wire and in journals.
+//! * [`nvlog`]: the partitioned write-ahead log inside an NVRAM region, with its recovery scan.
+//! * [`storage`]: the NVRAM region itself, behind a small trait (a memory-mapped file, or plain
+//!   memory for tests).
+//! * [`wire`]: messages between source and destination.
+//! * [`path`]: validation of the relative paths records carry.
+//! * [`apply`]: the one piece of code that applies a record to a directory tree, shared by the
+//!   source (its backing volume, at recovery) and the destination (its image, at a CP).
+//!
+//! Everything but `storage::MmapStorage` and `apply` is sans-IO: it takes bytes and returns
+//! values, so it is tested without a mount or a socket.
+
+pub mod apply;
+pub mod frame;
+pub mod nvlog;
+pub mod path;
+pub mod record;
+pub mod storage;
+pub mod wire;
+
+pub use frame::{Frame, FrameError, FrameHeader};
+pub use nvlog::{NvLog, NvLogError};
+pub use record::{Op, Timestamp};

@@ -1,0 +1,811 @@
+//! NVLOG: the write-ahead record log inside an NVRAM region, split into partitions.
+//!
+//! ```text
+//! region = superblock (64 KiB) | partition 0 | partition 1 | ... | partition N-1
+//!
+//! superblock
+//!   0   8  magic "NVMLOG\0\x01"
+//!   8   4  format version (1)
+//!   12  4  partition count N
+//!   16  8  partition size in bytes (header + entries)
+//!   24  4  role (1 = source, 2 = destination): a source file is never opened as a destination's
+//!   28  4  CRC32C of bytes 0..28
+//!   4096..65536  user area: cursors the daemon keeps in NVRAM (see `USER_AREA_*`)
+//!
+//! partition (at 64 KiB + i * partition size)
+//!   0   8  magic "NVPART\0\x01"
+//!   8   4  epoch: bumped each time the partition is freed; frames carry it, so bytes left
+//!            from an earlier use are never taken for records
+//!   12  4  CRC32C of bytes 0..12
+//!   4096..  frames (see `frame`), each padded to 8 bytes, sequence numbers consecutive
+//! ```
+//!
+//! Appends fill the current partition; when a frame does not fit, the caller rotates to the
+//! next free partition (and starts a consistency point for the full one) and frees it when the
+//! CP is done. The recovery scan ([`NvLog::open`]) stops each partition at the first frame that
+//! is torn, of another epoch, or out of sequence; if a valid frame of the current epoch lies
+//! beyond that point the log is corrupt (a hard error naming file and offset), otherwise it is
+//! a torn tail, dropped with a warning.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::frame::{self, FrameError, HEADER_LEN};
+use crate::storage::Storage;
+
+/// Bytes reserved for the superblock and user area.
+pub const SUPERBLOCK_LEN: usize = 64 << 10;
+/// Bytes of each partition's header.
+pub const PARTITION_HEADER_LEN: usize = 4096;
+/// Start of the daemon-defined user area in the superblock.
+pub const USER_AREA_OFFSET: usize = 4096;
+/// Size of the user area.
+pub const USER_AREA_LEN: usize = SUPERBLOCK_LEN - USER_AREA_OFFSET;
+/// Smallest partition accepted.
+pub const MIN_PARTITION_SIZE: usize = 64 << 10;
+/// Default partition size (64 MiB).
+pub const DEFAULT_PARTITION_SIZE: usize = 64 << 20;
+/// Default number of partitions.
+pub const DEFAULT_PARTITIONS: usize = 2;
+/// Most partitions one log may have.
+pub const MAX_PARTITIONS: usize = 64;
+
+const MAGIC: &[u8; 8] = b"NVMLOG\0\x01";
+const PART_MAGIC: &[u8; 8] = b"NVPART\0\x01";
+const VERSION: u32 = 1;
+
+/// Which daemon a log belongs to; stored so that one is never opened as the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Role {
+    /// `fs-source`'s NVLOG.
+    Source = 1,
+    /// `fs-dest`'s shared NVLOG.
+    Destination = 2,
+}
+
+/// The shape of a log: how many partitions of what size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Number of partitions (2..=64).
+    pub partitions: usize,
+    /// Bytes per partition including its 4 KiB header (multiple of 4096, at least 64 KiB).
+    pub partition_size: usize,
+}
+
+impl Default for Geometry {
+    fn default() -> Self {
+        Geometry {
+            partitions: DEFAULT_PARTITIONS,
+            partition_size: DEFAULT_PARTITION_SIZE,
+        }
+    }
+}
+
+impl Geometry {
+    /// Total bytes of the NVRAM region.
+    pub fn region_len(&self) -> usize {
+        SUPERBLOCK_LEN + self.partitions * self.partition_size
+    }
+
+    /// Bytes available for frames in one partition.
+    pub fn capacity(&self) -> usize {
+        self.partition_size - PARTITION_HEADER_LEN
+    }
+
+    /// Check the limits.
+    pub fn validate(&self) -> Result<(), NvLogError> {
+        if !(2..=MAX_PARTITIONS).contains(&self.partitions) {
+            return Err(NvLogError::BadGeometry(format!(
+                "{} partitions; between 2 and {MAX_PARTITIONS} are supported",
+                self.partitions
+            )));
+        }
+        if self.partition_size < MIN_PARTITION_SIZE || self.partition_size % 4096 != 0 {
+            return Err(NvLogError::BadGeometry(format!(
+                "partition size {} bytes; it must be a multiple of 4096 and at least {MIN_PARTITION_SIZE}",
+                self.partition_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Why a log cannot be opened or appended to.
+#[derive(Debug, Error)]
+pub enum NvLogError {
+    /// The configured geometry is outside the limits.
+    #[error("invalid NVLOG geometry: {0}")]
+    BadGeometry(String),
+    /// The region is not an NVLOG of this version, or its header is damaged.
+    #[error("NVRAM {file}: {reason}")]
+    BadFormat {
+        /// File name.
+        file: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The log was made with another geometry or for another role.
+    #[error("NVRAM {file} was formatted as {found}, but {wanted} was asked for; move it away or use the matching options")]
+    Mismatch {
+        /// File name.
+        file: String,
+        /// What the file says.
+        found: String,
+        /// What the caller asked for.
+        wanted: String,
+    },
+    /// A damaged frame with valid frames after it: not a torn tail, refuse to guess.
+    #[error("NVRAM {file}: corrupt record at offset {offset} (partition {partition}): {reason}; valid records follow it, so this is not a torn write and nothing past it will be applied")]
+    Corrupt {
+        /// File name.
+        file: String,
+        /// Absolute byte offset of the bad frame.
+        offset: usize,
+        /// Partition index.
+        partition: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The frame is larger than a whole partition.
+    #[error("record of {len} bytes cannot fit in a partition of {capacity} bytes")]
+    TooLarge {
+        /// Frame length.
+        len: usize,
+        /// Partition capacity.
+        capacity: usize,
+    },
+    /// A frame given to append is malformed.
+    #[error("malformed frame: {0}")]
+    Frame(#[from] FrameError),
+    /// Flushing failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The result of an append that did not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionFull {
+    /// The partition that is full.
+    pub partition: usize,
+}
+
+/// Where an appended frame landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// Partition index.
+    pub partition: usize,
+    /// Absolute byte offset in the region.
+    pub offset: usize,
+    /// Bytes written (the frame, without padding).
+    pub len: usize,
+}
+
+/// In-memory view of one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// Current epoch.
+    pub epoch: u32,
+    /// Bytes of frames written (offset of the next frame, relative to the first frame).
+    pub used: usize,
+    /// Number of frames.
+    pub records: u64,
+    /// Sequence number of the first frame.
+    pub first_seq: Option<u64>,
+    /// Sequence number of the last frame.
+    pub last_seq: Option<u64>,
+}
+
+impl PartitionInfo {
+    fn empty(epoch: u32) -> Self {
+        PartitionInfo {
+            epoch,
+            used: 0,
+            records: 0,
+            first_seq: None,
+            last_seq: None,
+        }
+    }
+
+    /// True when no frame is in the partition.
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+}
+
+/// A torn tail dropped by the recovery scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// Partition index.
+    pub partition: usize,
+    /// Absolute offset where the valid frames end.
+    pub offset: usize,
+    /// Why the next bytes were not a valid frame.
+    pub reason: String,
+}
+
+/// What [`NvLog::open`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// True when the region was blank and has just been formatted.
+    pub formatted: bool,
+    /// Torn tails dropped (at most one per partition).
+    pub torn_tails: Vec<TornTail>,
+}
+
+/// The partitioned record log.
+pub struct NvLog<S: Storage> {
+    storage: Arc<S>,
+    geometry: Geometry,
+    parts: Vec<PartitionInfo>,
+    current: usize,
+}
+
+impl<S: Storage> std::fmt::Debug for NvLog<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvLog")
+            .field("file", &self.storage.describe())
+            .field("geometry", &self.geometry)
+            .field("current", &self.current)
+            .field("parts", &self.parts)
+            .finish()
+    }
+}
+
+fn crc(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(bytes)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+impl<S: Storage> NvLog<S> {
+    /// Open the log in `storage`: format it if blank, otherwise check its superblock against
+    /// `geometry` and `role` and scan every partition (see the module doc for the policy).
+    pub fn open(
+        storage: Arc<S>,
+        geometry: Geometry,
+        role: Role,
+    ) -> Result<(Self, Recovery), NvLogError> {
+        geometry.validate()?;
+        let file = storage.describe();
+        if storage.len() != geometry.region_len() {
+            return Err(NvLogError::Mismatch {
+                file,
+                found: format!("{} bytes", storage.len()),
+                wanted: format!("{} bytes", geometry.region_len()),
+            });
+        }
+        let mut sb = vec![0u8; 32];
+        storage.read_at(0, &mut sb);
+        let mut recovery = Recovery::default();
+        if sb.iter().all(|&b| b == 0) {
+            Self::format(&*storage, geometry, role)?;
+            recovery.formatted = true;
+        } else {
+            Self::check_superblock(&sb, &file, geometry, role)?;
+        }
+        let mut log = NvLog {
+            storage,
+            geometry,
+            parts: Vec::with_capacity(geometry.partitions),
+            current: 0,
+        };
+        for p in 0..geometry.partitions {
+            let epoch = log.read_partition_header(p)?;
+            let (info, torn) = log.scan_partition(p, epoch)?;
+            if let Some(t) = torn {
+                tracing::warn!(file = %file, partition = p, offset = t.offset, reason = %t.reason,
+                    "NVLOG: dropped a torn tail (a record that was being written when the process stopped)");
+                recovery.torn_tails.push(t);
+            }
+            log.parts.push(info);
+        }
+        // Continue in the partition holding the newest records, or the first one.
+        log.current = (0..geometry.partitions)
+            .filter(|&p| !log.parts[p].is_empty())
+            .max_by_key(|&p| log.parts[p].last_seq)
+            .unwrap_or(0);
+        Ok((log, recovery))
+    }
+
+    fn format(storage: &S, geometry: Geometry, role: Role) -> Result<(), NvLogError> {
+        let mut sb = [0u8; 32];
+        sb[0..8].copy_from_slice(MAGIC);
+        sb[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        sb[12..16].copy_from_slice(&(geometry.partitions as u32).to_le_bytes());
+        sb[16..24].copy_from_slice(&(geometry.partition_size as u64).to_le_bytes());
+        sb[24..28].copy_from_slice(&(role as u32).to_le_bytes());
+        let c = crc(&sb[..28]);
+        sb[28..32].copy_from_slice(&c.to_le_bytes());
+        for p in 0..geometry.partitions {
+            Self::write_partition_header(storage, geometry, p, 1);
+            storage.flush(Self::partition_base_of(geometry, p), 16)?;
+        }
+        // The superblock last: a crash during formatting leaves a blank (re-formattable) region.
+        storage.write_at(0, &sb);
+        storage.flush(0, 32)?;
+        Ok(())
+    }
+
+    fn check_superblock(
+        sb: &[u8],
+        file: &str,
+        geometry: Geometry,
+        role: Role,
+    ) -> Result<(), NvLogError> {
+        let bad = |reason: String| NvLogError::BadFormat {
+            file: file.to_string(),
+            reason,
+        };
+        if &sb[0..8] != MAGIC {
+            return Err(bad(
+                "not an nvmirror NVRAM file (bad magic at offset 0)".into()
+            ));
+        }
+        if u32_at(sb, 28) != crc(&sb[..28]) {
+            return Err(bad(
+                "superblock CRC mismatch at offset 28: the header is damaged".into(),
+            ));
+        }
+        let version = u32_at(sb, 8);
+        if version != VERSION {
+            return Err(bad(format!(
+                "format version {version}, this build reads {VERSION}"
+            )));
+        }
+        let parts = u32_at(sb, 12) as usize;
+        let size = u64_at(sb, 16) as usize;
+        let found_role = u32_at(sb, 24);
+        if parts != geometry.partitions || size != geometry.partition_size {
+            return Err(NvLogError::Mismatch {
+                file: file.to_string(),
+                found: format!("{parts} partitions of {size} bytes"),
+                wanted: format!(
+                    "{} partitions of {} bytes",
+                    geometry.partitions, geometry.partition_size
+                ),
+            });
+        }
+        if found_role != role as u32 {
+            return Err(NvLogError::Mismatch {
+                file: file.to_string(),
+                found: format!("role {found_role}"),
+                wanted: format!("role {} ({role:?})", role as u32),
+            });
+        }
+        Ok(())
+    }
+
+    fn partition_base_of(geometry: Geometry, p: usize) -> usize {
+        SUPERBLOCK_LEN + p * geometry.partition_size
+    }
+
+    fn partition_base(&self, p: usize) -> usize {
+        Self::partition_base_of(self.geometry, p)
+    }
+
+    fn write_partition_header(storage: &S, geometry: Geometry, p: usize, epoch: u32) {
+        let mut h = [0u8; 16];
+        h[0..8].copy_from_slice(PART_MAGIC);
+        h[8..12].copy_from_slice(&epoch.to_le_bytes());
+        let c = crc(&h[..12]);
+        h[12..16].copy_from_slice(&c.to_le_bytes());
+        storage.write_at(Self::partition_base_of(geometry, p), &h);
+    }
+
+    fn read_partition_header(&self, p: usize) -> Result<u32, NvLogError> {
+        let base = self.partition_base(p);
+        let mut h = [0u8; 16];
+        self.storage.read_at(base, &mut h);
+        if &h[0..8] != PART_MAGIC || u32_at(&h, 12) != crc(&h[..12]) {
+            return Err(NvLogError::BadFormat {
+                file: self.storage.describe(),
+                reason: format!("partition {p} header at offset {base} is damaged"),
+            });
+        }
+        Ok(u32_at(&h, 8))
+    }
+
+    /// Check the frame at absolute `offset` belongs to partition `p` in `epoch`. Returns its
+    /// length and sequence number.
+    fn frame_at(
+        &self,
+        p: usize,
+        epoch: u32,
+        offset: usize,
+        end: usize,
+    ) -> Result<(usize, u64), String> {
+        if offset + HEADER_LEN > end {
+            return Err("no room for a frame header".into());
+        }
+        let mut head = [0u8; HEADER_LEN];
+        self.storage.read_at(offset, &mut head);
+        let h = frame::parse_header(&head).map_err(|e| e.to_string())?;
+        if h.epoch != epoch || h.partition as usize != p {
+            return Err(format!(
+                "frame of partition {} epoch {} (left from an earlier use)",
+                h.partition, h.epoch
+            ));
+        }
+        let len = h.frame_len();
+        if offset + len > end {
+            return Err(format!("frame of {len} bytes runs past the partition end"));
+        }
+        let mut bytes = vec![0u8; len];
+        self.storage.read_at(offset, &mut bytes);
+        frame::decode(&bytes).map_err(|e| e.to_string())?;
+        Ok((len, h.seq))
+    }
+
+    fn scan_partition(
+        &self,
+        p: usize,
+        epoch: u32,
+    ) -> Result<(PartitionInfo, Option<TornTail>), NvLogError> {
+        let base = self.partition_base(p);
+        let start = base + PARTITION_HEADER_LEN;
+        let end = base + self.geometry.partition_size;
+        let mut info = PartitionInfo::empty(epoch);
+        let mut off = start;
+        loop {
+            if off + HEADER_LEN > end {
+                return Ok((info, None));
+            }
+            let failure = match self.frame_at(p, epoch, off, end) {
+                Ok((len, seq)) => match info.last_seq {
+                    Some(last) if seq != last + 1 => {
+                        format!("sequence {seq} does not follow {last}")
+                    }
+                    _ => {
+                        info.first_seq.get_or_insert(seq);
+                        info.last_seq = Some(seq);
+                        info.records += 1;
+                        off += frame::padded_len(len);
+                        info.used = off - start;
+                        continue;
+                    }
+                },
+                Err(reason) => reason,
+            };
+            // Bytes that were never written in this epoch end the partition cleanly.
+            let mut probe = [0u8; HEADER_LEN];
+            self.storage.read_at(off, &mut probe);
+            let blank = probe.iter().all(|&b| b == 0);
+            // Is there a valid frame of this epoch further on? Then this is corruption.
+            let mut at = off + 8;
+            while at + HEADER_LEN <= end {
+                if let Ok((_, seq)) = self.frame_at(p, epoch, at, end) {
+                    if info.last_seq.is_none_or(|last| seq > last) {
+                        return Err(NvLogError::Corrupt {
+                            file: self.storage.describe(),
+                            offset: off,
+                            partition: p,
+                            reason: failure,
+                        });
+                    }
+                }
+                at += 8;
+            }
+            let torn =
+                (!blank && !failure.contains("left from an earlier use")).then(|| TornTail {
+                    partition: p,
+                    offset: off,
+                    reason: failure,
+                });
+            return Ok((info, torn));
+        }
+    }
+
+    /// The region's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// The partition new frames go to.
+    pub fn current(&self) -> usize {
+        self.current
+    }
+
+    /// What is in partition `p`.
+    pub fn partition(&self, p: usize) -> &PartitionInfo {
+        &self.parts[p]
+    }
+
+    /// The underlying storage (for flushing from another thread).
+    pub fn storage(&self) -> &Arc<S> {
+        &self.storage
+    }
+
+    /// Append a sealed frame to the current partition, re-stamping its partition and epoch.
+    /// Returns where it went, or [`PartitionFull`] when it does not fit (nothing written).
+    /// The frame's sequence number must follow the partition's last one.
+    pub fn append(
+        &mut self,
+        frame: &mut [u8],
+    ) -> Result<Result<Placement, PartitionFull>, NvLogError> {
+        let h = frame::parse_header(frame)?;
+        let len = h.frame_len();
+        if len > frame.len() {
+            return Err(FrameError::Truncated {
+                needed: len,
+                available: frame.len(),
+            }
+            .into());
+        }
+        if frame::padded_len(len) > self.geometry.capacity() {
+            return Err(NvLogError::TooLarge {
+                len,
+                capacity: self.geometry.capacity(),
+            });
+        }
+        let p = self.current;
+        let info = &self.parts[p];
+        if info.used + frame::padded_len(len) > self.geometry.capacity() {
+            return Ok(Err(PartitionFull { partition: p }));
+        }
+        frame::restamp(&mut frame[..len], info.epoch, p as u16)?;
+        let offset = self.partition_base(p) + PARTITION_HEADER_LEN + info.used;
+        self.storage.write_at(offset, &frame[..len]);
+        let info = &mut self.parts[p];
+        info.used += frame::padded_len(len);
+        info.records += 1;
+        info.first_seq.get_or_insert(h.seq);
+        info.last_seq = Some(h.seq);
+        Ok(Ok(Placement {
+            partition: p,
+            offset,
+            len,
+        }))
+    }
+
+    /// Move appends to the next partition, which must be empty; returns its index, or `None`
+    /// when every other partition still holds records (the caller waits for a CP to free one).
+    pub fn rotate(&mut self) -> Option<usize> {
+        let n = self.geometry.partitions;
+        (1..n)
+            .map(|i| (self.current + i) % n)
+            .find(|&p| self.parts[p].is_empty())
+            .inspect(|&p| self.current = p)
+    }
+
+    /// Free partition `p` after its CP: bump its epoch (so its old frames no longer count) and
+    /// make that durable.
+    pub fn free(&mut self, p: usize) -> Result<(), NvLogError> {
+        let epoch = self.parts[p].epoch.wrapping_add(1).max(1);
+        Self::write_partition_header(&self.storage, self.geometry, p, epoch);
+        self.storage.flush(self.partition_base(p), 16)?;
+        self.parts[p] = PartitionInfo::empty(epoch);
+        Ok(())
+    }
+
+    /// Copy out every frame of partition `p`, in order.
+    pub fn frames(&self, p: usize) -> Vec<Vec<u8>> {
+        let start = self.partition_base(p) + PARTITION_HEADER_LEN;
+        let used = self.parts[p].used;
+        let mut bytes = vec![0u8; used];
+        self.storage.read_at(start, &mut bytes);
+        let mut out = Vec::with_capacity(self.parts[p].records as usize);
+        let mut off = 0;
+        while off < used {
+            match frame::decode(&bytes[off..]) {
+                Ok(f) => {
+                    out.push(f.bytes.to_vec());
+                    off += frame::padded_len(f.bytes.len());
+                }
+                Err(_) => break, // cannot happen for frames this log wrote or scanned
+            }
+        }
+        out
+    }
+
+    /// Partitions holding records, oldest records first.
+    pub fn partitions_in_order(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..self.geometry.partitions)
+            .filter(|&p| !self.parts[p].is_empty())
+            .collect();
+        v.sort_by_key(|&p| self.parts[p].first_seq);
+        v
+    }
+
+    /// The highest sequence number in the log.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.parts.iter().filter_map(|p| p.last_seq).max()
+    }
+
+    /// Read `buf.len()` bytes of the user area at `offset`.
+    pub fn read_user(&self, offset: usize, buf: &mut [u8]) {
+        assert!(offset + buf.len() <= USER_AREA_LEN);
+        self.storage.read_at(USER_AREA_OFFSET + offset, buf);
+    }
+
+    /// Write bytes of the user area (durable against a process crash; call
+    /// [`NvLog::flush_user`] for power loss).
+    pub fn write_user(&self, offset: usize, data: &[u8]) {
+        assert!(offset + data.len() <= USER_AREA_LEN);
+        self.storage.write_at(USER_AREA_OFFSET + offset, data);
+    }
+
+    /// Flush a range of the user area.
+    pub fn flush_user(&self, offset: usize, len: usize) -> std::io::Result<()> {
+        self.storage.flush(USER_AREA_OFFSET + offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::KIND_RECORD;
+    use crate::storage::MemStorage;
+    use proptest::prelude::*;
+
+    fn geo() -> Geometry {
+        Geometry {
+            partitions: 2,
+            partition_size: MIN_PARTITION_SIZE,
+        }
+    }
+
+    fn fresh() -> (NvLog<MemStorage>, Arc<MemStorage>) {
+        let s = Arc::new(MemStorage::new(geo().region_len()));
+        let (log, rec) = NvLog::open(s.clone(), geo(), Role::Source).unwrap();
+        assert!(rec.formatted);
+        (log, s)
+    }
+
+    fn append(
+        log: &mut NvLog<MemStorage>,
+        seq: u64,
+        payload: &[u8],
+    ) -> Result<Placement, PartitionFull> {
+        let mut f = frame::encode(seq, 0, 0, KIND_RECORD, 0, payload).unwrap();
+        log.append(&mut f).unwrap()
+    }
+
+    fn reopen(bytes: Vec<u8>) -> Result<(NvLog<MemStorage>, Recovery), NvLogError> {
+        NvLog::open(Arc::new(MemStorage::from_bytes(bytes)), geo(), Role::Source)
+    }
+
+    #[test]
+    fn append_reopen_sees_every_record() {
+        let (mut log, s) = fresh();
+        for seq in 1..=10 {
+            append(&mut log, seq, &[seq as u8; 100]).unwrap();
+        }
+        let (log2, rec) = reopen(s.crash_image()).unwrap();
+        assert!(rec.torn_tails.is_empty());
+        assert_eq!(log2.partition(0).records, 10);
+        assert_eq!(log2.last_seq(), Some(10));
+        assert_eq!(log2.frames(0).len(), 10);
+    }
+
+    #[test]
+    fn full_partition_rotates_and_free_forgets_old_frames() {
+        let (mut log, s) = fresh();
+        let mut seq = 0;
+        loop {
+            seq += 1;
+            if let Err(full) = append(&mut log, seq, &[0xAB; 1000]) {
+                assert_eq!(full.partition, 0);
+                break;
+            }
+        }
+        assert_eq!(log.rotate(), Some(1));
+        append(&mut log, seq, b"x").unwrap();
+        assert_eq!(log.rotate(), None, "partition 0 still holds records");
+        log.free(0).unwrap();
+        let (log2, _) = reopen(s.crash_image()).unwrap();
+        assert!(log2.partition(0).is_empty());
+        assert_eq!(log2.partition(1).records, 1);
+        assert_eq!(log2.current(), 1);
+    }
+
+    #[test]
+    fn wrong_geometry_and_role_are_refused() {
+        let (_log, s) = fresh();
+        let other = Geometry {
+            partitions: 3,
+            partition_size: MIN_PARTITION_SIZE,
+        };
+        let bytes = s.crash_image();
+        let mut big = bytes.clone();
+        big.resize(other.region_len(), 0);
+        assert!(matches!(
+            NvLog::open(Arc::new(MemStorage::from_bytes(big)), other, Role::Source),
+            Err(NvLogError::Mismatch { .. })
+        ));
+        assert!(matches!(
+            NvLog::open(
+                Arc::new(MemStorage::from_bytes(bytes)),
+                geo(),
+                Role::Destination
+            ),
+            Err(NvLogError::Mismatch { .. })
+        ));
+        let mut garbage = vec![0u8; geo().region_len()];
+        garbage[0] = 1;
+        let err = reopen(garbage).unwrap_err().to_string();
+        assert!(err.contains("not an nvmirror NVRAM file"), "{err}");
+    }
+
+    #[test]
+    fn power_cut_keeps_only_flushed_records() {
+        let (mut log, s) = fresh();
+        let a = append(&mut log, 1, b"flushed").unwrap();
+        s.flush(a.offset, a.len).unwrap();
+        append(&mut log, 2, b"not flushed").unwrap();
+        let (log2, _) = reopen(s.power_cut_image()).unwrap();
+        assert_eq!(log2.last_seq(), Some(1));
+    }
+
+    #[test]
+    fn flipped_bit_in_middle_record_is_corruption_naming_the_offset() {
+        let (mut log, s) = fresh();
+        let mut places = vec![];
+        for seq in 1..=5 {
+            places.push(append(&mut log, seq, &[7; 64]).unwrap());
+        }
+        let mut img = s.crash_image();
+        img[places[2].offset + 40] ^= 0x10;
+        match reopen(img) {
+            Err(NvLogError::Corrupt { offset, .. }) => assert_eq!(offset, places[2].offset),
+            other => panic!("expected corruption, got {other:?}"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Cutting the log anywhere inside the last record (a torn write) keeps exactly the
+        /// records before it and never fails to open.
+        #[test]
+        fn torn_tail_at_any_byte_is_dropped(n in 1u64..8, cut_frac in 0.0f64..1.0) {
+            let (mut log, s) = fresh();
+            let mut last = None;
+            for seq in 1..=n {
+                last = Some(append(&mut log, seq, &vec![seq as u8; 300]).unwrap());
+            }
+            let last = last.unwrap();
+            let mut img = s.crash_image();
+            let keep = (last.len as f64 * cut_frac) as usize;
+            for b in &mut img[last.offset + keep..last.offset + last.len] {
+                *b = 0;
+            }
+            let (log2, _) = reopen(img).unwrap();
+            let expect = if keep == last.len { n } else { n - 1 };
+            prop_assert_eq!(log2.partition(0).records, expect);
+        }
+
+        /// Any single bit flip anywhere in the written records is never applied: the scan either
+        /// refuses the log or stops before the damaged record.
+        #[test]
+        fn bit_flip_is_never_accepted(n in 2u64..8, which in 0usize..8, bit in 0usize..(8 * 340)) {
+            let (mut log, s) = fresh();
+            let mut places = vec![];
+            for seq in 1..=n {
+                places.push(append(&mut log, seq, &vec![seq as u8; 300]).unwrap());
+            }
+            let victim = places[which % places.len()];
+            let bit = bit % (victim.len * 8);
+            let mut img = s.crash_image();
+            img[victim.offset + bit / 8] ^= 1 << (bit % 8);
+            match reopen(img) {
+                Err(NvLogError::Corrupt { offset, .. }) => prop_assert_eq!(offset, victim.offset),
+                Ok((log2, _)) => {
+                    let idx = places.iter().position(|p| p == &victim).unwrap() as u64;
+                    prop_assert_eq!(log2.partition(0).records, idx);
+                }
+                Err(e) => prop_assert!(false, "unexpected error {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Records: one mutating file operation each, named by paths relative to the volume root.
+//!
+//! A record is self-contained: it carries every value needed to replay it on another tree
+//! (owner, final mode, concrete timestamps), so the source's backing volume and the
+//! destination's image end up identical when both apply the same records in sequence order.
+
+use serde::{Deserialize, Serialize};
+
+/// A path relative to the volume root, as raw bytes (Linux file names need not be UTF-8).
+/// The empty path names the root itself. See [`crate::path`] for the rules it must obey.
+pub type RelPath = Vec<u8>;
+
+/// A point in time as the kernel stores it; records carry concrete times (never "now")
+/// so that replaying a record gives the same result everywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamp {
+    /// Seconds since the Unix epoch.
+    pub secs: i64,
+    /// Nanoseconds within the second (0..1e9).
+    pub nanos: u32,
+}
+
+/// One mutating file operation. Reads are never recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Create an empty regular file (fails if the name exists).
+    Create {
+        /// Where.
+        #[serde(with = "serde_bytes")]
+        path: RelPath,
+        /// Permission bits (with setuid/setgid/sticky), umask already applied.
+        mode: u32,
+        /// Owner.
+        uid: u32,
+        /// Group (the source resolved the setgid-directory rule).
+        gid: u32,
+    },
+    /// Create a special file: FIFO, socket, character or block device (`mode` holds the type).
+    Mknod {
+        /// Where.
+        #[serde(with = "serde_bytes")]
+        path: RelPath,
+        /// File type and permission bits.
+        mode: u32,
+        /// Device number for device nodes.
+        rdev: u64,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+    /// Create a directory.
+    Mkdir {
+        /// Where.
+        #[serde(with = "serde_bytes")]
+        path: RelPath,
+        /// Permission bits, umask applied, setgid inherited.
+        mode: u32,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+    /// Create a symbolic link.
+    Symlink {
+        /// Where the link is.
+        #[serde(with = "serde_bytes")]
+        path: RelPath,
+        /// What it points to (stored verbatim, never resolved).
+        #[serde(with = "serde_bytes")]
+        target: Vec<u8>,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+    /// Add a hard link `new_path` to the file at `existing`.
+    Link {
+        /// A current name of the file.
+        #[serde(with = "serde_bytes")]
+        existing: RelPath,
+        /// The new name.
+        #[serde(with = "serde_bytes")]
+        new_path: RelPath,
+    },
+    /// Remove a non-directory name.
+    Unlink {
+        /// The name.
+        #[serde(with = "serde_bytes")]
+        path: RelPath,
+    },
+    /// Remove an empty directory.
+    Rmdir {
+        /// The directory.
+        #[serde(with = "serde_bytes")]
+        path: RelPath,
+    },
+    /// `renameat2`, with its flags (RENAME_NOREPLACE, RENAME_EXCHANGE).
+    Rename {
+        /// Old name.
+        #[serde(with = "serde_bytes")]
+        from: RelPath,
+        /// New name.
+        #[serde(with = "serde_bytes")]
+        to: RelPath,
+        /// `renameat2` flags.
+        flags: u32,
+    },
+    /// Change attributes; absent fields stay as they are.
+    SetAttr {
+        /// The file.
+        #[serde(with = "serde_bytes")]
+        path: RelPath,
+        /// New permission bits.
+        mode: Option<u32>,
+        /// New owner.
+        uid: Option<u32>,
+        /// New group.
+        gid: Option<u32>,
+        /// New size (truncate or extend).
+        size: Option<u64>,
+        /// New access time.
+        atime: Option<Timestamp>,
+        /// New modification time.
+        mtime: Option<Timestamp>,
+    },
+    /// Write bytes at an offset of a regular file.
+    Write {
+        /// The file.
+        #[serde(with = "serde_bytes")]
+        path: RelPath,
+        /// Byte offset.
+        offset: u64,
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// `fallocate(2)` with its mode (allocate, keep size, punch hole, zero range).
+    Fallocate {
+        /// The file.
+        #[serde(with = "serde_bytes")]
+        path: RelPath,
+        /// fallocate mode flags.
+        mode: i32,
+        /// Start.
+        offset: u64,
+        /// Length.
+        length: u64,
+    },
+    /// Set an extended attribute.
+    SetXattr {
+        /// The file.
+        #[serde(with = "serde_bytes")]
+        path: RelPath,
+        /// Attribute name, with its namespace prefix (`user.`...).
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        /// Value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        /// XATTR_CREATE / XATTR_REPLACE.
+        flags: i32,
+    },
+    /// Remove an extended attribute.
+    RemoveXattr {
+        /// The file.
+        #[serde(with = "serde_bytes")]
+        path: RelPath,
+        /// Attribute name.
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+    },
+    /// Copy a byte range between two regular files of the same volume. Replaying it reads
+    /// the source range from the tree being replayed, which holds the same bytes at this point
+    /// of the sequence.
+    CopyFileRange {
+        /// File read from.
+        #[serde(with = "serde_bytes")]
+        src_path: RelPath,
+        /// Offset read from.
+        src_offset: u64,
+        /// File written to.
+        #[serde(with = "serde_bytes")]
+        dst_path: RelPath,
+        /// Offset written to.
+        dst_offset: u64,
+        /// Number of bytes the source copied.
+        length: u64,
+    },
+}
+
+impl Op {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Create { .. } => "create",
+            Op::Mknod { .. } => "mknod",
+            Op::Mkdir { .. } => "mkdir",
+            Op::Symlink { .. } => "symlink",
+            Op::Link { .. } => "link",
+            Op::Unlink { .. } => "unlink",
+            Op::Rmdir { .. } => "rmdir",
+            Op::Rename { .. } => "rename",
+            Op::SetAttr { .. } => "setattr",
+            Op::Write { .. } => "write",
+            Op::Fallocate { .. } => "fallocate",
+            Op::SetXattr { .. } => "setxattr",
+            Op::RemoveXattr { .. } => "removexattr",
+            Op::CopyFileRange { .. } => "copy_file_range",
+        }
+    }
+
+    /// Every path the record names, so each can be validated before anything is applied.
+    pub fn paths(&self) -> Vec<&[u8]> {
+        match self {
+            Op::Create { path, .. }
+            | Op::Mknod { path, .. }
+            | Op::Mkdir { path, .. }
+            | Op::Symlink { path, .. }
+            | Op::Unlink { path }
+            | Op::Rmdir { path }
+            | Op::SetAttr { path, .. }
+            | Op::Write { path, .. }
+            | Op::Fallocate { path, .. }
+            | Op::SetXattr { path, .. }
+            | Op::RemoveXattr { path, .. } => vec![path],
+            Op::Link { existing, new_path } => vec![existing, new_path],
+            Op::Rename { from, to, .. } => vec![from, to],
+            Op::CopyFileRange {
+                src_path, dst_path, ..
+            } => vec![src_path, dst_path],
+        }
+    }
+
+    /// Encode with MessagePack (rmp-serde), the payload format of a frame.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len_hint());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Append the MessagePack encoding to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        // Encoding plain enums/structs/byte strings into a Vec cannot fail.
+        rmp_serde::encode::write(out, self).expect("encoding a record into memory cannot fail");
+    }
+
+    /// Decode a payload produced by [`Op::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Op, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(bytes)
+    }
+
+    /// A capacity guess that avoids reallocation for data-carrying records.
+    pub fn encoded_len_hint(&self) -> usize {
+        match self {
+            Op::Write { path, data, .. } => 32 + path.len() + data.len(),
+            Op::SetXattr {
+                path, name, value, ..
+            } => 32 + path.len() + name.len() + value.len(),
+            _ => 128,
+        }
+    }
+}
