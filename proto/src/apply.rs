@@ -1,1 +1,765 @@
-//! placeholder
+//! Applying records to a directory tree: the one piece of I/O both daemons share.
+//!
+//! The source applies each record to its backing directory as it happens (and again at
+//! recovery); the destination applies journals to the image at a CP. Using the same code on
+//! both sides is what makes the two trees end up identical.
+//!
+//! Every path is resolved beneath the tree's root with `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`: records name real directories (the source
+//! builds them from its own tree), so no component may be a symlink, and nothing can escape the
+//! root whatever a record says. The last component is always acted on with `*at` calls that do
+//! not follow symlinks.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rustix::fs::{
+    AtFlags, Dev, FallocateFlags, FileType, Gid, Mode, OFlags, RenameFlags, ResolveFlags, Stat,
+    Timespec, Timestamps, Uid, XattrFlags,
+};
+use rustix::io::Errno;
+use thiserror::Error;
+
+use crate::path::{self, PathError};
+use crate::record::{Op, Timestamp};
+
+/// How tolerant [`Tree::apply`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyMode {
+    /// A new operation: every error is reported as is (the caller turns it into an errno).
+    Live,
+    /// Replaying a log: the one record that straddled a crash may already be applied, so the
+    /// errors re-applying it gives (EEXIST on create, ENOENT on unlink...) count as success.
+    Replay,
+}
+
+/// Why a record could not be applied.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    /// A path in the record breaks the rules.
+    #[error("refused path: {0}")]
+    Path(#[from] PathError),
+    /// The operating system refused.
+    #[error("{op} {path:?}: {source}")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The path (lossy UTF-8).
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ApplyError {
+    /// The errno to give a FUSE client, when it is an OS error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            ApplyError::Path(_) => libc::EINVAL,
+            ApplyError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+fn show(p: &[u8]) -> String {
+    String::from_utf8_lossy(p).into_owned()
+}
+
+fn os(p: &[u8]) -> &OsStr {
+    OsStr::from_bytes(p)
+}
+
+fn resolve_flags() -> ResolveFlags {
+    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS
+}
+
+fn ts(t: Timestamp) -> Timespec {
+    Timespec {
+        tv_sec: t.secs,
+        tv_nsec: t.nanos as _,
+    }
+}
+
+fn omit() -> Timespec {
+    Timespec {
+        tv_sec: 0,
+        tv_nsec: rustix::fs::UTIME_OMIT,
+    }
+}
+
+/// A directory tree confined beneath its root.
+#[derive(Debug)]
+pub struct Tree {
+    root: OwnedFd,
+    root_path: PathBuf,
+    /// The last file written, kept open across consecutive writes (replaying a journal is
+    /// mostly runs of writes to one file). Cleared by every namespace change.
+    write_cache: Mutex<Option<(Vec<u8>, OwnedFd)>>,
+}
+
+type IoResult<T> = Result<T, Errno>;
+
+impl Tree {
+    /// Open the tree rooted at `root` (which must be a directory).
+    pub fn open(root: &Path) -> Result<Tree, ApplyError> {
+        let fd = rustix::fs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ApplyError::Io {
+            op: "open tree root",
+            path: root.display().to_string(),
+            source: e.into(),
+        })?;
+        Ok(Tree {
+            root: fd,
+            root_path: root.to_path_buf(),
+            write_cache: Mutex::new(None),
+        })
+    }
+
+    /// The root directory (an `O_PATH` descriptor, good for `*at` calls and `syncfs`).
+    pub fn root_fd(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// The root's path, for messages.
+    pub fn root_path(&self) -> &Path {
+        &self.root_path
+    }
+
+    fn forget_cached(&self) {
+        *self.write_cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Open `path` beneath the root with `flags` (no symlink followed anywhere). The empty path
+    /// opens the root itself.
+    pub fn open_at(&self, path: &[u8], flags: OFlags) -> IoResult<OwnedFd> {
+        let p: &[u8] = if path.is_empty() { b"." } else { path };
+        rustix::fs::openat2(
+            &self.root,
+            os(p),
+            flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            resolve_flags(),
+        )
+    }
+
+    /// Open the directory `path` as an `O_PATH` descriptor.
+    pub fn dir(&self, path: &[u8]) -> IoResult<OwnedFd> {
+        self.open_at(path, OFlags::PATH | OFlags::DIRECTORY)
+    }
+
+    /// Split `path` into its parent directory (opened) and last name. The root has no parent.
+    pub fn parent<'p>(&self, path: &'p [u8]) -> IoResult<(OwnedFd, &'p [u8])> {
+        let (parent, name) = path::split_last(path).ok_or(Errno::INVAL)?;
+        Ok((self.dir(parent)?, name))
+    }
+
+    /// `lstat` of `path`.
+    pub fn stat(&self, path: &[u8]) -> IoResult<Stat> {
+        match path::split_last(path) {
+            None => rustix::fs::fstat(&self.root),
+            Some(_) => {
+                let (dir, name) = self.parent(path)?;
+                rustix::fs::statat(&dir, os(name), AtFlags::SYMLINK_NOFOLLOW)
+            }
+        }
+    }
+
+    /// A path through `/proc/self/fd` naming `path` without following a final symlink, for the
+    /// calls that have only path-based forms (`l*xattr`). Keeps the directory fd alive.
+    pub fn proc_path(&self, path: &[u8]) -> IoResult<(Option<OwnedFd>, PathBuf)> {
+        match path::split_last(path) {
+            None => Ok((
+                None,
+                PathBuf::from(format!("/proc/self/fd/{}", self.root.as_raw_fd())),
+            )),
+            Some(_) => {
+                let (dir, name) = self.parent(path)?;
+                let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+                p.push(os(name));
+                Ok((Some(dir), p))
+            }
+        }
+    }
+
+    /// Create a regular file exclusively, owned by `uid:gid` with exactly `mode`, and return it
+    /// opened with `flags` (plus `O_CREAT | O_EXCL`).
+    pub fn create(
+        &self,
+        path: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        flags: OFlags,
+    ) -> IoResult<OwnedFd> {
+        let (dir, name) = self.parent(path)?;
+        self.forget_cached();
+        let fd = rustix::fs::openat(
+            &dir,
+            os(name),
+            flags | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode & 0o7777),
+        )?;
+        finish_owner_mode(&fd, uid, gid, mode)?;
+        Ok(fd)
+    }
+
+    /// Apply one record. In [`ApplyMode::Replay`] the errors that re-applying an already applied
+    /// record gives are success.
+    pub fn apply(&self, op: &Op, mode: ApplyMode) -> Result<(), ApplyError> {
+        for p in op.paths() {
+            path::validate(p)?;
+        }
+        let replay = mode == ApplyMode::Replay;
+        let fail = |e: Errno, path: &[u8]| ApplyError::Io {
+            op: op.kind(),
+            path: show(path),
+            source: e.into(),
+        };
+        match op {
+            Op::Create {
+                path,
+                mode,
+                uid,
+                gid,
+            } => match self.create(path, *mode, *uid, *gid, OFlags::WRONLY) {
+                Ok(_) => Ok(()),
+                Err(Errno::EXIST) if replay => {
+                    // Finish what the interrupted apply may have left undone.
+                    let fd = self
+                        .open_at(path, OFlags::WRONLY)
+                        .map_err(|e| fail(e, path))?;
+                    finish_owner_mode(&fd, *uid, *gid, *mode).map_err(|e| fail(e, path))
+                }
+                Err(e) => Err(fail(e, path)),
+            },
+            Op::Mknod {
+                path,
+                mode,
+                rdev,
+                uid,
+                gid,
+            } => self
+                .mknod(path, *mode, *rdev, *uid, *gid, replay)
+                .map_err(|e| fail(e, path)),
+            Op::Mkdir {
+                path,
+                mode,
+                uid,
+                gid,
+            } => self
+                .mkdir(path, *mode, *uid, *gid, replay)
+                .map_err(|e| fail(e, path)),
+            Op::Symlink {
+                path,
+                target,
+                uid,
+                gid,
+            } => self
+                .symlink(path, target, *uid, *gid, replay)
+                .map_err(|e| fail(e, path)),
+            Op::Link { existing, new_path } => {
+                let (odir, oname) = self.parent(existing).map_err(|e| fail(e, existing))?;
+                let (ndir, nname) = self.parent(new_path).map_err(|e| fail(e, new_path))?;
+                self.forget_cached();
+                match rustix::fs::linkat(&odir, os(oname), &ndir, os(nname), AtFlags::empty()) {
+                    Ok(()) => Ok(()),
+                    Err(Errno::EXIST) if replay => Ok(()),
+                    Err(e) => Err(fail(e, new_path)),
+                }
+            }
+            Op::Unlink { path } => self
+                .remove(path, AtFlags::empty(), replay)
+                .map_err(|e| fail(e, path)),
+            Op::Rmdir { path } => self
+                .remove(path, AtFlags::REMOVEDIR, replay)
+                .map_err(|e| fail(e, path)),
+            Op::Rename { from, to, flags } => {
+                let (odir, oname) = self.parent(from).map_err(|e| fail(e, from))?;
+                let (ndir, nname) = self.parent(to).map_err(|e| fail(e, to))?;
+                self.forget_cached();
+                let flags =
+                    RenameFlags::from_bits(*flags).ok_or_else(|| fail(Errno::INVAL, from))?;
+                match rustix::fs::renameat_with(&odir, os(oname), &ndir, os(nname), flags) {
+                    Ok(()) => Ok(()),
+                    // Already renamed: the old name is gone and the new one exists.
+                    Err(Errno::NOENT) if replay && !flags.contains(RenameFlags::EXCHANGE) => Ok(()),
+                    Err(Errno::EXIST) if replay && flags.contains(RenameFlags::NOREPLACE) => Ok(()),
+                    Err(e) => Err(fail(e, from)),
+                }
+            }
+            Op::SetAttr {
+                path,
+                mode,
+                uid,
+                gid,
+                size,
+                atime,
+                mtime,
+            } => self
+                .setattr(path, *mode, *uid, *gid, *size, *atime, *mtime)
+                .map_err(|e| fail(e, path)),
+            Op::Write { path, offset, data } => {
+                self.write(path, *offset, data).map_err(|e| fail(e, path))
+            }
+            Op::Fallocate {
+                path,
+                mode,
+                offset,
+                length,
+            } => {
+                let fd = self
+                    .open_at(path, OFlags::WRONLY)
+                    .map_err(|e| fail(e, path))?;
+                let flags = FallocateFlags::from_bits(*mode as u32)
+                    .ok_or_else(|| fail(Errno::INVAL, path))?;
+                rustix::fs::fallocate(&fd, flags, *offset, *length).map_err(|e| fail(e, path))
+            }
+            Op::SetXattr {
+                path,
+                name,
+                value,
+                flags,
+            } => {
+                let (_keep, p) = self.proc_path(path).map_err(|e| fail(e, path))?;
+                let flags =
+                    XattrFlags::from_bits(*flags as u32).ok_or_else(|| fail(Errno::INVAL, path))?;
+                match rustix::fs::lsetxattr(&p, os(name), value, flags) {
+                    Ok(()) => Ok(()),
+                    Err(Errno::EXIST) if replay => {
+                        rustix::fs::lsetxattr(&p, os(name), value, XattrFlags::empty())
+                            .map_err(|e| fail(e, path))
+                    }
+                    Err(e) => Err(fail(e, path)),
+                }
+            }
+            Op::RemoveXattr { path, name } => {
+                let (_keep, p) = self.proc_path(path).map_err(|e| fail(e, path))?;
+                match rustix::fs::lremovexattr(&p, os(name)) {
+                    Ok(()) => Ok(()),
+                    Err(Errno::NODATA) if replay => Ok(()),
+                    Err(e) => Err(fail(e, path)),
+                }
+            }
+            Op::CopyFileRange {
+                src_path,
+                src_offset,
+                dst_path,
+                dst_offset,
+                length,
+            } => {
+                let src = self
+                    .open_at(src_path, OFlags::RDONLY)
+                    .map_err(|e| fail(e, src_path))?;
+                let dst = self
+                    .open_at(dst_path, OFlags::WRONLY)
+                    .map_err(|e| fail(e, dst_path))?;
+                copy_range(&src, *src_offset, &dst, *dst_offset, *length)
+                    .map(drop)
+                    .map_err(|e| fail(e, dst_path))
+            }
+        }
+    }
+
+    fn mknod(
+        &self,
+        path: &[u8],
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+        replay: bool,
+    ) -> IoResult<()> {
+        let (dir, name) = self.parent(path)?;
+        self.forget_cached();
+        let kind = FileType::from_raw_mode(mode);
+        if matches!(
+            kind,
+            FileType::RegularFile | FileType::Directory | FileType::Symlink | FileType::Unknown
+        ) {
+            return Err(Errno::INVAL);
+        }
+        match rustix::fs::mknodat(
+            &dir,
+            os(name),
+            kind,
+            Mode::from_raw_mode(mode & 0o7777),
+            rdev as Dev,
+        ) {
+            Ok(()) => {}
+            Err(Errno::EXIST) if replay => {}
+            Err(e) => return Err(e),
+        }
+        rustix::fs::chownat(
+            &dir,
+            os(name),
+            Some(uid_of(uid)),
+            Some(gid_of(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        rustix::fs::chmodat(
+            &dir,
+            os(name),
+            Mode::from_raw_mode(mode & 0o7777),
+            AtFlags::empty(),
+        )
+    }
+
+    fn mkdir(&self, path: &[u8], mode: u32, uid: u32, gid: u32, replay: bool) -> IoResult<()> {
+        let (dir, name) = self.parent(path)?;
+        self.forget_cached();
+        match rustix::fs::mkdirat(&dir, os(name), Mode::from_raw_mode(mode & 0o7777)) {
+            Ok(()) => {}
+            Err(Errno::EXIST) if replay => {}
+            Err(e) => return Err(e),
+        }
+        let st = rustix::fs::statat(&dir, os(name), AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+            return Err(Errno::EXIST);
+        }
+        rustix::fs::chownat(
+            &dir,
+            os(name),
+            Some(uid_of(uid)),
+            Some(gid_of(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        rustix::fs::chmodat(
+            &dir,
+            os(name),
+            Mode::from_raw_mode(mode & 0o7777),
+            AtFlags::empty(),
+        )
+    }
+
+    fn symlink(
+        &self,
+        path: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+        replay: bool,
+    ) -> IoResult<()> {
+        let (dir, name) = self.parent(path)?;
+        self.forget_cached();
+        match rustix::fs::symlinkat(os(target), &dir, os(name)) {
+            Ok(()) => {}
+            Err(Errno::EXIST) if replay => {}
+            Err(e) => return Err(e),
+        }
+        rustix::fs::chownat(
+            &dir,
+            os(name),
+            Some(uid_of(uid)),
+            Some(gid_of(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+    }
+
+    fn remove(&self, path: &[u8], flags: AtFlags, replay: bool) -> IoResult<()> {
+        let (dir, name) = self.parent(path)?;
+        self.forget_cached();
+        match rustix::fs::unlinkat(&dir, os(name), flags) {
+            Ok(()) => Ok(()),
+            Err(Errno::NOENT) if replay => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        path: &[u8],
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<Timestamp>,
+        mtime: Option<Timestamp>,
+    ) -> IoResult<()> {
+        if let Some(size) = size {
+            let fd = self.open_at(path, OFlags::WRONLY)?;
+            rustix::fs::ftruncate(&fd, size)?;
+        }
+        let (dir, name): (OwnedFd, &[u8]) = match path::split_last(path) {
+            Some(_) => self.parent(path)?,
+            None => (self.dir(b"")?, b"."),
+        };
+        if uid.is_some() || gid.is_some() {
+            rustix::fs::chownat(
+                &dir,
+                os(name),
+                uid.map(uid_of),
+                gid.map(gid_of),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        if let Some(mode) = mode {
+            let st = rustix::fs::statat(&dir, os(name), AtFlags::SYMLINK_NOFOLLOW)?;
+            // Symlink permission bits mean nothing on Linux and cannot be changed.
+            if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
+                rustix::fs::chmodat(
+                    &dir,
+                    os(name),
+                    Mode::from_raw_mode(mode & 0o7777),
+                    AtFlags::empty(),
+                )?;
+            }
+        }
+        if atime.is_some() || mtime.is_some() {
+            let times = Timestamps {
+                last_access: atime.map(ts).unwrap_or_else(omit),
+                last_modification: mtime.map(ts).unwrap_or_else(omit),
+            };
+            rustix::fs::utimensat(&dir, os(name), &times, AtFlags::SYMLINK_NOFOLLOW)?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, path: &[u8], offset: u64, data: &[u8]) -> IoResult<()> {
+        let mut cache = self.write_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let fd = match &*cache {
+            Some((p, fd)) if p.as_slice() == path => fd,
+            _ => {
+                let fd = self.open_at(path, OFlags::WRONLY)?;
+                &cache.insert((path.to_vec(), fd)).1
+            }
+        };
+        write_all_at(fd, data, offset)
+    }
+}
+
+fn uid_of(u: u32) -> Uid {
+    Uid::from_raw(u)
+}
+
+fn gid_of(g: u32) -> Gid {
+    Gid::from_raw(g)
+}
+
+/// chown then chmod (chown clears setuid/setgid, so the mode goes last).
+fn finish_owner_mode(fd: &OwnedFd, uid: u32, gid: u32, mode: u32) -> IoResult<()> {
+    rustix::fs::fchown(fd, Some(uid_of(uid)), Some(gid_of(gid)))?;
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o7777))
+}
+
+/// `pwrite` until every byte is written.
+pub fn write_all_at(fd: impl AsFd, mut data: &[u8], mut offset: u64) -> IoResult<()> {
+    while !data.is_empty() {
+        let n = rustix::io::pwrite(&fd, data, offset)?;
+        if n == 0 {
+            return Err(Errno::IO);
+        }
+        data = &data[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// `copy_file_range` until `length` bytes are copied or the source ends.
+pub fn copy_range(
+    src: impl AsFd,
+    src_offset: u64,
+    dst: impl AsFd,
+    dst_offset: u64,
+    length: u64,
+) -> IoResult<u64> {
+    let (mut so, mut dof, mut left) = (src_offset, dst_offset, length);
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        let n = rustix::fs::copy_file_range(&src, Some(&mut so), &dst, Some(&mut dof), chunk)?;
+        if n == 0 {
+            break;
+        }
+        left -= n as u64;
+    }
+    Ok(length - left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> (tempfile::TempDir, Tree) {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::open(d.path()).unwrap();
+        (d, t)
+    }
+
+    fn me() -> (u32, u32) {
+        (
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+        )
+    }
+
+    #[test]
+    fn create_write_rename_unlink() {
+        let (d, t) = tree();
+        let (uid, gid) = me();
+        t.apply(
+            &Op::Mkdir {
+                path: b"a".to_vec(),
+                mode: 0o750,
+                uid,
+                gid,
+            },
+            ApplyMode::Live,
+        )
+        .unwrap();
+        t.apply(
+            &Op::Create {
+                path: b"a/f".to_vec(),
+                mode: 0o640,
+                uid,
+                gid,
+            },
+            ApplyMode::Live,
+        )
+        .unwrap();
+        t.apply(
+            &Op::Write {
+                path: b"a/f".to_vec(),
+                offset: 3,
+                data: b"xyz".to_vec(),
+            },
+            ApplyMode::Live,
+        )
+        .unwrap();
+        t.apply(
+            &Op::Rename {
+                from: b"a".to_vec(),
+                to: b"b".to_vec(),
+                flags: 0,
+            },
+            ApplyMode::Live,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(d.path().join("b/f")).unwrap(), b"\0\0\0xyz");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(d.path().join("b"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777,
+            0o750
+        );
+        // Live mode reports EEXIST, replay mode tolerates it.
+        let again = Op::Mkdir {
+            path: b"b".to_vec(),
+            mode: 0o750,
+            uid,
+            gid,
+        };
+        assert_eq!(
+            t.apply(&again, ApplyMode::Live).unwrap_err().errno(),
+            libc::EEXIST
+        );
+        t.apply(&again, ApplyMode::Replay).unwrap();
+        t.apply(
+            &Op::Unlink {
+                path: b"b/f".to_vec(),
+            },
+            ApplyMode::Live,
+        )
+        .unwrap();
+        t.apply(
+            &Op::Unlink {
+                path: b"b/f".to_vec(),
+            },
+            ApplyMode::Replay,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn symlinks_never_lead_outside() {
+        let (d, t) = tree();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("escape")).unwrap();
+        let (uid, gid) = me();
+        let op = Op::Create {
+            path: b"escape/pwned".to_vec(),
+            mode: 0o644,
+            uid,
+            gid,
+        };
+        let err = t.apply(&op, ApplyMode::Live).unwrap_err();
+        assert!([libc::ELOOP, libc::ENOTDIR].contains(&err.errno()), "{err}");
+        assert!(!outside.path().join("pwned").exists());
+        let op = Op::Write {
+            path: b"escape".to_vec(),
+            offset: 0,
+            data: b"x".to_vec(),
+        };
+        assert!(t.apply(&op, ApplyMode::Live).is_err());
+        let bad = Op::Unlink {
+            path: b"../x".to_vec(),
+        };
+        assert!(matches!(
+            t.apply(&bad, ApplyMode::Live),
+            Err(ApplyError::Path(_))
+        ));
+    }
+
+    #[test]
+    fn setattr_omits_what_is_absent() {
+        let (d, t) = tree();
+        let (uid, gid) = me();
+        t.apply(
+            &Op::Create {
+                path: b"f".to_vec(),
+                mode: 0o600,
+                uid,
+                gid,
+            },
+            ApplyMode::Live,
+        )
+        .unwrap();
+        let set = |atime, mtime| Op::SetAttr {
+            path: b"f".to_vec(),
+            mode: None,
+            uid: None,
+            gid: None,
+            size: Some(10),
+            atime,
+            mtime,
+        };
+        t.apply(
+            &set(
+                Some(Timestamp {
+                    secs: 1000,
+                    nanos: 5,
+                }),
+                Some(Timestamp {
+                    secs: 2000,
+                    nanos: 0,
+                }),
+            ),
+            ApplyMode::Live,
+        )
+        .unwrap();
+        t.apply(
+            &set(
+                None,
+                Some(Timestamp {
+                    secs: 3000,
+                    nanos: 0,
+                }),
+            ),
+            ApplyMode::Live,
+        )
+        .unwrap();
+        let st = rustix::fs::stat(d.path().join("f")).unwrap();
+        assert_eq!((st.st_size, st.st_atime, st.st_mtime), (10, 1000, 3000));
+    }
+}
