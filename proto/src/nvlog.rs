@@ -569,6 +569,28 @@ impl<S: Storage> NvLog<S> {
         }))
     }
 
+    /// Undo the last append (its operation failed, so it must never be applied or mirrored).
+    /// `placement` must be what the latest [`NvLog::append`] returned. The frame's header is
+    /// zeroed, so a recovery scan ends the partition there.
+    pub fn retract(&mut self, placement: Placement) {
+        let p = placement.partition;
+        let base = self.partition_base(p) + PARTITION_HEADER_LEN;
+        let info = &mut self.parts[p];
+        debug_assert_eq!(
+            base + info.used,
+            placement.offset + frame::padded_len(placement.len)
+        );
+        self.storage.write_at(placement.offset, &[0u8; HEADER_LEN]);
+        info.used = placement.offset - base;
+        info.records -= 1;
+        if info.records == 0 {
+            info.first_seq = None;
+            info.last_seq = None;
+        } else {
+            info.last_seq = info.last_seq.map(|s| s - 1);
+        }
+    }
+
     /// Move appends to the next partition, which must be empty; returns its index, or `None`
     /// when every other partition still holds records (the caller waits for a CP to free one).
     pub fn rotate(&mut self) -> Option<usize> {
@@ -708,6 +730,21 @@ mod tests {
         assert!(log2.partition(0).is_empty());
         assert_eq!(log2.partition(1).records, 1);
         assert_eq!(log2.current(), 1);
+    }
+
+    #[test]
+    fn retracted_record_is_gone_after_reopen() {
+        let (mut log, s) = fresh();
+        append(&mut log, 1, b"kept").unwrap();
+        let p = append(&mut log, 2, b"failed").unwrap();
+        log.retract(p);
+        assert_eq!(log.last_seq(), Some(1));
+        append(&mut log, 2, b"again").unwrap();
+        let (log2, rec) = reopen(s.crash_image()).unwrap();
+        assert!(rec.torn_tails.is_empty());
+        let frames = log2.frames(0);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frame::decode(&frames[1]).unwrap().payload, b"again");
     }
 
     #[test]

@@ -250,6 +250,37 @@ impl Op {
         rmp_serde::from_slice(bytes)
     }
 
+    /// Encode a write record straight from borrowed bytes, giving exactly the bytes
+    /// `Op::Write { path, offset, data }.encode()` would, without first copying `data` into an
+    /// owned `Op` (the hot path of large writes).
+    pub fn encode_write_into(out: &mut Vec<u8>, path: &[u8], offset: u64, data: &[u8]) {
+        /// Same variant names and positions as `Op` up to `Write`, so the encoding is identical
+        /// (checked by a test).
+        #[derive(Serialize)]
+        #[allow(dead_code)]
+        enum OpRef<'a> {
+            Create,
+            Mknod,
+            Mkdir,
+            Symlink,
+            Link,
+            Unlink,
+            Rmdir,
+            Rename,
+            SetAttr,
+            Write {
+                #[serde(with = "serde_bytes")]
+                path: &'a [u8],
+                offset: u64,
+                #[serde(with = "serde_bytes")]
+                data: &'a [u8],
+            },
+        }
+        out.reserve(32 + path.len() + data.len());
+        rmp_serde::encode::write(out, &OpRef::Write { path, offset, data })
+            .expect("encoding a record into memory cannot fail");
+    }
+
     /// A capacity guess that avoids reallocation for data-carrying records.
     pub fn encoded_len_hint(&self) -> usize {
         match self {
@@ -258,6 +289,140 @@ impl Op {
                 path, name, value, ..
             } => 32 + path.len() + name.len() + value.len(),
             _ => 128,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..64)
+    }
+
+    fn ts() -> impl Strategy<Value = Timestamp> {
+        (any::<i64>(), 0u32..1_000_000_000).prop_map(|(secs, nanos)| Timestamp { secs, nanos })
+    }
+
+    pub(crate) fn any_op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (bytes(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+                |(path, mode, uid, gid)| Op::Create {
+                    path,
+                    mode,
+                    uid,
+                    gid
+                }
+            ),
+            (
+                bytes(),
+                any::<u32>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>()
+            )
+                .prop_map(|(path, mode, rdev, uid, gid)| Op::Mknod {
+                    path,
+                    mode,
+                    rdev,
+                    uid,
+                    gid
+                }),
+            (bytes(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+                |(path, mode, uid, gid)| Op::Mkdir {
+                    path,
+                    mode,
+                    uid,
+                    gid
+                }
+            ),
+            (bytes(), bytes(), any::<u32>(), any::<u32>()).prop_map(|(path, target, uid, gid)| {
+                Op::Symlink {
+                    path,
+                    target,
+                    uid,
+                    gid,
+                }
+            }),
+            (bytes(), bytes()).prop_map(|(existing, new_path)| Op::Link { existing, new_path }),
+            bytes().prop_map(|path| Op::Unlink { path }),
+            bytes().prop_map(|path| Op::Rmdir { path }),
+            (bytes(), bytes(), any::<u32>()).prop_map(|(from, to, flags)| Op::Rename {
+                from,
+                to,
+                flags
+            }),
+            (
+                bytes(),
+                any::<Option<u32>>(),
+                any::<Option<u32>>(),
+                any::<Option<u32>>(),
+                any::<Option<u64>>(),
+                proptest::option::of(ts()),
+                proptest::option::of(ts())
+            )
+                .prop_map(|(path, mode, uid, gid, size, atime, mtime)| Op::SetAttr {
+                    path,
+                    mode,
+                    uid,
+                    gid,
+                    size,
+                    atime,
+                    mtime
+                }),
+            (
+                bytes(),
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..4096)
+            )
+                .prop_map(|(path, offset, data)| Op::Write { path, offset, data }),
+            (bytes(), any::<i32>(), any::<u64>(), any::<u64>()).prop_map(
+                |(path, mode, offset, length)| Op::Fallocate {
+                    path,
+                    mode,
+                    offset,
+                    length
+                }
+            ),
+            (bytes(), bytes(), bytes(), any::<i32>()).prop_map(|(path, name, value, flags)| {
+                Op::SetXattr {
+                    path,
+                    name,
+                    value,
+                    flags,
+                }
+            }),
+            (bytes(), bytes()).prop_map(|(path, name)| Op::RemoveXattr { path, name }),
+            (bytes(), any::<u64>(), bytes(), any::<u64>(), any::<u64>()).prop_map(
+                |(src_path, src_offset, dst_path, dst_offset, length)| Op::CopyFileRange {
+                    src_path,
+                    src_offset,
+                    dst_path,
+                    dst_offset,
+                    length
+                }
+            ),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_op_round_trips(op in any_op()) {
+            prop_assert_eq!(Op::decode(&op.encode()).unwrap(), op);
+        }
+
+        #[test]
+        fn borrowed_write_encoding_is_identical(path in bytes(), offset: u64, data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let mut fast = Vec::new();
+            Op::encode_write_into(&mut fast, &path, offset, &data);
+            prop_assert_eq!(fast, Op::Write { path, offset, data }.encode());
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Op::decode(&bytes);
         }
     }
 }
