@@ -1,0 +1,164 @@
+//! The mirror's core promises: every change made through the mount reaches the image exactly,
+//! and a change is not acknowledged to the client before the destination has it.
+
+use nvmirror_e2e::{
+    assert_trees_equal_named, require_mount, wait_until, workload, Harness, HarnessOptions, Rng,
+};
+use std::fs;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+/// The smallest partition the source accepts: a few records fill it, so the workload forces
+/// many consistency points.
+const SMALL_PARTITION_BYTES: u64 = 65536;
+
+#[test]
+fn mixed_workload_mirrors_exactly() {
+    const TEST: &str = "mixed_workload_mirrors_exactly";
+    require_mount!(TEST);
+    let h = Harness::start(HarnessOptions::new(TEST).partition_size_bytes(SMALL_PARTITION_BYTES));
+
+    let seed = Rng::from_env(TEST).next_u64();
+    // The same workload, with the same random choices, on a plain local directory...
+    let reference = h.dir.join("reference");
+    fs::create_dir(&reference).expect("create reference dir");
+    workload::mixed(&reference, &mut Rng::new(seed));
+    // ...and through the mount.
+    workload::mixed(h.mnt(), &mut Rng::new(seed));
+
+    h.cp();
+
+    // The mirror: the image equals the backing volume.
+    assert_trees_equal_named(h.backing(), &h.image(), "backing", "image");
+    // The mount shows the backing volume as it is...
+    assert_trees_equal_named(h.backing(), h.mnt(), "backing", "mount");
+    // ...and behaves like a local filesystem.
+    assert_trees_equal_named(&reference, h.mnt(), "reference", "mount");
+
+    let status = h.status();
+    assert!(
+        status.cp_count > 1,
+        "64 KiB partitions and a multi-MiB workload must have forced many CPs: {}",
+        status.raw
+    );
+    assert!(
+        status.last_logged_seq > 0,
+        "nothing logged?: {}",
+        status.raw
+    );
+    assert_eq!(
+        status.last_acked_seq, status.last_logged_seq,
+        "after cp every logged record is acknowledged: {}",
+        status.raw
+    );
+    assert_eq!(
+        status.last_applied_seq, status.last_logged_seq,
+        "after cp every logged record is applied to the image: {}",
+        status.raw
+    );
+    assert_eq!(status.link, "up", "link state: {}", status.raw);
+    assert!(
+        status.bytes_mirrored > 3 << 20,
+        "a workload writing several MiB mirrored only {} bytes: {}",
+        status.bytes_mirrored,
+        status.raw
+    );
+    let dest = h.dest_source_status("alpha");
+    assert_eq!(dest["connected"], true, "fs-dest status: {dest}");
+    assert_eq!(
+        dest["applied_seq"].as_u64(),
+        Some(status.last_logged_seq),
+        "destination's applied sequence number after cp: {dest}"
+    );
+}
+
+#[test]
+fn write_waits_for_destination() {
+    const TEST: &str = "write_waits_for_destination";
+    require_mount!(TEST);
+    let mut h = Harness::start(HarnessOptions::new(TEST));
+
+    // Something mirrored already, so the link is known to work before the stop.
+    fs::write(h.mnt().join("before.txt"), b"written before the stop\n").expect("write before");
+    let before = h.status();
+    assert_eq!(
+        before.last_acked_seq, before.last_logged_seq,
+        "a completed write must be acknowledged: {}",
+        before.raw
+    );
+
+    h.dest().signal(libc::SIGSTOP);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let path = h.mnt().join("during.txt");
+    let payload = b"written while the destination was stopped\n".repeat(100);
+    let writer = {
+        let done = done.clone();
+        let payload = payload.clone();
+        thread::spawn(move || {
+            let result = fs::File::create(&path)
+                .and_then(|mut f| f.write_all(&payload).and_then(|()| f.sync_all()));
+            done.store(true, Ordering::SeqCst);
+            result
+        })
+    };
+
+    // The writer's first operation is logged but cannot be acknowledged...
+    wait_until(
+        "the source to log a record the stopped destination has not acknowledged",
+        Duration::from_secs(30),
+        || {
+            let s = h.status();
+            s.last_logged_seq > s.last_acked_seq
+        },
+    );
+    // ...so the client has not had its reply.
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the write completed while the destination was stopped: the reply did not wait for the mirror"
+    );
+    let stalled = h.status();
+    assert_eq!(
+        stalled.last_acked_seq, before.last_acked_seq,
+        "nothing can be acknowledged by a stopped destination: {}",
+        stalled.raw
+    );
+
+    h.dest().signal(libc::SIGCONT);
+    wait_until(
+        "the write to complete after the destination resumed",
+        Duration::from_secs(60),
+        || done.load(Ordering::SeqCst),
+    );
+    writer
+        .join()
+        .expect("writer thread")
+        .expect("the write must succeed once the destination is back");
+
+    h.cp();
+    assert_eq!(
+        fs::read(h.image().join("during.txt")).expect("during.txt in the image"),
+        payload
+    );
+    assert_trees_equal_named(h.backing(), &h.image(), "backing", "image");
+}
+
+#[test]
+fn clean_unmount_on_sigterm() {
+    const TEST: &str = "clean_unmount_on_sigterm";
+    require_mount!(TEST);
+    let mut h = Harness::start(HarnessOptions::new(TEST));
+    fs::write(h.mnt().join("f"), b"x").expect("write");
+    let mut source = h.source.take().expect("source");
+    let status = source.daemon.terminate(nvmirror_e2e::SHUTDOWN_TIMEOUT);
+    let still_mounted = nvmirror_e2e::is_mounted(&source.mountpoint);
+    drop(source);
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "fs-source must exit 0 on SIGTERM, got {status:?}"
+    );
+    assert!(!still_mounted, "fs-source exited but left its mount behind");
+}

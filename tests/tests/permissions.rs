@@ -1,0 +1,125 @@
+//! Other users on the mount: the kernel's permission rules hold (the source is mounted by
+//! root but must not let every user do what root can), created files belong to their creator,
+//! and the image ends up with the same owners.
+
+use nvmirror_e2e::{
+    assert_trees_equal_named, require_mount, run_as, show_output, Harness, HarnessOptions,
+};
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+const USER: u32 = 65534; // nobody
+const OTHER_USER: u32 = 65533;
+
+#[test]
+fn permissions_for_other_users() {
+    const TEST: &str = "permissions_for_other_users";
+    require_mount!(TEST);
+    let h = Harness::start(HarnessOptions::new(TEST));
+    let m = h.mnt();
+
+    // A root-owned 0755 directory and a world-writable sticky one, made by root.
+    fs::create_dir(m.join("locked")).expect("mkdir locked");
+    fs::set_permissions(m.join("locked"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::create_dir(m.join("shared")).expect("mkdir shared");
+    fs::set_permissions(m.join("shared"), fs::Permissions::from_mode(0o1777)).expect("chmod");
+    fs::write(m.join("locked/root-file"), b"root's\n").expect("write root-file");
+    fs::set_permissions(
+        m.join("locked/root-file"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod root-file");
+
+    // The other user can see the mount at all (allow_other).
+    let out = run_as(USER, "ls locked", m);
+    assert!(
+        out.status.success(),
+        "uid {USER} cannot list the mount (allow_other missing?): {}",
+        show_output("ls locked", &out)
+    );
+
+    // Creating in a root-owned 0755 directory: EACCES.
+    let out = run_as(USER, "echo x > locked/intruder", m);
+    assert!(
+        !out.status.success(),
+        "uid {USER} created a file in a root-owned 0755 dir: {}",
+        show_output("create in locked", &out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "expected EACCES: {}",
+        show_output("create in locked", &out)
+    );
+    assert!(!m.join("locked/intruder").exists());
+    assert!(!h.backing().join("locked/intruder").exists());
+
+    // Writing root's 0644 file: EACCES.
+    let out = run_as(USER, "echo x >> locked/root-file", m);
+    assert!(
+        !out.status.success(),
+        "uid {USER} wrote root's 0644 file: {}",
+        show_output("append root-file", &out)
+    );
+    assert_eq!(
+        fs::read(m.join("locked/root-file")).unwrap(),
+        b"root's\n",
+        "root-file changed"
+    );
+
+    // Creating in the sticky 1777 directory: allowed, and the file is the creator's.
+    let out = run_as(USER, "echo mine > shared/mine && mkdir shared/mydir", m);
+    assert!(
+        out.status.success(),
+        "{}",
+        show_output("create in shared", &out)
+    );
+    for path in [m.join("shared/mine"), h.backing().join("shared/mine")] {
+        let meta = fs::metadata(&path).expect("stat shared/mine");
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (USER, USER),
+            "{} must belong to its creator",
+            path.display()
+        );
+    }
+
+    // Another user cannot remove or rename it (sticky), nor write it (0644 by umask).
+    let out = run_as(OTHER_USER, "rm -f shared/mine", m);
+    assert!(
+        !out.status.success(),
+        "uid {OTHER_USER} removed uid {USER}'s file from a sticky dir: {}",
+        show_output("rm shared/mine", &out)
+    );
+    let out = run_as(OTHER_USER, "mv shared/mine shared/stolen", m);
+    assert!(
+        !out.status.success(),
+        "uid {OTHER_USER} renamed uid {USER}'s file in a sticky dir: {}",
+        show_output("mv shared/mine", &out)
+    );
+    assert_eq!(fs::read(m.join("shared/mine")).unwrap(), b"mine\n");
+
+    // Its owner can chmod it; another user cannot.
+    let out = run_as(USER, "chmod 600 shared/mine", m);
+    assert!(out.status.success(), "{}", show_output("owner chmod", &out));
+    let out = run_as(OTHER_USER, "chmod 666 shared/mine", m);
+    assert!(
+        !out.status.success(),
+        "uid {OTHER_USER} chmod'ed a file it does not own: {}",
+        show_output("chmod by other", &out)
+    );
+    let out = run_as(OTHER_USER, "cat shared/mine", m);
+    assert!(
+        !out.status.success(),
+        "uid {OTHER_USER} read a 0600 file of uid {USER}: {}",
+        show_output("cat by other", &out)
+    );
+
+    h.cp();
+    assert_trees_equal_named(h.backing(), &h.image(), "backing", "image");
+    let meta = fs::metadata(h.image().join("shared/mine")).expect("shared/mine in the image");
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (USER, USER, 0o600),
+        "owner and mode in the image"
+    );
+}
