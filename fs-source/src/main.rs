@@ -1,1 +1,377 @@
-fn main() {}
+//! `fs-source`: mounts a mirrored filesystem over a backing directory. Every mutating
+//! operation is logged write-ahead in NVRAM, applied to the backing directory and acknowledged
+//! by `fs-dest` before the client gets its reply. See docs/architecture.md.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+mod control;
+mod cp;
+mod error;
+mod fuse;
+mod inodes;
+mod link;
+mod mirror;
+mod tls;
+mod volume;
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use proto::apply::{ApplyMode, Tree};
+use proto::nvlog::Geometry;
+use proto::storage::MmapStorage;
+
+use crate::mirror::{Mirror, MirrorSettings, Policy};
+
+#[derive(Parser)]
+#[command(
+    name = "fs-source",
+    version,
+    about = "Mount a filesystem mirrored synchronously to fs-dest"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount the mirrored filesystem (runs in the foreground until unmounted or signalled).
+    Mount(MountArgs),
+    /// Run a consistency point now; returns when the destination has applied it.
+    Cp {
+        /// The mountpoint of a running fs-source.
+        #[arg(long)]
+        mountpoint: PathBuf,
+    },
+    /// Show the mirror's state.
+    Status {
+        /// The mountpoint of a running fs-source.
+        #[arg(long)]
+        mountpoint: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct MountArgs {
+    /// The directory holding the real files.
+    #[arg(long)]
+    backing: PathBuf,
+    /// Where to mount.
+    #[arg(long)]
+    mountpoint: PathBuf,
+    /// fs-dest's address (IP:PORT).
+    #[arg(long)]
+    dest: SocketAddr,
+    /// This source's name (its certificate's name).
+    #[arg(long)]
+    name: String,
+    /// The NVRAM file (put it on /dev/shm or a DAX device).
+    #[arg(long)]
+    nvram: PathBuf,
+    /// Directory with ca.pem, NAME.pem and NAME.key.
+    #[arg(long)]
+    tls: PathBuf,
+    /// Number of NVLOG partitions.
+    #[arg(long, default_value_t = proto::nvlog::DEFAULT_PARTITIONS)]
+    partitions: usize,
+    /// Bytes per NVLOG partition (multiple of 4096, at least 65536).
+    #[arg(long, default_value_t = proto::nvlog::DEFAULT_PARTITION_SIZE)]
+    partition_size: usize,
+    /// What to do when the destination does not acknowledge in time.
+    #[arg(long, value_enum, default_value_t = Policy::Sync)]
+    policy: Policy,
+    /// How long a write waits for the destination before the policy applies, in milliseconds.
+    #[arg(long, default_value_t = 15_000)]
+    timeout_ms: u64,
+    /// Consistency point interval in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    cp_interval_ms: u64,
+    /// FUSE worker threads (operations in flight at once).
+    #[arg(long, default_value_t = 16)]
+    threads: usize,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Mount(args) => mount(args),
+        Command::Cp { mountpoint } => client(&mountpoint, "cp", false),
+        Command::Status { mountpoint, json } => client(&mountpoint, "status", json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fs-source: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn client(mountpoint: &Path, cmd: &str, json: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reply = rt.block_on(control::request(mountpoint, cmd))?;
+    if cmd == "cp" {
+        if reply.get("ok").and_then(|v| v.as_bool()) != Some(true) {
+            bail!(
+                "consistency point failed: {}",
+                reply
+                    .get("error")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("unknown error")
+            );
+        }
+        println!(
+            "consistency point done; destination applied up to record {}",
+            reply
+                .get("applied_seq")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0)
+        );
+    } else if json {
+        println!("{reply}");
+    } else {
+        print_status(&reply);
+    }
+    Ok(())
+}
+
+fn print_status(s: &serde_json::Value) {
+    let g = |k: &str| {
+        s.get(k)
+            .map(|v| v.to_string().trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    println!(
+        "source      {} on {} → {}",
+        g("name"),
+        g("mountpoint"),
+        g("dest")
+    );
+    println!(
+        "policy      {} (link {}{})",
+        g("policy"),
+        g("link"),
+        if g("degraded") == "true" {
+            ", running alone"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "records     logged {}  acked {}  applied at destination {}  (lag {})",
+        g("last_logged_seq"),
+        g("last_acked_seq"),
+        g("last_applied_seq"),
+        g("lag_records")
+    );
+    println!(
+        "mirrored    {} records, {} bytes; {} consistency points",
+        g("records_mirrored"),
+        g("bytes_mirrored"),
+        g("cp_count")
+    );
+    if let Some(parts) = s.get("partitions").and_then(|p| p.as_array()) {
+        for p in parts {
+            println!(
+                "partition   {}: {} / {} bytes, {} records",
+                p["index"], p["used_bytes"], p["capacity_bytes"], p["records"]
+            );
+        }
+    }
+    if let Some(why) = s.get("stopped").and_then(|v| v.as_str()) {
+        println!("STOPPED     {why}");
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+}
+
+fn mount(args: MountArgs) -> anyhow::Result<()> {
+    if !valid_name(&args.name) {
+        bail!("invalid source name {:?}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit", args.name);
+    }
+    let geometry = Geometry {
+        partitions: args.partitions,
+        partition_size: args.partition_size,
+    };
+    geometry.validate()?;
+    if !args.backing.is_dir() {
+        bail!(
+            "backing directory {} does not exist or is not a directory",
+            args.backing.display()
+        );
+    }
+    // Records carry exact modes; the process umask must not alter them.
+    rustix::process::umask(rustix::fs::Mode::empty());
+
+    let (storage, _) = MmapStorage::open(&args.nvram, geometry.region_len())?;
+    let settings = MirrorSettings {
+        policy: args.policy,
+        timeout: Duration::from_millis(args.timeout_ms),
+    };
+    let (mirror, cp_rx, replay) =
+        Mirror::open(Arc::new(storage), geometry, &args.name, settings)
+            .with_context(|| format!("opening NVRAM {}", args.nvram.display()))?;
+    let tree = Tree::open(&args.backing)?;
+    recover(&mirror, &tree, replay)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let _guard = rt.enter();
+    let backing_fd: Arc<OwnedFd> = Arc::new(
+        rustix::fs::open(
+            &args.backing,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .with_context(|| format!("opening {}", args.backing.display()))?,
+    );
+    let (link_shared, control_rx) = link::shared();
+    rt.spawn(link::run(
+        mirror.clone(),
+        link::LinkSettings {
+            dest: args.dest,
+            tls_dir: args.tls.clone(),
+            name: args.name.clone(),
+        },
+        link_shared.clone(),
+        control_rx,
+    ));
+    rt.spawn(cp::run(
+        mirror.clone(),
+        link_shared,
+        cp_rx,
+        backing_fd,
+        Duration::from_millis(args.cp_interval_ms.max(100)),
+    ));
+
+    let sock = control::socket_path(&args.mountpoint);
+    if let Some(dir) = sock.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&sock);
+    let listener = rt
+        .block_on(async { tokio::net::UnixListener::bind(&sock) })
+        .with_context(|| format!("binding control socket {}", sock.display()))?;
+    let identity = control::Identity {
+        name: args.name.clone(),
+        mountpoint: args.mountpoint.display().to_string(),
+        dest: args.dest.to_string(),
+        policy: args.policy,
+    };
+    rt.spawn(control::serve(listener, mirror.clone(), identity));
+
+    let volume = Arc::new(volume::Volume::new(tree, mirror.clone())?);
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(format!("nvmirror:{}", args.name)),
+        fuser::MountOption::Subtype("nvmirror".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(args.threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::Session::new(fuse::FuseAdapter::new(volume), &args.mountpoint, &config)
+        .with_context(|| format!("mounting {}", args.mountpoint.display()))?;
+    let bg = session.spawn().context("starting the FUSE session")?;
+    println!("fs-source: mounted {}", args.mountpoint.display());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    // Run until a signal arrives or someone unmounts us.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let r = bg.join();
+        let _ = done_tx.send(r);
+    });
+    let mountpoint = args.mountpoint.clone();
+    rt.block_on(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::pin!(done_rx);
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            r = &mut done_rx => {
+                if let Ok(Err(e)) = r {
+                    tracing::warn!("FUSE session ended: {e}");
+                }
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+        tracing::info!("signal received: unmounting {}", mountpoint.display());
+        if let Err(e) = rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::empty()) {
+            tracing::warn!(
+                "unmount of {} failed ({e}); detaching it",
+                mountpoint.display()
+            );
+            let _ = rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::DETACH);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), done_rx).await;
+        Ok(())
+    })?;
+    let _ = std::fs::remove_file(&sock);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+/// Start-up recovery: apply every record logged but possibly not applied when the previous
+/// process stopped (replay mode: re-applying the one that straddled the crash is harmless).
+fn recover(mirror: &Mirror, tree: &Tree, replay: Vec<Vec<u8>>) -> anyhow::Result<()> {
+    let mut last = None;
+    for f in &replay {
+        let frame = proto::frame::decode(f).context("a frame changed after the recovery scan")?;
+        let op = proto::Op::decode(frame.payload)
+            .with_context(|| format!("record {} in NVRAM does not decode", frame.header.seq))?;
+        if let Err(e) = tree.apply(&op, ApplyMode::Replay) {
+            tracing::warn!(
+                seq = frame.header.seq,
+                "replaying record {} ({}): {e}",
+                frame.header.seq,
+                op.kind()
+            );
+        }
+        last = Some(frame.header.seq);
+    }
+    if let Some(seq) = last {
+        tracing::info!(
+            records = replay.len(),
+            last = seq,
+            "replayed NVLOG records onto the backing directory"
+        );
+        mirror.set_applied(seq)?;
+    }
+    Ok(())
+}

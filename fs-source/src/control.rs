@@ -1,0 +1,185 @@
+//! The control socket of a mounted source: `fs-source cp` and `fs-source status` talk to the
+//! running daemon through a Unix socket named after the mountpoint, one JSON line each way.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::mirror::{CpCommand, Mirror, Policy};
+
+/// Where control sockets live: `$NVMIRROR_RUN_DIR`, else `/run/nvmirror`.
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("NVMIRROR_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/nvmirror"))
+}
+
+/// The socket path for a mountpoint (named by a hash of its canonical path, to stay within the
+/// 108-byte limit of Unix socket paths).
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in canonical.as_os_str().as_encoded_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    run_dir().join(format!("source-{h:016x}.sock"))
+}
+
+/// One partition's fill, as status reports it.
+#[derive(Debug, Serialize)]
+pub struct PartitionStatus {
+    /// Index.
+    pub index: usize,
+    /// Bytes of records.
+    pub used_bytes: usize,
+    /// Capacity in bytes.
+    pub capacity_bytes: usize,
+    /// Number of records.
+    pub records: u64,
+}
+
+/// What `fs-source status --json` prints.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Source name.
+    pub name: String,
+    /// Mountpoint.
+    pub mountpoint: String,
+    /// Destination address.
+    pub dest: String,
+    /// Mirror policy.
+    pub policy: Policy,
+    /// Highest sequence number logged (and applied locally).
+    pub last_logged_seq: u64,
+    /// Highest sequence number flushed in local NVRAM.
+    pub last_flushed_seq: u64,
+    /// Highest sequence number acknowledged by the destination.
+    pub last_acked_seq: u64,
+    /// Highest sequence number applied to the destination's image.
+    pub last_applied_seq: u64,
+    /// Records logged but not yet acknowledged.
+    pub lag_records: u64,
+    /// Completed consistency points.
+    pub cp_count: u64,
+    /// "up" or "down".
+    pub link: &'static str,
+    /// Policy sync: running alone until the destination catches up.
+    pub degraded: bool,
+    /// Set when the destination refused this source.
+    pub stopped: Option<String>,
+    /// Records acknowledged since start.
+    pub records_mirrored: u64,
+    /// Bytes acknowledged since start.
+    pub bytes_mirrored: u64,
+    /// NVLOG partitions.
+    pub partitions: Vec<PartitionStatus>,
+}
+
+/// Identity facts for status.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Source name.
+    pub name: String,
+    /// Mountpoint.
+    pub mountpoint: String,
+    /// Destination.
+    pub dest: String,
+    /// Policy.
+    pub policy: Policy,
+}
+
+/// Build the status report.
+pub fn status(mirror: &Mirror, id: &Identity) -> Status {
+    let partitions = mirror
+        .partitions()
+        .into_iter()
+        .map(
+            |(index, used_bytes, capacity_bytes, records)| PartitionStatus {
+                index,
+                used_bytes,
+                capacity_bytes,
+                records,
+            },
+        )
+        .collect();
+    mirror.progress(|p| Status {
+        name: id.name.clone(),
+        mountpoint: id.mountpoint.clone(),
+        dest: id.dest.clone(),
+        policy: id.policy,
+        last_logged_seq: p.logged,
+        last_flushed_seq: p.flushed,
+        last_acked_seq: p.acked,
+        last_applied_seq: p.applied_remote,
+        lag_records: p.logged.saturating_sub(p.acked),
+        cp_count: p.cp_count,
+        link: if p.link_up { "up" } else { "down" },
+        degraded: p.degraded,
+        stopped: p.stopped.clone(),
+        records_mirrored: p.records_mirrored,
+        bytes_mirrored: p.bytes_mirrored,
+        partitions,
+    })
+}
+
+/// Serve the control socket until the task is dropped.
+pub async fn serve(listener: UnixListener, mirror: Arc<Mirror>, id: Identity) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let mirror = mirror.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &mirror, &id).await {
+                tracing::debug!("control connection: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, mirror: &Arc<Mirror>, id: &Identity) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await?;
+    let req: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_default();
+    let reply = match req.get("cmd").and_then(|c| c.as_str()) {
+        Some("status") => serde_json::to_value(status(mirror, id)).unwrap_or_default(),
+        Some("cp") => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            mirror.cp_command(CpCommand::Demand(tx));
+            match rx.await {
+                Ok(Ok(applied)) => serde_json::json!({"ok": true, "applied_seq": applied}),
+                Ok(Err(e)) => serde_json::json!({"ok": false, "error": e}),
+                Err(_) => serde_json::json!({"ok": false, "error": "the CP driver stopped"}),
+            }
+        }
+        _ => {
+            serde_json::json!({"ok": false, "error": format!("unknown request {:?}", line.trim())})
+        }
+    };
+    w.write_all(format!("{reply}\n").as_bytes()).await?;
+    Ok(())
+}
+
+/// Client side: send one request to the daemon mounted at `mountpoint`, return its reply.
+pub async fn request(mountpoint: &Path, cmd: &str) -> anyhow::Result<serde_json::Value> {
+    let path = socket_path(mountpoint);
+    let stream = UnixStream::connect(&path).await.map_err(|e| {
+        anyhow::anyhow!(
+            "no fs-source is serving {} (control socket {}: {e})",
+            mountpoint.display(),
+            path.display()
+        )
+    })?;
+    let (r, mut w) = stream.into_split();
+    w.write_all(format!("{}\n", serde_json::json!({ "cmd": cmd })).as_bytes())
+        .await?;
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await?;
+    Ok(serde_json::from_str(line.trim())?)
+}

@@ -1,0 +1,137 @@
+//! The consistency-point driver: commits full partitions (and, on the timer or on demand, the
+//! current one) in sequence order, then frees them.
+//!
+//! A CP of partition P: wait until every record of P is acknowledged, `syncfs` the backing
+//! directory, send `CpRequest`, wait for `CpDone` (resending after a reconnect), free P.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::link::LinkShared;
+use crate::mirror::{CpCommand, Mirror};
+
+/// Run the driver until the command channel closes.
+pub async fn run(
+    mirror: Arc<Mirror>,
+    link: Arc<LinkShared>,
+    mut rx: mpsc::UnboundedReceiver<CpCommand>,
+    backing: Arc<OwnedFd>,
+    interval: Duration,
+) {
+    let mut queue: VecDeque<usize> = VecDeque::new();
+    let mut waiters: Vec<oneshot::Sender<Result<u64, String>>> = Vec::new();
+    let mut seal_pending = false;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_id = 1u64;
+    loop {
+        if seal_pending {
+            match mirror.seal_current() {
+                Ok(Some(p)) => {
+                    queue.push_back(p);
+                    seal_pending = false;
+                }
+                Ok(None) => seal_pending = false,
+                Err(()) => {}
+            }
+        }
+        if let Some(p) = queue.pop_front() {
+            match commit(&mirror, &link, p, &backing, &mut next_id).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(partition = p, "consistency point failed: {e}; will retry");
+                    queue.push_front(p);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            // Pick up commands that arrived meanwhile before the next CP.
+            while let Ok(cmd) = rx.try_recv() {
+                handle(cmd, &mut queue, &mut waiters, &mut seal_pending);
+            }
+            continue;
+        }
+        if !seal_pending && !waiters.is_empty() {
+            let applied = mirror.progress(|p| p.applied_remote);
+            for w in waiters.drain(..) {
+                let _ = w.send(Ok(applied));
+            }
+        }
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(cmd) => handle(cmd, &mut queue, &mut waiters, &mut seal_pending),
+                None => return,
+            },
+            _ = ticker.tick() => {
+                if let Ok(Some(p)) = mirror.seal_current() {
+                    queue.push_back(p);
+                }
+            }
+        }
+    }
+}
+
+fn handle(
+    cmd: CpCommand,
+    queue: &mut VecDeque<usize>,
+    waiters: &mut Vec<oneshot::Sender<Result<u64, String>>>,
+    seal_pending: &mut bool,
+) {
+    match cmd {
+        CpCommand::Full(p) => {
+            if !queue.contains(&p) {
+                queue.push_back(p);
+            }
+        }
+        CpCommand::Demand(tx) => {
+            *seal_pending = true;
+            waiters.push(tx);
+        }
+    }
+}
+
+async fn commit(
+    mirror: &Arc<Mirror>,
+    link: &Arc<LinkShared>,
+    p: usize,
+    backing: &Arc<OwnedFd>,
+    next_id: &mut u64,
+) -> Result<(), String> {
+    let Some(last) = mirror.partition_last_seq(p) else {
+        return mirror.free_partition(p).map_err(|e| e.to_string());
+    };
+    // Every record of the partition must be at the destination.
+    let mut acked = mirror.acked_watch.subscribe();
+    acked
+        .wait_for(|a| *a >= last)
+        .await
+        .map_err(|e| format!("ack watch closed: {e}"))?;
+    // The backing volume durably holds the partition's effects.
+    let fd = backing.clone();
+    tokio::task::spawn_blocking(move || rustix::fs::syncfs(&*fd))
+        .await
+        .map_err(|e| format!("syncfs task: {e}"))?
+        .map_err(|e| format!("syncfs of the backing directory: {e}"))?;
+    let mut epoch = link.epoch.subscribe();
+    let applied = loop {
+        let id = *next_id;
+        *next_id += 1;
+        let done = link.request_cp(id, p as u16, last);
+        epoch.borrow_and_update();
+        tokio::select! {
+            r = done => match r {
+                Ok(applied) => break applied,
+                Err(_) => continue,
+            },
+            // Reconnected: the request may have been lost with the old connection.
+            _ = epoch.changed() => continue,
+        }
+    };
+    mirror.free_partition(p).map_err(|e| e.to_string())?;
+    mirror.on_cp_done(applied);
+    tracing::debug!(partition = p, last, applied, "consistency point done");
+    Ok(())
+}

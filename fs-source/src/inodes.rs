@@ -1,0 +1,258 @@
+//! The inode table: which names each inode the kernel knows has, so that every record can
+//! name its files by path as they are at the moment the operation runs.
+//!
+//! FUSE inode numbers are the backing files' own inode numbers (the backing root's swapped
+//! with 1, FUSE's root), so hard links share one inode as on a local filesystem.
+
+use std::collections::HashMap;
+
+use crate::error::{FsError, FsResult};
+
+/// FUSE's root inode number.
+pub const ROOT: u64 = 1;
+
+/// What the table knows about one inode.
+#[derive(Debug, Default)]
+pub struct Node {
+    /// Known names: (parent inode, name). The first is used to build paths.
+    pub names: Vec<(u64, Vec<u8>)>,
+    /// Kernel lookup count (dropped by `forget`).
+    pub lookups: u64,
+    /// Open file handles.
+    pub opens: u32,
+}
+
+/// inode → names, and (parent, name) → inode.
+#[derive(Debug)]
+pub struct InodeTable {
+    nodes: HashMap<u64, Node>,
+    by_name: HashMap<(u64, Vec<u8>), u64>,
+    root_backing_ino: u64,
+}
+
+impl InodeTable {
+    /// A table whose root is the backing directory with inode number `root_backing_ino`.
+    pub fn new(root_backing_ino: u64) -> Self {
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT,
+            Node {
+                lookups: 1,
+                ..Default::default()
+            },
+        );
+        InodeTable {
+            nodes,
+            by_name: HashMap::new(),
+            root_backing_ino,
+        }
+    }
+
+    /// The FUSE inode number of a backing inode number (a bijection).
+    pub fn fuse_ino(&self, backing: u64) -> u64 {
+        if backing == self.root_backing_ino {
+            ROOT
+        } else if backing == ROOT {
+            self.root_backing_ino
+        } else {
+            backing
+        }
+    }
+
+    /// The path of `ino` relative to the root ("" for the root).
+    pub fn path(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let mut cur = ino;
+        let mut len = 0;
+        while cur != ROOT {
+            let node = self.nodes.get(&cur).ok_or(FsError::UnknownInode(ino))?;
+            let (parent, name) = node.names.first().ok_or(FsError::UnknownInode(ino))?;
+            len += name.len() + 1;
+            if parts.len() > 4096 || len > proto::path::MAX_PATH_LEN + 256 {
+                return Err(FsError::Backing(rustix::io::Errno::NAMETOOLONG));
+            }
+            parts.push(name);
+            cur = *parent;
+        }
+        let mut out = Vec::with_capacity(len);
+        for (i, p) in parts.iter().rev().enumerate() {
+            if i > 0 {
+                out.push(b'/');
+            }
+            out.extend_from_slice(p);
+        }
+        Ok(out)
+    }
+
+    /// The path of `name` inside directory `parent`.
+    pub fn child_path(&self, parent: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        Ok(proto::path::join(&self.path(parent)?, name))
+    }
+
+    /// The inode known under (parent, name), if any.
+    pub fn child(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        self.by_name.get(&(parent, name.to_vec())).copied()
+    }
+
+    /// The node of `ino`.
+    pub fn node(&self, ino: u64) -> Option<&Node> {
+        self.nodes.get(&ino)
+    }
+
+    /// The kernel learned (parent, name) → ino: count a lookup and remember the name.
+    pub fn looked_up(&mut self, ino: u64, parent: u64, name: &[u8]) {
+        self.add_name(ino, parent, name);
+        self.nodes.entry(ino).or_default().lookups += 1;
+    }
+
+    /// Remember a name without counting a lookup.
+    pub fn add_name(&mut self, ino: u64, parent: u64, name: &[u8]) {
+        let key = (parent, name.to_vec());
+        if let Some(old) = self.by_name.insert(key.clone(), ino) {
+            if old != ino {
+                if let Some(n) = self.nodes.get_mut(&old) {
+                    n.names.retain(|k| k != &key);
+                }
+            }
+        }
+        let node = self.nodes.entry(ino).or_default();
+        if !node.names.contains(&key) {
+            node.names.push(key);
+        }
+    }
+
+    /// (parent, name) is gone.
+    pub fn remove_name(&mut self, parent: u64, name: &[u8]) {
+        let key = (parent, name.to_vec());
+        if let Some(ino) = self.by_name.remove(&key) {
+            if let Some(n) = self.nodes.get_mut(&ino) {
+                n.names.retain(|k| k != &key);
+            }
+        }
+    }
+
+    /// A rename (not an exchange): the target name, if it was known, stops naming its inode.
+    pub fn renamed(&mut self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8]) {
+        let Some(ino) = self.by_name.remove(&(parent, name.to_vec())) else {
+            self.remove_name(new_parent, new_name);
+            return;
+        };
+        self.remove_name(new_parent, new_name);
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            let old = (parent, name.to_vec());
+            n.names.retain(|k| k != &old);
+            // The new name becomes the one paths are built from.
+            n.names.insert(0, (new_parent, new_name.to_vec()));
+        }
+        self.by_name.insert((new_parent, new_name.to_vec()), ino);
+    }
+
+    /// RENAME_EXCHANGE: the two names swap inodes.
+    pub fn exchanged(&mut self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8]) {
+        let a = self.by_name.remove(&(parent, name.to_vec()));
+        let b = self.by_name.remove(&(new_parent, new_name.to_vec()));
+        let fix = |nodes: &mut HashMap<u64, Node>,
+                   ino: Option<u64>,
+                   from: (u64, Vec<u8>),
+                   to: (u64, Vec<u8>)| {
+            if let Some(n) = ino.and_then(|i| nodes.get_mut(&i)) {
+                n.names.retain(|k| k != &from);
+                n.names.insert(0, to);
+            }
+        };
+        fix(
+            &mut self.nodes,
+            a,
+            (parent, name.to_vec()),
+            (new_parent, new_name.to_vec()),
+        );
+        fix(
+            &mut self.nodes,
+            b,
+            (new_parent, new_name.to_vec()),
+            (parent, name.to_vec()),
+        );
+        if let Some(a) = a {
+            self.by_name.insert((new_parent, new_name.to_vec()), a);
+        }
+        if let Some(b) = b {
+            self.by_name.insert((parent, name.to_vec()), b);
+        }
+    }
+
+    /// The kernel dropped `n` lookups of `ino`; forget it when nothing refers to it any more.
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        if ino == ROOT {
+            return;
+        }
+        let gone = match self.nodes.get_mut(&ino) {
+            Some(node) => {
+                node.lookups = node.lookups.saturating_sub(n);
+                node.lookups == 0 && node.opens == 0
+            }
+            None => false,
+        };
+        if gone {
+            if let Some(node) = self.nodes.remove(&ino) {
+                for k in node.names {
+                    if self.by_name.get(&k) == Some(&ino) {
+                        self.by_name.remove(&k);
+                    }
+                }
+            }
+        }
+    }
+
+    /// An open handle of `ino` was created (+1) or released (-1).
+    pub fn opened(&mut self, ino: u64, delta: i32) -> u32 {
+        let node = self.nodes.entry(ino).or_default();
+        node.opens = node.opens.saturating_add_signed(delta);
+        node.opens
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_follow_renames_of_directories() {
+        let mut t = InodeTable::new(100);
+        t.looked_up(10, ROOT, b"a");
+        t.looked_up(11, 10, b"f");
+        assert_eq!(t.path(11).unwrap(), b"a/f");
+        t.renamed(ROOT, b"a", ROOT, b"b");
+        assert_eq!(t.path(11).unwrap(), b"b/f");
+        t.exchanged(10, b"f", ROOT, b"x");
+        assert_eq!(t.path(11).unwrap(), b"x");
+    }
+
+    #[test]
+    fn hard_links_survive_losing_one_name() {
+        let mut t = InodeTable::new(100);
+        t.looked_up(10, ROOT, b"a");
+        t.looked_up(10, ROOT, b"b");
+        t.remove_name(ROOT, b"a");
+        assert_eq!(t.path(10).unwrap(), b"b");
+        t.remove_name(ROOT, b"b");
+        assert!(t.path(10).is_err());
+    }
+
+    #[test]
+    fn rename_over_a_known_name_unlinks_it() {
+        let mut t = InodeTable::new(100);
+        t.looked_up(10, ROOT, b"a");
+        t.looked_up(11, ROOT, b"b");
+        t.renamed(ROOT, b"a", ROOT, b"b");
+        assert_eq!(t.child(ROOT, b"b"), Some(10));
+        assert!(t.path(11).is_err());
+    }
+
+    #[test]
+    fn root_inode_numbers_are_swapped() {
+        let t = InodeTable::new(100);
+        assert_eq!(t.fuse_ino(100), ROOT);
+        assert_eq!(t.fuse_ino(ROOT), 100);
+        assert_eq!(t.fuse_ino(7), 7);
+    }
+}

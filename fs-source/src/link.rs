@@ -1,0 +1,261 @@
+//! The link to the destination: one QUIC connection with one long-lived bidirectional stream,
+//! re-established whenever it breaks. On every (re)connect the handshake tells us the highest
+//! sequence number the destination holds durably, and everything after it is resent from the
+//! NVLOG, so nothing is skipped and nothing is applied twice.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proto::wire::{self, Control, Message};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::mirror::Mirror;
+
+/// Where and how to reach the destination.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    /// Destination address.
+    pub dest: SocketAddr,
+    /// Directory with ca.pem, NAME.pem, NAME.key.
+    pub tls_dir: PathBuf,
+    /// This source's name.
+    pub name: String,
+}
+
+/// What the CP driver and the control socket share with the link task.
+pub struct LinkShared {
+    control_tx: mpsc::UnboundedSender<Control>,
+    pending_cps: Mutex<HashMap<u64, oneshot::Sender<u64>>>,
+    /// Bumped on every successful (re)connect, so waiters can resend requests.
+    pub epoch: watch::Sender<u64>,
+}
+
+impl LinkShared {
+    /// Queue a CP request and get a receiver for its answer (the applied sequence number).
+    pub fn request_cp(&self, id: u64, partition: u16, last_seq: u64) -> oneshot::Receiver<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.pending_cps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let _ = self.control_tx.send(Control::CpRequest {
+            id,
+            partition,
+            last_seq,
+        });
+        rx
+    }
+}
+
+/// Create the shared part and the receiver the link task consumes.
+pub fn shared() -> (Arc<LinkShared>, mpsc::UnboundedReceiver<Control>) {
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    (
+        Arc::new(LinkShared {
+            control_tx,
+            pending_cps: Mutex::new(HashMap::new()),
+            epoch: watch::channel(0).0,
+        }),
+        control_rx,
+    )
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("{0}")]
+    Tls(#[from] crate::tls::ClientTlsError),
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("send: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("receive: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("protocol: {0}")]
+    Wire(#[from] wire::WireError),
+    #[error("destination refused this source: {0}")]
+    Refused(String),
+    #[error("destination reported an error: {0}")]
+    Remote(String),
+    #[error("unexpected message from the destination: {0}")]
+    Unexpected(String),
+}
+
+/// Run the link forever: connect, stream records, reconnect with backoff.
+pub async fn run(
+    mirror: Arc<Mirror>,
+    settings: LinkSettings,
+    shared: Arc<LinkShared>,
+    mut control_rx: mpsc::UnboundedReceiver<Control>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&mirror, &settings, &shared, &mut control_rx).await {
+            Ok(()) => {}
+            Err(LinkError::Refused(why)) => {
+                tracing::error!(dest = %settings.dest, "{why}");
+                mirror.stop(why);
+                backoff = Duration::from_secs(5);
+            }
+            Err(e) => {
+                tracing::warn!(dest = %settings.dest, "link to destination lost: {e}");
+            }
+        }
+        mirror.set_link(false);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn read_message(recv: &mut RecvStream) -> Result<Message, LinkError> {
+    let mut h = [0u8; wire::HEADER_LEN];
+    recv.read_exact(&mut h).await?;
+    let (kind, len) = wire::parse_header(&h)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await?;
+    Ok(wire::decode_body(kind, body)?)
+}
+
+async fn send_frames(send: &mut SendStream, frames: &mut Vec<Bytes>) -> Result<(), LinkError> {
+    while !frames.is_empty() {
+        // Keep each message under the protocol limit.
+        let mut total = 0;
+        let mut n = 0;
+        while n < frames.len() && (n == 0 || total + frames[n].len() <= wire::MAX_MESSAGE_LEN) {
+            total += frames[n].len();
+            n += 1;
+        }
+        let mut chunks: Vec<Bytes> = Vec::with_capacity(n + 1);
+        chunks.push(Bytes::copy_from_slice(&wire::header(
+            wire::KIND_FRAMES,
+            total,
+        )));
+        chunks.extend(frames.drain(..n));
+        send.write_all_chunks(&mut chunks).await?;
+    }
+    Ok(())
+}
+
+async fn session(
+    mirror: &Arc<Mirror>,
+    settings: &LinkSettings,
+    shared: &Arc<LinkShared>,
+    control_rx: &mut mpsc::UnboundedReceiver<Control>,
+) -> Result<(), LinkError> {
+    let (endpoint, _cfg) =
+        crate::tls::client_endpoint(&settings.tls_dir, &settings.name, settings.dest)?;
+    let conn = endpoint
+        .connect(settings.dest, crate::tls::SERVER_NAME)?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let logged = mirror.progress(|p| p.logged);
+    send.write_all(&wire::encode_control(&Control::Hello {
+        protocol: wire::PROTOCOL_VERSION,
+        source: settings.name.clone(),
+        generation: mirror.generation(),
+        last_logged_seq: logged,
+    }))
+    .await?;
+    let durable = match read_message(&mut recv).await? {
+        Message::Control(Control::Welcome { durable_seq, .. }) => durable_seq,
+        Message::Control(Control::Refused { reason }) => return Err(LinkError::Refused(reason)),
+        other => return Err(LinkError::Unexpected(format!("{other:?}"))),
+    };
+    if durable > logged {
+        return Err(LinkError::Refused(format!(
+            "the destination holds records up to {durable} but this source logged only up to {logged}: \
+             the source's NVRAM is not the one this mirror was built with"
+        )));
+    }
+    tracing::info!(dest = %settings.dest, durable, logged, "connected to destination");
+    mirror.on_ack(durable, 0, 0);
+    let backlog = mirror.frames_after(durable);
+    mirror.set_link(true);
+    shared.epoch.send_modify(|e| *e += 1);
+
+    // Sent but not yet acknowledged: (seq, bytes), to count what was mirrored.
+    let inflight: Arc<Mutex<VecDeque<(u64, usize)>>> = Arc::new(Mutex::new(VecDeque::new()));
+    let receiver = {
+        let mirror = mirror.clone();
+        let shared = shared.clone();
+        let inflight = inflight.clone();
+        async move {
+            loop {
+                match read_message(&mut recv).await? {
+                    Message::Control(Control::Ack { durable_seq }) => {
+                        let (mut records, mut bytes) = (0, 0);
+                        {
+                            let mut q = inflight.lock().unwrap_or_else(|p| p.into_inner());
+                            while q.front().is_some_and(|(s, _)| *s <= durable_seq) {
+                                if let Some((_, b)) = q.pop_front() {
+                                    records += 1;
+                                    bytes += b as u64;
+                                }
+                            }
+                        }
+                        mirror.on_ack(durable_seq, records, bytes);
+                    }
+                    Message::Control(Control::CpDone { id, applied_seq }) => {
+                        if let Some(tx) = shared
+                            .pending_cps
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&id)
+                        {
+                            let _ = tx.send(applied_seq);
+                        }
+                    }
+                    Message::Control(Control::Error { seq, reason }) => {
+                        return Err::<(), _>(LinkError::Remote(match seq {
+                            Some(s) => format!("record {s}: {reason}"),
+                            None => reason,
+                        }));
+                    }
+                    Message::Control(Control::Refused { reason }) => {
+                        return Err(LinkError::Refused(reason))
+                    }
+                    other => return Err(LinkError::Unexpected(format!("{other:?}"))),
+                }
+            }
+        }
+    };
+    tokio::pin!(receiver);
+
+    let note = |frames: &[(u64, Bytes)]| {
+        let mut q = inflight.lock().unwrap_or_else(|p| p.into_inner());
+        q.extend(frames.iter().map(|(s, b)| (*s, b.len())));
+    };
+    note(&backlog);
+    let mut batch: Vec<Bytes> = backlog.into_iter().map(|(_, b)| b).collect();
+    tokio::select! {
+        r = send_frames(&mut send, &mut batch) => r?,
+        r = &mut receiver => return r,
+    }
+    loop {
+        tokio::select! {
+            _ = mirror.outbox_ready.notified() => {
+                let frames: Vec<(u64, Bytes)> = mirror.outbox.lock().unwrap_or_else(|p| p.into_inner()).frames.drain(..).collect();
+                if frames.is_empty() {
+                    continue;
+                }
+                note(&frames);
+                let mut batch: Vec<Bytes> = frames.into_iter().map(|(_, b)| b).collect();
+                tokio::select! {
+                    r = send_frames(&mut send, &mut batch) => r?,
+                    r = &mut receiver => return r,
+                }
+            }
+            Some(c) = control_rx.recv() => {
+                send.write_all(&wire::encode_control(&c)).await?;
+            }
+            r = &mut receiver => return r,
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! The mirror core: sequence numbers, the write-ahead NVLOG, group commit, and the bookkeeping
+//! that decides when a FUSE reply may go out.
+//!
+//! A mutating operation runs as a [`Txn`]: under the sequencer lock it gets the next sequence
+//! number, its frame is appended to the NVLOG, the operation is applied to the backing
+//! directory, and the frame is queued for the sender. Then, without any lock, the caller waits in
+//! [`Mirror::wait_durable`] until the NVLOG range is msync'ed (one msync for every frame appended
+//! meanwhile) and the destination has acknowledged the sequence number.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use proto::frame;
+use proto::nvlog::{Placement, Role};
+use proto::storage::{MmapStorage, Storage};
+use proto::NvLog;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::error::{FsError, MirrorError};
+
+/// What to do when the destination does not acknowledge in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// No reply without the mirror: after the timeout, writes fail with EIO.
+    Strict,
+    /// After the timeout the source goes on alone and catches up on reconnect.
+    Sync,
+}
+
+/// Offsets of the source's cursors in the NVLOG user area.
+mod cursor {
+    /// Highest sequence number logged *and* applied to the backing directory.
+    pub const APPLIED_SEQ: usize = 0;
+    /// Generation of the volume (raised by a promotion).
+    pub const GENERATION: usize = 8;
+    /// Length-prefixed source name the NVRAM belongs to.
+    pub const NAME: usize = 16;
+    /// Bytes reserved for the name (1 length byte + up to 63 bytes).
+    pub const NAME_LEN: usize = 64;
+}
+
+/// Requests to the CP driver.
+#[derive(Debug)]
+pub enum CpCommand {
+    /// A partition filled up and appends moved on: commit it.
+    Full(usize),
+    /// Commit whatever the current partition holds, then answer.
+    Demand(tokio::sync::oneshot::Sender<Result<u64, String>>),
+}
+
+/// The sequencer's state, behind the one lock that orders operations.
+pub struct Sequencer {
+    nvlog: NvLog<MmapStorage>,
+    next_seq: u64,
+}
+
+/// Progress counters shared by FUSE threads, the flusher and the network tasks.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Highest sequence number committed (logged and applied locally).
+    pub logged: u64,
+    /// Highest sequence number whose NVLOG bytes are flushed.
+    pub flushed: u64,
+    /// Highest sequence number the destination acknowledged.
+    pub acked: u64,
+    /// Highest sequence number the destination applied to the image (last CP).
+    pub applied_remote: u64,
+    /// Whether a thread is flushing right now.
+    flushing: bool,
+    /// NVLOG byte ranges appended since the last flush, and the highest seq they hold.
+    dirty: Vec<(usize, usize)>,
+    dirty_seq: u64,
+    /// Whether a connection to the destination is established.
+    pub link_up: bool,
+    /// Since when the link is down (for the policy timeout).
+    pub link_down_since: Option<Instant>,
+    /// Policy sync: the source runs alone until it has caught up.
+    pub degraded: bool,
+    /// Completed consistency points.
+    pub cp_count: u64,
+    /// Records and bytes acknowledged by the destination.
+    pub records_mirrored: u64,
+    /// Bytes acknowledged by the destination.
+    pub bytes_mirrored: u64,
+    /// Set when the destination refused us for good (fenced...).
+    pub stopped: Option<String>,
+}
+
+/// Frames waiting for the sender, in sequence order.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// (seq, frame bytes).
+    pub frames: VecDeque<(u64, Bytes)>,
+}
+
+/// Settings of the mirror core.
+#[derive(Debug, Clone)]
+pub struct MirrorSettings {
+    /// What to do when the destination does not answer.
+    pub policy: Policy,
+    /// How long a write waits for the destination before the policy applies.
+    pub timeout: Duration,
+}
+
+/// The mirror core shared by every FUSE thread and the network tasks.
+pub struct Mirror {
+    seq: Mutex<Sequencer>,
+    partition_freed: Condvar,
+    progress: Mutex<Progress>,
+    progress_changed: Condvar,
+    storage: Arc<MmapStorage>,
+    /// Frames for the sender.
+    pub outbox: Mutex<Outbox>,
+    /// Wakes the sender.
+    pub outbox_ready: Notify,
+    /// Highest acked seq, for async waiters (the CP driver).
+    pub acked_watch: watch::Sender<u64>,
+    cp_tx: mpsc::UnboundedSender<CpCommand>,
+    settings: MirrorSettings,
+    /// Largest record payload that always fits in a partition, with room for paths.
+    max_record: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Room a record needs beyond its data: frame header, encoding, two paths of PATH_MAX.
+pub const RECORD_OVERHEAD: usize = 2 * 4096 + 256;
+
+impl Mirror {
+    /// Open the NVLOG and check it belongs to `name`. Returns the core, the CP command receiver
+    /// and the records that must be replayed on the backing directory (logged but maybe not
+    /// applied when the previous process stopped).
+    pub fn open(
+        storage: Arc<MmapStorage>,
+        geometry: proto::nvlog::Geometry,
+        name: &str,
+        settings: MirrorSettings,
+    ) -> anyhow::Result<(
+        Arc<Mirror>,
+        mpsc::UnboundedReceiver<CpCommand>,
+        Vec<Vec<u8>>,
+    )> {
+        let (nvlog, recovery) = NvLog::open(storage.clone(), geometry, Role::Source)?;
+        if recovery.formatted {
+            let mut n = [0u8; cursor::NAME_LEN];
+            n[0] = name.len() as u8;
+            n[1..1 + name.len()].copy_from_slice(name.as_bytes());
+            nvlog.write_user(cursor::NAME, &n);
+            nvlog.flush_user(0, cursor::NAME + cursor::NAME_LEN)?;
+        } else {
+            let mut n = [0u8; cursor::NAME_LEN];
+            nvlog.read_user(cursor::NAME, &mut n);
+            let len = (n[0] as usize).min(cursor::NAME_LEN - 1);
+            let stored = String::from_utf8_lossy(&n[1..1 + len]);
+            if stored != name {
+                anyhow::bail!(
+                    "NVRAM file {} belongs to source {stored:?}, not {name:?}; use its own NVRAM file",
+                    storage.describe()
+                );
+            }
+        }
+        let mut applied = [0u8; 8];
+        nvlog.read_user(cursor::APPLIED_SEQ, &mut applied);
+        let applied = u64::from_le_bytes(applied);
+        let mut replay = Vec::new();
+        for p in nvlog.partitions_in_order() {
+            for f in nvlog.frames(p) {
+                if frame::decode(&f)
+                    .map(|d| d.header.seq > applied)
+                    .unwrap_or(false)
+                {
+                    replay.push(f);
+                }
+            }
+        }
+        let last = nvlog.last_seq().unwrap_or(0).max(applied);
+        let capacity = geometry.capacity();
+        let max_record = (capacity / 2)
+            .saturating_sub(RECORD_OVERHEAD)
+            .clamp(4096, 1 << 20);
+        let (cp_tx, cp_rx) = mpsc::unbounded_channel();
+        // Partitions left full by the previous run are committed first.
+        for p in nvlog.partitions_in_order() {
+            if p != nvlog.current() {
+                let _ = cp_tx.send(CpCommand::Full(p));
+            }
+        }
+        let mirror = Arc::new(Mirror {
+            seq: Mutex::new(Sequencer {
+                nvlog,
+                next_seq: last + 1,
+            }),
+            partition_freed: Condvar::new(),
+            progress: Mutex::new(Progress {
+                logged: last,
+                flushed: last,
+                link_down_since: Some(Instant::now()),
+                ..Default::default()
+            }),
+            progress_changed: Condvar::new(),
+            storage,
+            outbox: Mutex::new(Outbox::default()),
+            outbox_ready: Notify::new(),
+            acked_watch: watch::channel(0).0,
+            cp_tx,
+            settings,
+            max_record,
+        });
+        Ok((mirror, cp_rx, replay))
+    }
+
+    /// Largest write payload carried by one record; bigger writes are split.
+    pub fn max_record_data(&self) -> usize {
+        self.max_record
+    }
+
+    /// Start a transaction that can log records needing up to `size_hint` bytes in total.
+    /// Waits (back-pressure) while every partition is full.
+    pub fn begin(&self, size_hint: usize) -> Result<Txn<'_>, FsError> {
+        let mut seq = lock(&self.seq);
+        let need = frame::padded_len(size_hint + frame::HEADER_LEN);
+        let capacity = seq.nvlog.geometry().capacity();
+        if need > capacity {
+            return Err(FsError::TooLarge(size_hint));
+        }
+        loop {
+            let cur = seq.nvlog.current();
+            if seq.nvlog.partition(cur).used + need <= capacity {
+                break;
+            }
+            match seq.nvlog.rotate() {
+                Some(_) => {
+                    let _ = self.cp_tx.send(CpCommand::Full(cur));
+                }
+                None => {
+                    tracing::debug!(
+                        "every NVLOG partition is full; waiting for a consistency point"
+                    );
+                    seq = self
+                        .partition_freed
+                        .wait(seq)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+        Ok(Txn {
+            mirror: self,
+            seq,
+            last_seq: None,
+        })
+    }
+
+    /// Wait until `seq` is flushed in the local NVRAM and acknowledged by the destination (or
+    /// the policy says to go on without it). Leads the flush when no one else does (group commit).
+    pub fn wait_durable(&self, seq: u64) -> Result<(), FsError> {
+        let started = Instant::now();
+        let mut p = lock(&self.progress);
+        loop {
+            if let Some(why) = &p.stopped {
+                if self.settings.policy == Policy::Strict || p.flushed < seq {
+                    return Err(MirrorError::Stopped(why.clone()).into());
+                }
+            }
+            if p.flushed < seq && !p.flushing {
+                p.flushing = true;
+                let ranges = std::mem::take(&mut p.dirty);
+                let upto = p.dirty_seq;
+                drop(p);
+                let res = self.flush(&ranges);
+                p = lock(&self.progress);
+                p.flushing = false;
+                match res {
+                    Ok(()) => p.flushed = p.flushed.max(upto),
+                    Err(e) => {
+                        p.dirty.extend(ranges);
+                        self.progress_changed.notify_all();
+                        return Err(MirrorError::Flush(e).into());
+                    }
+                }
+                self.progress_changed.notify_all();
+                continue;
+            }
+            if p.flushed >= seq && p.acked >= seq {
+                return Ok(());
+            }
+            if p.flushed >= seq && p.degraded && self.settings.policy == Policy::Sync {
+                return Ok(());
+            }
+            // The destination has not acknowledged for the whole timeout: apply the policy.
+            let waited = started.elapsed();
+            if p.flushed >= seq && waited >= self.settings.timeout {
+                match self.settings.policy {
+                    Policy::Strict => {
+                        return Err(MirrorError::NotMirrored(self.settings.timeout).into())
+                    }
+                    Policy::Sync => {
+                        if !p.degraded {
+                            tracing::warn!(
+                                "destination did not acknowledge for {:?}: continuing alone (policy sync); \
+                                 unmirrored records are kept and sent on reconnect",
+                                self.settings.timeout
+                            );
+                        }
+                        p.degraded = true;
+                        return Ok(());
+                    }
+                }
+            }
+            let left = self
+                .settings
+                .timeout
+                .saturating_sub(waited)
+                .max(Duration::from_millis(50));
+            p = self
+                .progress_changed
+                .wait_timeout(p, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn flush(&self, ranges: &[(usize, usize)]) -> std::io::Result<()> {
+        for &(off, len) in ranges {
+            self.storage.flush(off, len)?;
+        }
+        // The applied-sequence cursor lives in the superblock's user area.
+        self.storage
+            .flush(proto::nvlog::USER_AREA_OFFSET + cursor::APPLIED_SEQ, 8)
+    }
+
+    /// Record an acknowledgement from the destination.
+    pub fn on_ack(&self, durable_seq: u64, records: u64, bytes: u64) {
+        let mut p = lock(&self.progress);
+        if durable_seq > p.acked {
+            p.acked = durable_seq;
+            p.records_mirrored += records;
+            p.bytes_mirrored += bytes;
+            if p.degraded && p.acked >= p.logged {
+                tracing::info!("destination caught up: synchronous mirroring again");
+                p.degraded = false;
+            }
+        }
+        self.progress_changed.notify_all();
+        drop(p);
+        self.acked_watch.send_replace(durable_seq);
+    }
+
+    /// Record that the link went up or down.
+    pub fn set_link(&self, up: bool) {
+        let mut p = lock(&self.progress);
+        p.link_up = up;
+        p.link_down_since = if up {
+            None
+        } else {
+            p.link_down_since.or(Some(Instant::now()))
+        };
+        self.progress_changed.notify_all();
+    }
+
+    /// Stop mirroring for good (the destination refused us).
+    pub fn stop(&self, why: String) {
+        let mut p = lock(&self.progress);
+        p.stopped = Some(why);
+        self.progress_changed.notify_all();
+    }
+
+    /// Record a completed CP.
+    pub fn on_cp_done(&self, applied_seq: u64) {
+        let mut p = lock(&self.progress);
+        p.applied_remote = p.applied_remote.max(applied_seq);
+        p.cp_count += 1;
+    }
+
+    /// A snapshot of the counters.
+    pub fn progress<R>(&self, f: impl FnOnce(&Progress) -> R) -> R {
+        f(&lock(&self.progress))
+    }
+
+    /// Free partition `p` after its CP and wake writers waiting for room.
+    pub fn free_partition(&self, p: usize) -> Result<(), MirrorError> {
+        let mut seq = lock(&self.seq);
+        seq.nvlog.free(p)?;
+        self.partition_freed.notify_all();
+        Ok(())
+    }
+
+    /// Rotate away from the current partition if it holds records (timer or demand CP).
+    /// Returns the partition to commit, if any; `Err(())` when no partition is free to rotate
+    /// into (a CP in progress will free one).
+    pub fn seal_current(&self) -> Result<Option<usize>, ()> {
+        let mut seq = lock(&self.seq);
+        let cur = seq.nvlog.current();
+        if seq.nvlog.partition(cur).is_empty() {
+            return Ok(None);
+        }
+        match seq.nvlog.rotate() {
+            Some(_) => Ok(Some(cur)),
+            None => Err(()),
+        }
+    }
+
+    /// Take every frame with a sequence number above `after` from the NVLOG (for resending
+    /// after a reconnect) and empty the outbox, atomically with respect to new appends.
+    pub fn frames_after(&self, after: u64) -> Vec<(u64, Bytes)> {
+        let seq = lock(&self.seq);
+        let mut out = Vec::new();
+        for p in seq.nvlog.partitions_in_order() {
+            for f in seq.nvlog.frames(p) {
+                if let Ok(d) = frame::decode(&f) {
+                    if d.header.seq > after {
+                        out.push((d.header.seq, Bytes::from(f)));
+                    }
+                }
+            }
+        }
+        lock(&self.outbox).frames.clear();
+        out
+    }
+
+    /// The last sequence number of partition `p` (None when empty).
+    pub fn partition_last_seq(&self, p: usize) -> Option<u64> {
+        lock(&self.seq).nvlog.partition(p).last_seq
+    }
+
+    /// Per-partition fill, for status.
+    pub fn partitions(&self) -> Vec<(usize, usize, usize, u64)> {
+        let seq = lock(&self.seq);
+        let g = seq.nvlog.geometry();
+        (0..g.partitions)
+            .map(|p| {
+                let i = seq.nvlog.partition(p);
+                (p, i.used, g.capacity(), i.records)
+            })
+            .collect()
+    }
+
+    /// The generation stored in NVRAM.
+    pub fn generation(&self) -> u64 {
+        let mut g = [0u8; 8];
+        lock(&self.seq).nvlog.read_user(cursor::GENERATION, &mut g);
+        u64::from_le_bytes(g)
+    }
+
+    /// Send a command to the CP driver.
+    pub fn cp_command(&self, c: CpCommand) {
+        let _ = self.cp_tx.send(c);
+    }
+
+    /// Mark every replayed record as applied (after start-up recovery).
+    pub fn set_applied(&self, seq: u64) -> std::io::Result<()> {
+        let s = lock(&self.seq);
+        s.nvlog.write_user(cursor::APPLIED_SEQ, &seq.to_le_bytes());
+        s.nvlog.flush_user(cursor::APPLIED_SEQ, 8)
+    }
+}
+
+/// One or more records logged and applied under the sequencer lock.
+pub struct Txn<'a> {
+    mirror: &'a Mirror,
+    seq: MutexGuard<'a, Sequencer>,
+    last_seq: Option<u64>,
+}
+
+impl Txn<'_> {
+    /// Log the record `encode` writes (the payload), run `apply` on the backing directory, and
+    /// keep the record only if `apply` succeeds (write-ahead: logged before the backing changes;
+    /// a failed operation is retracted and never mirrored).
+    pub fn record<T>(
+        &mut self,
+        encode: impl FnOnce(&mut Vec<u8>),
+        apply: impl FnOnce() -> Result<T, FsError>,
+    ) -> Result<T, FsError> {
+        let seq_no = self.seq.next_seq;
+        let mut buf = Vec::new();
+        frame::begin(&mut buf);
+        encode(&mut buf);
+        let len = buf.len();
+        frame::seal(&mut buf, seq_no, 0, 0, frame::KIND_RECORD, 0)
+            .map_err(|e| MirrorError::Nvram(e.into()))?;
+        let placement: Placement = match self
+            .seq
+            .nvlog
+            .append(&mut buf)
+            .map_err(MirrorError::Nvram)?
+        {
+            Ok(p) => p,
+            // `begin` reserved room; a bigger record than announced is refused.
+            Err(_) => return Err(FsError::TooLarge(len)),
+        };
+        match apply() {
+            Ok(v) => {
+                self.seq.next_seq += 1;
+                self.seq
+                    .nvlog
+                    .write_user(cursor::APPLIED_SEQ, &seq_no.to_le_bytes());
+                {
+                    let mut p = lock(&self.mirror.progress);
+                    p.logged = seq_no;
+                    p.dirty_seq = seq_no;
+                    match p.dirty.last_mut() {
+                        Some((off, l)) if *off + frame::padded_len(*l) == placement.offset => {
+                            *l = placement.offset + placement.len - *off;
+                        }
+                        _ => p.dirty.push((placement.offset, placement.len)),
+                    }
+                }
+                lock(&self.mirror.outbox)
+                    .frames
+                    .push_back((seq_no, Bytes::from(buf)));
+                self.mirror.outbox_ready.notify_one();
+                self.last_seq = Some(seq_no);
+                Ok(v)
+            }
+            Err(e) => {
+                self.seq.nvlog.retract(placement);
+                Err(e)
+            }
+        }
+    }
+
+    /// Release the lock without waiting; returns the last sequence number logged, for a later
+    /// [`Mirror::wait_durable`].
+    pub fn release(self) -> Option<u64> {
+        self.last_seq
+    }
+
+    /// Release the lock and wait until every record of this transaction is durable on both
+    /// sides (per policy). A transaction that logged nothing returns at once.
+    pub fn finish(self) -> Result<(), FsError> {
+        let Txn {
+            mirror,
+            seq,
+            last_seq,
+        } = self;
+        drop(seq);
+        match last_seq {
+            Some(s) => mirror.wait_durable(s),
+            None => Ok(()),
+        }
+    }
+}

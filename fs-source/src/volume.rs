@@ -1,0 +1,741 @@
+//! The mirrored volume: every filesystem operation on the backing directory, with the mutating
+//! ones logged, applied and mirrored through [`Mirror`]. The FUSE adapter (`fuse.rs`) only
+//! unpacks arguments, calls these methods and replies; everything here can be tested without a
+//! mount.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use proto::apply::{ApplyMode, Tree};
+use proto::record::Timestamp;
+use proto::Op;
+use rustix::fs::{FileType, OFlags, Stat};
+use rustix::io::Errno;
+
+use crate::error::{FsError, FsResult};
+use crate::inodes::{InodeTable, ROOT};
+use crate::mirror::{Mirror, RECORD_OVERHEAD};
+
+/// Names under the root that hold files unlinked while open (as NFS's `.nfsXXXX`): hidden from
+/// the mount, removed at the last close.
+pub const ORPHAN_PREFIX: &[u8] = b".nvmirror-orphan.";
+
+/// Who asks (from the FUSE request).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    /// uid of the calling process.
+    pub uid: u32,
+    /// gid of the calling process.
+    pub gid: u32,
+}
+
+/// A time to set: a concrete time or "now" (resolved once, so the record carries a concrete
+/// time and both trees get the same value).
+#[derive(Debug, Clone, Copy)]
+pub enum SetTime {
+    /// Now.
+    Now,
+    /// This time.
+    At(SystemTime),
+}
+
+/// Attribute changes of a setattr.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttrChange {
+    /// New mode bits.
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size.
+    pub size: Option<u64>,
+    /// New atime.
+    pub atime: Option<SetTime>,
+    /// New mtime.
+    pub mtime: Option<SetTime>,
+}
+
+/// One directory entry of a directory handle.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    /// FUSE inode number.
+    pub ino: u64,
+    /// Type.
+    pub kind: FileType,
+    /// Name.
+    pub name: Vec<u8>,
+}
+
+fn timestamp(t: SetTime) -> Timestamp {
+    let t = match t {
+        SetTime::Now => SystemTime::now(),
+        SetTime::At(t) => t,
+    };
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (secs, nanos) = if d.subsec_nanos() == 0 {
+                (-(d.as_secs() as i64), 0)
+            } else {
+                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+            };
+            Timestamp { secs, nanos }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn applied(tree: &Tree, op: &Op) -> FsResult<()> {
+    tree.apply(op, ApplyMode::Live)
+        .map_err(|e| FsError::Backing(Errno::from_raw_os_error(e.errno())))
+}
+
+/// The mirrored volume.
+pub struct Volume {
+    tree: Tree,
+    mirror: Arc<Mirror>,
+    table: Mutex<InodeTable>,
+    files: Mutex<HashMap<u64, (u64, Arc<OwnedFd>)>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_fh: AtomicU64,
+    next_orphan: AtomicU64,
+}
+
+impl Volume {
+    /// A volume over `tree` mirrored by `mirror`.
+    pub fn new(tree: Tree, mirror: Arc<Mirror>) -> FsResult<Self> {
+        let root = rustix::fs::fstat(tree.root_fd())?;
+        Ok(Volume {
+            tree,
+            mirror,
+            table: Mutex::new(InodeTable::new(root.st_ino)),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            next_orphan: AtomicU64::new(1),
+        })
+    }
+
+    fn table(&self) -> MutexGuard<'_, InodeTable> {
+        lock(&self.table)
+    }
+
+    fn with_ino(&self, mut st: Stat) -> Stat {
+        st.st_ino = self.table().fuse_ino(st.st_ino);
+        st
+    }
+
+    fn stat_path(&self, path: &[u8]) -> FsResult<Stat> {
+        Ok(self.with_ino(self.tree.stat(path)?))
+    }
+
+    fn file(&self, fh: u64) -> FsResult<Arc<OwnedFd>> {
+        lock(&self.files)
+            .get(&fh)
+            .map(|(_, fd)| fd.clone())
+            .ok_or(FsError::UnknownHandle(fh))
+    }
+
+    fn is_orphan(parent: u64, name: &[u8]) -> bool {
+        parent == ROOT && name.starts_with(ORPHAN_PREFIX)
+    }
+
+    /// Owner and group of a new file in `parent_path` (the setgid-directory rule), and whether
+    /// the parent is setgid.
+    fn new_owner(&self, caller: Caller, parent_path: &[u8]) -> FsResult<(u32, u32, bool)> {
+        let p = self.tree.stat(parent_path)?;
+        let setgid = p.st_mode & libc::S_ISGID != 0;
+        Ok((
+            caller.uid,
+            if setgid { p.st_gid } else { caller.gid },
+            setgid,
+        ))
+    }
+
+    /// Look a name up and count the kernel's reference.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Stat> {
+        if Self::is_orphan(parent, name) {
+            return Err(Errno::NOENT.into());
+        }
+        let path = self.table().child_path(parent, name)?;
+        let st = self.tree.stat(&path)?;
+        let mut t = self.table();
+        let ino = t.fuse_ino(st.st_ino);
+        t.looked_up(ino, parent, name);
+        drop(t);
+        let mut st = st;
+        st.st_ino = ino;
+        Ok(st)
+    }
+
+    /// The kernel forgets `n` references.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.table().forget(ino, n);
+    }
+
+    /// Attributes of an inode.
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Stat> {
+        if let Some(fh) = fh {
+            if let Ok(fd) = self.file(fh) {
+                return Ok(self.with_ino(rustix::fs::fstat(&*fd)?));
+            }
+        }
+        let path = self.table().path(ino)?;
+        self.stat_path(&path)
+    }
+
+    /// Change attributes (chmod, chown, truncate, utimens).
+    pub fn setattr(&self, ino: u64, change: AttrChange) -> FsResult<Stat> {
+        let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
+        let path = self.table().path(ino)?;
+        let op = Op::SetAttr {
+            path: path.clone(),
+            mode: change.mode.map(|m| m & 0o7777),
+            uid: change.uid,
+            gid: change.gid,
+            size: change.size,
+            atime: change.atime.map(timestamp),
+            mtime: change.mtime.map(timestamp),
+        };
+        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        txn.finish()?;
+        self.stat_path(&path)
+    }
+
+    /// The target of a symlink.
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let path = self.table().path(ino)?;
+        let (dir, name) = self.tree.parent(&path)?;
+        Ok(rustix::fs::readlinkat(&dir, OsStr::from_bytes(name), Vec::new())?.into_bytes())
+    }
+
+    fn create_common(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        make: impl FnOnce(Vec<u8>, u32, u32, bool) -> Op,
+    ) -> FsResult<Stat> {
+        if Self::is_orphan(parent, name) {
+            return Err(Errno::PERM.into());
+        }
+        let mut txn = self.mirror.begin(RECORD_OVERHEAD + name.len())?;
+        let ppath = self.table().path(parent)?;
+        let (uid, gid, setgid) = self.new_owner(caller, &ppath)?;
+        let path = proto::path::join(&ppath, name);
+        let op = make(path.clone(), uid, gid, setgid);
+        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        let st = self.stat_path(&path)?;
+        self.table().looked_up(st.st_ino, parent, name);
+        txn.finish()?;
+        Ok(st)
+    }
+
+    /// mknod: regular files, FIFOs, sockets, device nodes.
+    pub fn mknod(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u64,
+    ) -> FsResult<Stat> {
+        let perm = mode & 0o7777 & !umask;
+        let kind = mode & libc::S_IFMT;
+        self.create_common(caller, parent, name, |path, uid, gid, _| {
+            if kind == libc::S_IFREG || kind == 0 {
+                Op::Create {
+                    path,
+                    mode: perm,
+                    uid,
+                    gid,
+                }
+            } else {
+                Op::Mknod {
+                    path,
+                    mode: kind | perm,
+                    rdev,
+                    uid,
+                    gid,
+                }
+            }
+        })
+    }
+
+    /// mkdir (a directory in a setgid directory is setgid too).
+    pub fn mkdir(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+    ) -> FsResult<Stat> {
+        let perm = mode & 0o7777 & !umask;
+        self.create_common(caller, parent, name, |path, uid, gid, setgid| Op::Mkdir {
+            path,
+            mode: if setgid { perm | libc::S_ISGID } else { perm },
+            uid,
+            gid,
+        })
+    }
+
+    /// symlink.
+    pub fn symlink(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+    ) -> FsResult<Stat> {
+        self.create_common(caller, parent, name, |path, uid, gid, _| Op::Symlink {
+            path,
+            target: target.to_vec(),
+            uid,
+            gid,
+        })
+    }
+
+    /// Create and open a regular file.
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> FsResult<(Stat, u64)> {
+        if Self::is_orphan(parent, name) {
+            return Err(Errno::PERM.into());
+        }
+        let perm = mode & 0o7777 & !umask;
+        let mut txn = self.mirror.begin(RECORD_OVERHEAD + name.len())?;
+        let ppath = self.table().path(parent)?;
+        let (uid, gid, _) = self.new_owner(caller, &ppath)?;
+        let path = proto::path::join(&ppath, name);
+        let op = Op::Create {
+            path: path.clone(),
+            mode: perm,
+            uid,
+            gid,
+        };
+        let access = open_access(flags);
+        let fd = txn.record(
+            |b| op.encode_into(b),
+            || Ok(self.tree.create(&path, perm, uid, gid, access)?),
+        )?;
+        let st = self.with_ino(rustix::fs::fstat(&fd)?);
+        {
+            let mut t = self.table();
+            t.looked_up(st.st_ino, parent, name);
+            t.opened(st.st_ino, 1);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.files).insert(fh, (st.st_ino, Arc::new(fd)));
+        txn.finish()?;
+        Ok((st, fh))
+    }
+
+    /// Open a file.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+        let path = self.table().path(ino)?;
+        let fd = self.tree.open_at(&path, open_access(flags))?;
+        self.table().opened(ino, 1);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.files).insert(fh, (ino, Arc::new(fd)));
+        Ok(fh)
+    }
+
+    /// Read from an open file.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let fd = self.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = rustix::io::pread(&*fd, &mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Write to an open file. Large writes are split into records that fit a partition; the
+    /// reply waits for the last one (all earlier ones are then durable too).
+    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let fd = self.file(fh)?;
+        let chunk = self.mirror.max_record_data();
+        let mut last = None;
+        for (i, piece) in data.chunks(chunk.max(1)).enumerate() {
+            let off = offset + (i * chunk) as u64;
+            let mut txn = self.mirror.begin(RECORD_OVERHEAD + piece.len())?;
+            let path = self.table().path(ino)?;
+            txn.record(
+                |b| Op::encode_write_into(b, &path, off, piece),
+                || Ok(proto::apply::write_all_at(&*fd, piece, off)?),
+            )?;
+            last = txn.release();
+        }
+        if let Some(seq) = last {
+            self.mirror.wait_durable(seq)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// Close a file handle; the last close of an unlinked-while-open file removes its orphan.
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        let Some((ino, _fd)) = lock(&self.files).remove(&fh) else {
+            return Err(FsError::UnknownHandle(fh));
+        };
+        let remaining = self.table().opened(ino, -1);
+        if remaining > 0 {
+            return Ok(());
+        }
+        let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
+        let orphans: Vec<Vec<u8>> = {
+            let t = self.table();
+            match t.node(ino) {
+                Some(n)
+                    if !n.names.is_empty()
+                        && n.names.iter().all(|(p, name)| Self::is_orphan(*p, name)) =>
+                {
+                    n.names.iter().map(|(_, name)| name.clone()).collect()
+                }
+                _ => Vec::new(),
+            }
+        };
+        for name in orphans {
+            let op = Op::Unlink { path: name.clone() };
+            txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+            self.table().remove_name(ROOT, &name);
+        }
+        txn.finish()
+    }
+
+    /// If (parent, name) is the last known name of an open file, move it to an orphan name
+    /// instead of removing it, so the holder can keep using it. Returns true when it did.
+    fn orphan_if_open(
+        &self,
+        txn: &mut crate::mirror::Txn<'_>,
+        parent: u64,
+        name: &[u8],
+    ) -> FsResult<bool> {
+        let (ino, path) = {
+            let t = self.table();
+            let Some(ino) = t.child(parent, name) else {
+                return Ok(false);
+            };
+            match t.node(ino) {
+                Some(n) if n.opens > 0 && n.names.len() == 1 => (ino, t.child_path(parent, name)?),
+                _ => return Ok(false),
+            }
+        };
+        let st = self.tree.stat(&path)?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            return Ok(false);
+        }
+        let orphan = [
+            ORPHAN_PREFIX,
+            format!("{ino}.{}", self.next_orphan.fetch_add(1, Ordering::Relaxed)).as_bytes(),
+        ]
+        .concat();
+        let op = Op::Rename {
+            from: path,
+            to: orphan.clone(),
+            flags: 0,
+        };
+        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        self.table().renamed(parent, name, ROOT, &orphan);
+        Ok(true)
+    }
+
+    /// unlink.
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        let mut txn = self.mirror.begin(2 * RECORD_OVERHEAD)?;
+        if !self.orphan_if_open(&mut txn, parent, name)? {
+            let path = self.table().child_path(parent, name)?;
+            let op = Op::Unlink { path };
+            txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+            self.table().remove_name(parent, name);
+        }
+        txn.finish()
+    }
+
+    /// rmdir.
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
+        let path = self.table().child_path(parent, name)?;
+        let op = Op::Rmdir { path };
+        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        self.table().remove_name(parent, name);
+        txn.finish()
+    }
+
+    /// rename, with RENAME_NOREPLACE / RENAME_EXCHANGE.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        if Self::is_orphan(new_parent, new_name) || Self::is_orphan(parent, name) {
+            return Err(Errno::PERM.into());
+        }
+        let mut txn = self.mirror.begin(3 * RECORD_OVERHEAD)?;
+        let (from, to) = {
+            let t = self.table();
+            (
+                t.child_path(parent, name)?,
+                t.child_path(new_parent, new_name)?,
+            )
+        };
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        if !exchange {
+            // The source must exist before we touch the target.
+            self.tree.stat(&from)?;
+            let target = self.tree.stat(&to);
+            if noreplace && target.is_ok() {
+                return Err(Errno::EXIST.into());
+            }
+            if from != to && target.is_ok() {
+                self.orphan_if_open(&mut txn, new_parent, new_name)?;
+            }
+        }
+        let op = Op::Rename { from, to, flags };
+        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        {
+            let mut t = self.table();
+            if exchange {
+                t.exchanged(parent, name, new_parent, new_name);
+            } else {
+                t.renamed(parent, name, new_parent, new_name);
+            }
+        }
+        txn.finish()
+    }
+
+    /// link.
+    pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Stat> {
+        if Self::is_orphan(new_parent, new_name) {
+            return Err(Errno::PERM.into());
+        }
+        let mut txn = self.mirror.begin(2 * RECORD_OVERHEAD)?;
+        let (existing, new_path) = {
+            let t = self.table();
+            (t.path(ino)?, t.child_path(new_parent, new_name)?)
+        };
+        let op = Op::Link {
+            existing,
+            new_path: new_path.clone(),
+        };
+        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        let st = self.stat_path(&new_path)?;
+        self.table().looked_up(st.st_ino, new_parent, new_name);
+        txn.finish()?;
+        Ok(st)
+    }
+
+    /// Read a whole directory for a directory handle.
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let path = self.table().path(ino)?;
+        let fd = self
+            .tree
+            .open_at(&path, OFlags::RDONLY | OFlags::DIRECTORY)?;
+        let parent_ino = {
+            let t = self.table();
+            t.node(ino)
+                .and_then(|n| n.names.first().map(|(p, _)| *p))
+                .unwrap_or(ROOT)
+        };
+        let mut entries = vec![
+            DirEntry {
+                ino,
+                kind: FileType::Directory,
+                name: b".".to_vec(),
+            },
+            DirEntry {
+                ino: parent_ino,
+                kind: FileType::Directory,
+                name: b"..".to_vec(),
+            },
+        ];
+        let mut dir = rustix::fs::Dir::read_from(&fd)?;
+        let t = self.table();
+        while let Some(e) = dir.read() {
+            let e = e?;
+            let name = e.file_name().to_bytes();
+            if name == b"." || name == b".." || Self::is_orphan(ino, name) {
+                continue;
+            }
+            entries.push(DirEntry {
+                ino: t.fuse_ino(e.ino()),
+                kind: e.file_type(),
+                name: name.to_vec(),
+            });
+        }
+        drop(t);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(fh, Arc::new(entries));
+        Ok(fh)
+    }
+
+    /// The entries of a directory handle.
+    pub fn dir_entries(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
+        lock(&self.dirs)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::UnknownHandle(fh))
+    }
+
+    /// Close a directory handle.
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.dirs).remove(&fh);
+    }
+
+    /// statfs of the backing volume.
+    pub fn statfs(&self) -> FsResult<rustix::fs::StatVfs> {
+        Ok(rustix::fs::fstatvfs(self.tree.root_fd())?)
+    }
+
+    /// setxattr.
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        let mut txn = self
+            .mirror
+            .begin(RECORD_OVERHEAD + name.len() + value.len())?;
+        let path = self.table().path(ino)?;
+        let op = Op::SetXattr {
+            path,
+            name: name.to_vec(),
+            value: value.to_vec(),
+            flags,
+        };
+        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        txn.finish()
+    }
+
+    /// removexattr.
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
+        let mut txn = self.mirror.begin(RECORD_OVERHEAD + name.len())?;
+        let path = self.table().path(ino)?;
+        let op = Op::RemoveXattr {
+            path,
+            name: name.to_vec(),
+        };
+        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        txn.finish()
+    }
+
+    /// getxattr: the value, or its size when `size` is 0.
+    pub fn getxattr(&self, ino: u64, name: &[u8], size: u32) -> FsResult<Vec<u8>> {
+        let path = self.table().path(ino)?;
+        let (_keep, p) = self.tree.proc_path(&path)?;
+        let name = OsStr::from_bytes(name);
+        let mut buf = vec![0u8; if size == 0 { 65536 } else { size as usize }];
+        let n = rustix::fs::lgetxattr(&p, name, &mut buf[..])?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// listxattr.
+    pub fn listxattr(&self, ino: u64, size: u32) -> FsResult<Vec<u8>> {
+        let path = self.table().path(ino)?;
+        let (_keep, p) = self.tree.proc_path(&path)?;
+        let mut buf = vec![0u8; if size == 0 { 65536 } else { size as usize }];
+        let n = rustix::fs::llistxattr(&p, &mut buf[..])?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// fallocate (allocate, keep size, punch hole, zero range).
+    pub fn fallocate(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> FsResult<()> {
+        let fd = self.file(fh)?;
+        let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
+        let path = self.table().path(ino)?;
+        let op = Op::Fallocate {
+            path,
+            mode,
+            offset,
+            length,
+        };
+        let flags = rustix::fs::FallocateFlags::from_bits(mode as u32).ok_or(Errno::OPNOTSUPP)?;
+        txn.record(
+            |b| op.encode_into(b),
+            || Ok(rustix::fs::fallocate(&*fd, flags, offset, length)?),
+        )?;
+        txn.finish()
+    }
+
+    /// copy_file_range between two open files of this volume.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_file_range(
+        &self,
+        ino_in: u64,
+        fh_in: u64,
+        off_in: u64,
+        ino_out: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> FsResult<u64> {
+        let (src, dst) = (self.file(fh_in)?, self.file(fh_out)?);
+        let mut txn = self.mirror.begin(2 * RECORD_OVERHEAD)?;
+        let (src_path, dst_path) = {
+            let t = self.table();
+            (t.path(ino_in)?, t.path(ino_out)?)
+        };
+        let op = Op::CopyFileRange {
+            src_path,
+            src_offset: off_in,
+            dst_path,
+            dst_offset: off_out,
+            length: len,
+        };
+        let n = txn.record(
+            |b| op.encode_into(b),
+            || {
+                Ok(proto::apply::copy_range(
+                    &*src, off_in, &*dst, off_out, len,
+                )?)
+            },
+        )?;
+        txn.finish()?;
+        Ok(n)
+    }
+}
+
+/// The access mode (and nothing else) of an open: O_APPEND, O_TRUNC, O_CREAT... are the
+/// kernel's business (it sends explicit offsets and a setattr for truncation).
+fn open_access(flags: i32) -> OFlags {
+    match flags & libc::O_ACCMODE {
+        libc::O_WRONLY => OFlags::WRONLY,
+        libc::O_RDWR => OFlags::RDWR,
+        _ => OFlags::RDONLY,
+    }
+}
