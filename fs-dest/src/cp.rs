@@ -1,0 +1,188 @@
+//! Consistency points: apply a source's journaled records to its image.
+//!
+//! Each source has its own CP worker task, so a CP of one source never stalls another's
+//! acknowledgements. For `CpRequest{last_seq}` the worker makes sure the destager has
+//! journaled every record up to `last_seq`, then (on a blocking thread) applies the journal
+//! records with `applied_seq < seq <= last_seq` in sequence order through
+//! `proto::apply::Tree` in replay mode, recording `applied_seq` in the NVRAM slot after each
+//! one, `syncfs`es the image, flushes the slot, drops the applied records from the journals
+//! and answers `CpDone`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::apply::{ApplyMode, Tree};
+use proto::frame;
+use proto::wire::Control;
+use proto::Op;
+use tokio::sync::mpsc;
+
+use crate::engine::{lock, Engine, Out, Source};
+use crate::error::CpError;
+
+/// How long a CP waits for the destager before giving up.
+pub const DESTAGE_WAIT: Duration = Duration::from_secs(120);
+
+/// One CP request from a source connection.
+#[derive(Debug)]
+pub struct CpJob {
+    /// Request id, echoed in `CpDone`.
+    pub id: u64,
+    /// Source partition (informational: every journal of the source is considered).
+    pub partition: u16,
+    /// Apply records up to this sequence number.
+    pub last_seq: u64,
+    /// Where to send the answer.
+    pub reply: mpsc::UnboundedSender<Out>,
+}
+
+/// The CP worker of one source.
+pub async fn worker(
+    engine: Arc<Engine>,
+    source: Arc<Source>,
+    mut rx: mpsc::UnboundedReceiver<CpJob>,
+) {
+    while let Some(job) = rx.recv().await {
+        let out = match run_cp(&engine, &source, job.last_seq).await {
+            Ok(applied_seq) => {
+                tracing::debug!(source = %source.name, id = job.id, partition = job.partition, applied_seq, "CP done");
+                Out::Control(Control::CpDone {
+                    id: job.id,
+                    applied_seq,
+                })
+            }
+            Err(e) => {
+                tracing::error!(source = %source.name, id = job.id, error = %e, "CP failed");
+                Out::Fatal(Control::Error {
+                    seq: Some(job.last_seq),
+                    reason: format!("CP {} failed: {e}", job.id),
+                })
+            }
+        };
+        // The connection may be gone; the source asks again after reconnecting.
+        let _ = job.reply.send(out);
+    }
+}
+
+/// Run one CP up to `last_seq`; returns the applied sequence number.
+pub async fn run_cp(
+    engine: &Arc<Engine>,
+    source: &Arc<Source>,
+    last_seq: u64,
+) -> Result<u64, CpError> {
+    let accepted = source.accepted_seq.load(Ordering::Acquire);
+    if last_seq > accepted {
+        return Err(CpError::Ahead {
+            source_name: source.name.clone(),
+            last_seq,
+            accepted,
+        });
+    }
+    let mut journaled = source.journaled.subscribe();
+    if *journaled.borrow() < last_seq {
+        engine.destage_signal.notify();
+        let waited =
+            tokio::time::timeout(DESTAGE_WAIT, journaled.wait_for(|&j| j >= last_seq)).await;
+        if !matches!(waited, Ok(Ok(_))) {
+            return Err(CpError::DestageTimeout {
+                source_name: source.name.clone(),
+                last_seq,
+                seconds: DESTAGE_WAIT.as_secs(),
+            });
+        }
+    }
+    let (e, s) = (engine.clone(), source.clone());
+    tokio::task::spawn_blocking(move || apply_through(&e, &s, last_seq))
+        .await
+        .map_err(|err| CpError::Task {
+            source_name: source.name.clone(),
+            reason: err.to_string(),
+        })?
+}
+
+fn tree_of(source: &Source) -> Result<Arc<Tree>, CpError> {
+    let mut t = lock(&source.tree);
+    if let Some(tree) = t.as_ref() {
+        return Ok(tree.clone());
+    }
+    let tree = Arc::new(Tree::open(&source.image_dir).map_err(|e| CpError::Image {
+        source_name: source.name.clone(),
+        reason: format!("{}: {e}", source.image_dir.display()),
+    })?);
+    *t = Some(tree.clone());
+    Ok(tree)
+}
+
+/// Apply the journaled records of `source` up to `last_seq` to its image (blocking).
+pub fn apply_through(engine: &Engine, source: &Source, last_seq: u64) -> Result<u64, CpError> {
+    let floor = source.applied_seq.load(Ordering::Acquire);
+    if last_seq <= floor {
+        return Ok(floor);
+    }
+    let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
+    {
+        let journals = lock(&source.journals);
+        for j in journals.values() {
+            for f in j.read_frames()? {
+                let seq = frame::parse_header(&f).map(|h| h.seq).unwrap_or(0);
+                if seq > floor && seq <= last_seq {
+                    records.push((seq, f));
+                }
+            }
+        }
+    }
+    records.sort_by_key(|(seq, _)| *seq);
+    let mut expected = floor + 1;
+    for (seq, _) in &records {
+        if *seq != expected {
+            break;
+        }
+        expected += 1;
+    }
+    if expected != last_seq + 1 {
+        return Err(CpError::Gap {
+            source_name: source.name.clone(),
+            last_seq,
+            missing: expected,
+        });
+    }
+    let tree = tree_of(source)?;
+    for (seq, bytes) in &records {
+        let op = frame::decode(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|f| Op::decode(f.payload).map_err(|e| e.to_string()));
+        match op {
+            Ok(op) => {
+                if let Err(e) = tree.apply(&op, ApplyMode::Replay) {
+                    tracing::error!(source = %source.name, seq, op = op.kind(), error = %e,
+                        "CP: a record could not be applied to the image");
+                    source.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                tracing::error!(source = %source.name, seq, error = %e, "CP: undecodable journal record");
+                source.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        engine.slots.set_applied(source.slot, *seq);
+        source.applied_seq.store(*seq, Ordering::Release);
+    }
+    let sync_err = |e: std::io::Error| CpError::Sync {
+        source_name: source.name.clone(),
+        source: e,
+    };
+    rustix::fs::syncfs(tree.root_fd()).map_err(|e| sync_err(e.into()))?;
+    engine.slots.flush(source.slot).map_err(|e| match e {
+        crate::error::SlotError::Flush(io) => sync_err(io),
+        other => sync_err(std::io::Error::other(other.to_string())),
+    })?;
+    {
+        let mut journals = lock(&source.journals);
+        for j in journals.values_mut() {
+            j.discard_through(last_seq)?;
+        }
+    }
+    source.stats.cp_count.fetch_add(1, Ordering::Relaxed);
+    Ok(last_seq)
+}

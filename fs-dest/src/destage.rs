@@ -1,0 +1,167 @@
+//! The destager (claim 17): moves frames from the shared NVLOG to each source's journals and
+//! then frees the NVLOG partition.
+//!
+//! A partition is destaged once it is no longer the current one: on every wake-up (a short
+//! timer, a rotation, a full log or a CP request) the destager rotates away from a non-empty
+//! current partition if another one is free, then, for each older partition, copies its frames
+//! out (outside the NVLOG lock: nothing appends to a non-current partition), appends each
+//! inner source frame to `ROOT/NAME/journal/part-P.jnl` (P = the source partition named in the
+//! inner frame), fdatasyncs, and only then frees the partition. A frame whose sequence number
+//! is already in the journal or already applied is skipped, so a crash between the journal
+//! write and the free never duplicates a record.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::frame::{self, KIND_NESTED};
+use proto::storage::Storage;
+
+use crate::engine::{lock, Engine, Source};
+use crate::journal::Journal;
+
+/// How often the destager looks for work when nobody wakes it.
+pub const DESTAGE_TICK: Duration = Duration::from_millis(50);
+
+/// Why a partition could not be destaged (it is kept and retried).
+#[derive(Debug, thiserror::Error)]
+pub enum DestageError {
+    /// A frame in NVRAM does not check out.
+    #[error("destination NVLOG partition {partition}: frame at offset {offset}: {reason}")]
+    BadFrame {
+        /// Partition.
+        partition: usize,
+        /// Absolute offset.
+        offset: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A frame names a slot no source owns.
+    #[error("destination NVLOG partition {partition}: frame of unknown slot {slot}")]
+    UnknownSlot {
+        /// Partition.
+        partition: usize,
+        /// Slot.
+        slot: usize,
+    },
+    /// Writing a journal failed.
+    #[error(transparent)]
+    Journal(#[from] crate::error::JournalError),
+    /// Freeing the partition failed.
+    #[error(transparent)]
+    NvLog(#[from] proto::NvLogError),
+}
+
+/// The destager thread's loop.
+pub fn run(engine: Arc<Engine>) {
+    let mut failing = false;
+    loop {
+        engine.destage_signal.wait_timeout(DESTAGE_TICK);
+        if engine.shutdown.load(Ordering::Relaxed) {
+            return;
+        }
+        match destage_once(&engine) {
+            Ok(_) => failing = false,
+            Err(e) => {
+                // Log a persistent failure once, not every tick.
+                if !failing {
+                    tracing::error!(error = %e, "destager: cannot move records to journals; NVRAM space is not freed until this succeeds");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// One pass: destage and free every non-current partition holding frames. Returns the
+/// number of partitions freed.
+pub fn destage_once(engine: &Engine) -> Result<usize, DestageError> {
+    let mut freed = 0;
+    for (p, start, used) in engine.destage_candidates() {
+        destage_partition(engine, p, start, used)?;
+        engine.free_partition(p)?;
+        freed += 1;
+    }
+    Ok(freed)
+}
+
+fn destage_partition(
+    engine: &Engine,
+    p: usize,
+    start: usize,
+    used: usize,
+) -> Result<(), DestageError> {
+    let mut bytes = vec![0u8; used];
+    engine.storage().read_at(start, &mut bytes);
+    // (slot, source partition) -> inner frames, in destination order (= source order).
+    let mut groups: BTreeMap<(usize, u16), Vec<&[u8]>> = BTreeMap::new();
+    let mut off = 0;
+    while off < used {
+        let bad = |reason: String| DestageError::BadFrame {
+            partition: p,
+            offset: start + off,
+            reason,
+        };
+        let outer = frame::decode(&bytes[off..]).map_err(|e| bad(e.to_string()))?;
+        if outer.header.kind != KIND_NESTED {
+            return Err(bad(format!(
+                "kind {} is not a nested frame",
+                outer.header.kind
+            )));
+        }
+        let inner = frame::decode(outer.payload).map_err(|e| bad(format!("inner frame: {e}")))?;
+        groups
+            .entry((outer.header.origin as usize, inner.header.partition))
+            .or_default()
+            .push(inner.bytes);
+        off += frame::padded_len(outer.bytes.len());
+    }
+    let mut by_source: BTreeMap<usize, Vec<(u16, Vec<&[u8]>)>> = BTreeMap::new();
+    for ((slot, part), frames) in groups {
+        by_source.entry(slot).or_default().push((part, frames));
+    }
+    for (slot, parts) in by_source {
+        let source = engine
+            .source_by_slot(slot)
+            .ok_or(DestageError::UnknownSlot { partition: p, slot })?;
+        journal_frames(&source, parts)?;
+    }
+    Ok(())
+}
+
+/// Append inner frames to a source's journals, skipping what is already journaled or applied.
+fn journal_frames(source: &Source, parts: Vec<(u16, Vec<&[u8]>)>) -> Result<(), DestageError> {
+    let applied = source.applied_seq.load(Ordering::Acquire);
+    let mut highest = 0;
+    {
+        let mut journals = lock(&source.journals);
+        for (part, frames) in parts {
+            let journal = match journals.entry(part) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(Journal::open(&source.journal_dir, &source.name, part)?)
+                }
+            };
+            let floor = journal.last_seq().unwrap_or(0).max(applied);
+            let fresh: Vec<&[u8]> = frames
+                .into_iter()
+                .filter(|f| {
+                    let seq = frame::parse_header(f).map(|h| h.seq).unwrap_or(0);
+                    highest = highest.max(seq);
+                    seq > floor
+                })
+                .collect();
+            journal.append(&fresh)?;
+        }
+    }
+    source.journaled.send_if_modified(|v| {
+        if highest > *v {
+            *v = highest;
+            true
+        } else {
+            false
+        }
+    });
+    Ok(())
+}

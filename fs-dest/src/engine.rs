@@ -1,0 +1,719 @@
+//! The destination engine: the shared NVLOG, the group-commit flusher, the registry of
+//! sources, and the checks every record passes before it is logged.
+//!
+//! Locks: the NVLOG sits behind one `std::sync::Mutex` held only while frames are copied in
+//! (or a partition is rotated/freed); flushing (msync), destaging (journal writes) and CPs run
+//! outside it, on their own threads/tasks. Per source, `Source::ingest` (an async mutex)
+//! serialises the connection that currently owns the source's sequence stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use proto::frame::{self, KIND_NESTED, KIND_RECORD};
+use proto::nvlog::{Geometry, NvLog, NvLogError, PARTITION_HEADER_LEN, SUPERBLOCK_LEN};
+use proto::storage::{MmapStorage, Storage};
+use proto::wire::Control;
+use proto::Op;
+use tokio::sync::{mpsc, watch};
+
+use crate::cp::CpJob;
+use crate::journal::{self, Journal};
+use crate::slots::{Slot, SlotTable};
+
+/// Most source partitions a record may name (the NVLOG's partition limit).
+pub const MAX_SOURCE_PARTITIONS: u16 = 64;
+
+/// Lock a std mutex, recovering the data if a panicking thread poisoned it (every critical
+/// section leaves the data consistent between statements that can panic).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A wake-up flag for a worker thread.
+#[derive(Debug, Default)]
+pub struct Signal {
+    flag: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Signal {
+    /// Wake the worker.
+    pub fn notify(&self) {
+        *lock(&self.flag) = true;
+        self.cv.notify_one();
+    }
+
+    /// Wait until notified or `timeout` passes; returns whether it was notified.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        let mut g = lock(&self.flag);
+        if !*g {
+            g = match self.cv.wait_timeout(g, timeout) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        std::mem::replace(&mut *g, false)
+    }
+}
+
+/// What a connection's writer task sends back to the source.
+#[derive(Debug)]
+pub enum Out {
+    /// Frames up to `src_seq` were appended as destination frame `dest_seq`: ack once flushed.
+    Appended {
+        /// Destination sequence number of the last appended frame.
+        dest_seq: u64,
+        /// Source sequence number of that frame.
+        src_seq: u64,
+    },
+    /// A control message to send.
+    Control(Control),
+    /// A last message: send it, then close the connection.
+    Fatal(Control),
+}
+
+/// Counters shown by `status`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Records accepted.
+    pub records_received: AtomicU64,
+    /// Bytes of accepted frames.
+    pub bytes_received: AtomicU64,
+    /// CPs completed.
+    pub cp_count: AtomicU64,
+    /// Records that failed to apply at a CP.
+    pub apply_errors: AtomicU64,
+}
+
+/// The sequence stream of a source, owned by its current connection.
+#[derive(Debug)]
+pub struct Ingest {
+    /// Id of the connection allowed to append.
+    pub conn_id: u64,
+    /// The next sequence number expected.
+    pub next_seq: u64,
+}
+
+/// One source known to this destination.
+pub struct Source {
+    /// Its name (certificate common name).
+    pub name: String,
+    /// Its slot index (the `origin` of its nested frames).
+    pub slot: usize,
+    /// `ROOT/NAME/image`.
+    pub image_dir: PathBuf,
+    /// `ROOT/NAME/journal`.
+    pub journal_dir: PathBuf,
+    /// The sequence stream.
+    pub ingest: tokio::sync::Mutex<Ingest>,
+    /// Highest sequence number accepted into NVRAM (durable once flushed).
+    pub accepted_seq: AtomicU64,
+    /// Highest sequence number applied to the image.
+    pub applied_seq: AtomicU64,
+    /// Its generation.
+    pub generation: AtomicU64,
+    /// Highest sequence number in a journal (or applied).
+    pub journaled: watch::Sender<u64>,
+    /// Its journals by source partition.
+    pub journals: Mutex<BTreeMap<u16, Journal>>,
+    /// Counters.
+    pub stats: Stats,
+    /// The connection currently serving it.
+    pub connection: Mutex<Option<(u64, quinn::Connection)>>,
+    /// Queue of its CP worker.
+    pub cp_tx: mpsc::UnboundedSender<CpJob>,
+    /// The image tree, opened at the first CP.
+    pub tree: Mutex<Option<Arc<proto::apply::Tree>>>,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("name", &self.name)
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+impl Source {
+    /// Total bytes of its journal files.
+    pub fn journal_bytes(&self) -> u64 {
+        lock(&self.journals).values().map(|j| j.len_bytes()).sum()
+    }
+
+    /// Whether a connection currently serves it.
+    pub fn connected(&self) -> bool {
+        lock(&self.connection).is_some()
+    }
+}
+
+/// Why a startup step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The NVLOG refused.
+    #[error(transparent)]
+    NvLog(#[from] NvLogError),
+    /// A directory could not be made.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A journal could not be opened.
+    #[error(transparent)]
+    Journal(#[from] crate::error::JournalError),
+    /// The slot table refused.
+    #[error(transparent)]
+    Slot(#[from] crate::error::SlotError),
+    /// A record was too large for a destination partition.
+    #[error("record {seq} of {len} bytes does not fit in a destination NVLOG partition ({capacity} bytes)")]
+    TooLarge {
+        /// Source sequence number.
+        seq: u64,
+        /// Frame length.
+        len: usize,
+        /// Partition capacity.
+        capacity: usize,
+    },
+    /// The server is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// The NVLOG and what the flusher needs to know about it.
+struct LogState {
+    log: NvLog<MmapStorage>,
+    next_dest_seq: u64,
+    appended_dest_seq: u64,
+    dirty: Vec<Option<(usize, usize)>>,
+}
+
+impl LogState {
+    /// Append one nested frame with the next destination sequence number; rotates when the
+    /// current partition is full. `Ok(None)`: no free partition (wait for the destager).
+    fn append(&mut self, nested: &mut [u8]) -> Result<Option<(u64, bool)>, NvLogError> {
+        let seq = self.next_dest_seq;
+        // Layout of `proto::frame`: the sequence number is bytes 8..16; `append` re-seals the
+        // frame (restamp recomputes the CRC), so the CRC is computed once under the lock.
+        nested[8..16].copy_from_slice(&seq.to_le_bytes());
+        let mut rotated = false;
+        let placement = match self.log.append(nested)? {
+            Ok(p) => p,
+            Err(_full) => {
+                if self.log.rotate().is_none() {
+                    return Ok(None);
+                }
+                rotated = true;
+                match self.log.append(nested)? {
+                    Ok(p) => p,
+                    Err(_) => return Ok(None),
+                }
+            }
+        };
+        let end = placement.offset + placement.len;
+        let d = &mut self.dirty[placement.partition];
+        *d = Some(match *d {
+            Some((s, e)) => (s.min(placement.offset), e.max(end)),
+            None => (placement.offset, end),
+        });
+        self.next_dest_seq += 1;
+        self.appended_dest_seq = seq;
+        Ok(Some((seq, rotated)))
+    }
+}
+
+/// A record accepted by [`check_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct Checked<'a> {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The source frame, as received.
+    pub bytes: &'a [u8],
+}
+
+/// Why a record was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The sequence number concerned (the expected one when the frame is unreadable).
+    pub seq: u64,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// Check a batch of source frames: CRC, kind, exact sequence continuity from `next_seq`,
+/// decodable `Op`, valid paths, partition < 64, size within `capacity`. Returns the valid
+/// prefix and the first rejection, if any (nothing after a rejection is looked at).
+pub fn check_batch(
+    batch: &[u8],
+    mut next_seq: u64,
+    capacity: usize,
+) -> (Vec<Checked<'_>>, Option<Rejection>) {
+    let mut ok = Vec::new();
+    for f in frame::split(batch) {
+        let reject = |seq: u64, reason: String| Some(Rejection { seq, reason });
+        let f = match f {
+            Ok(f) => f,
+            Err(e) => return (ok, reject(next_seq, format!("bad frame: {e}"))),
+        };
+        let h = f.header;
+        if h.seq != next_seq {
+            return (
+                ok,
+                reject(
+                    h.seq,
+                    format!("sequence {} received, {next_seq} expected", h.seq),
+                ),
+            );
+        }
+        if h.kind != KIND_RECORD {
+            return (
+                ok,
+                reject(h.seq, format!("frame kind {} is not a record", h.kind)),
+            );
+        }
+        if h.partition >= MAX_SOURCE_PARTITIONS {
+            return (
+                ok,
+                reject(
+                    h.seq,
+                    format!(
+                        "partition {} is out of range (max {})",
+                        h.partition,
+                        MAX_SOURCE_PARTITIONS - 1
+                    ),
+                ),
+            );
+        }
+        let nested_len = frame::padded_len(frame::HEADER_LEN + f.bytes.len());
+        if nested_len > capacity {
+            return (
+                ok,
+                reject(
+                    h.seq,
+                    format!(
+                        "record of {} bytes does not fit in a destination NVLOG partition ({capacity} bytes)",
+                        f.bytes.len()
+                    ),
+                ),
+            );
+        }
+        let op = match Op::decode(f.payload) {
+            Ok(op) => op,
+            Err(e) => return (ok, reject(h.seq, format!("undecodable record: {e}"))),
+        };
+        for p in op.paths() {
+            if let Err(e) = proto::path::validate(p) {
+                return (ok, reject(h.seq, format!("{} refused: {e}", op.kind())));
+            }
+        }
+        ok.push(Checked {
+            seq: h.seq,
+            bytes: f.bytes,
+        });
+        next_seq += 1;
+    }
+    (ok, None)
+}
+
+/// How far [`Engine::append_batch`] got.
+#[derive(Debug, Default)]
+pub struct AppendOutcome {
+    /// Frames appended (a prefix of the batch).
+    pub appended: usize,
+    /// Destination sequence number of the last appended frame.
+    pub last_dest_seq: u64,
+    /// Why it stopped early.
+    pub error: Option<EngineError>,
+}
+
+/// The state shared by every task of a running destination.
+pub struct Engine {
+    /// `--root`.
+    pub root: PathBuf,
+    /// The address actually listened on (for `status`).
+    pub listen: Mutex<String>,
+    /// NVLOG geometry.
+    pub geometry: Geometry,
+    storage: Arc<MmapStorage>,
+    log: Mutex<LogState>,
+    /// The slot table in the NVRAM user area.
+    pub slots: SlotTable<MmapStorage>,
+    sources: Mutex<HashMap<String, Arc<Source>>>,
+    by_slot: Mutex<HashMap<usize, Arc<Source>>>,
+    /// Wakes the flusher.
+    pub flush_signal: Signal,
+    /// Highest destination sequence number flushed.
+    pub flushed: watch::Sender<u64>,
+    /// Wakes the destager.
+    pub destage_signal: Signal,
+    /// Bumped whenever a partition is freed (back-pressure waiters watch it).
+    pub freed: watch::Sender<u64>,
+    /// Set when the server stops.
+    pub shutdown: AtomicBool,
+    next_conn_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("root", &self.root).finish()
+    }
+}
+
+/// One partition's fill, for `status`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PartitionFill {
+    /// Partition index.
+    pub index: usize,
+    /// Bytes of frames.
+    pub used_bytes: usize,
+    /// Bytes available for frames.
+    pub capacity_bytes: usize,
+    /// Number of frames.
+    pub records: u64,
+}
+
+fn mkdir(path: &Path) -> Result<(), EngineError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .map_err(|source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+impl Engine {
+    /// Open the NVRAM file and every source's journals, and work out where each source
+    /// stands. Must run inside a tokio runtime (CP workers are spawned).
+    pub fn open(root: &Path, nvram: &Path, geometry: Geometry) -> Result<Arc<Engine>, EngineError> {
+        geometry.validate()?;
+        mkdir(root)?;
+        let (storage, _) =
+            MmapStorage::open(nvram, geometry.region_len()).map_err(NvLogError::Io)?;
+        let storage = Arc::new(storage);
+        let (log, recovery) =
+            NvLog::open(storage.clone(), geometry, proto::nvlog::Role::Destination)?;
+        if recovery.formatted {
+            tracing::info!(nvram = %nvram.display(), "formatted a new destination NVRAM file");
+        }
+        let next_dest_seq = log.last_seq().unwrap_or(0) + 1;
+        let partitions = geometry.partitions;
+        // Highest source sequence number per slot still in NVRAM.
+        let mut in_nvram: HashMap<usize, u64> = HashMap::new();
+        for p in 0..partitions {
+            for outer in log.frames(p) {
+                if let Ok(f) = frame::decode(&outer) {
+                    if let Ok(inner) = frame::parse_header(f.payload) {
+                        let e = in_nvram.entry(f.header.origin as usize).or_default();
+                        *e = (*e).max(inner.seq);
+                    }
+                }
+            }
+        }
+        let (flushed, _) = watch::channel(next_dest_seq - 1);
+        let (freed, _) = watch::channel(0);
+        let engine = Arc::new(Engine {
+            root: root.to_path_buf(),
+            listen: Mutex::new(String::new()),
+            geometry,
+            slots: SlotTable::new(storage.clone()),
+            storage,
+            log: Mutex::new(LogState {
+                log,
+                next_dest_seq,
+                appended_dest_seq: next_dest_seq - 1,
+                dirty: vec![None; partitions],
+            }),
+            sources: Mutex::new(HashMap::new()),
+            by_slot: Mutex::new(HashMap::new()),
+            flush_signal: Signal::default(),
+            flushed,
+            destage_signal: Signal::default(),
+            freed,
+            shutdown: AtomicBool::new(false),
+            next_conn_id: AtomicU64::new(1),
+        });
+        for (index, slot) in engine.slots.load_all() {
+            let nv = in_nvram.get(&index).copied().unwrap_or(0);
+            engine.add_source(index, slot, nv)?;
+        }
+        for origin in in_nvram.keys() {
+            if !lock(&engine.by_slot).contains_key(origin) {
+                tracing::error!(
+                    origin,
+                    "NVRAM holds records of slot {origin}, which the slot table does not name; they cannot be destaged"
+                );
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Register a source from its slot, opening its directories and journals.
+    fn add_source(
+        self: &Arc<Self>,
+        index: usize,
+        slot: Slot,
+        nvram_seq: u64,
+    ) -> Result<Arc<Source>, EngineError> {
+        let base = self.root.join(&slot.name);
+        let image_dir = base.join("image");
+        let journal_dir = base.join("journal");
+        mkdir(&image_dir)?;
+        mkdir(&journal_dir)?;
+        let mut journals = BTreeMap::new();
+        let mut journal_seq = 0;
+        let entries = std::fs::read_dir(&journal_dir).map_err(|source| EngineError::Io {
+            path: journal_dir.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(p) = name.to_str().and_then(journal::partition_of_file_name) else {
+                continue;
+            };
+            let j = Journal::open(&journal_dir, &slot.name, p)?;
+            journal_seq = journal_seq.max(j.last_seq().unwrap_or(0));
+            journals.insert(p, j);
+        }
+        let journaled = journal_seq.max(slot.applied_seq);
+        let accepted = journaled.max(nvram_seq);
+        let (cp_tx, cp_rx) = mpsc::unbounded_channel();
+        let source = Arc::new(Source {
+            name: slot.name.clone(),
+            slot: index,
+            image_dir,
+            journal_dir,
+            ingest: tokio::sync::Mutex::new(Ingest {
+                conn_id: 0,
+                next_seq: accepted + 1,
+            }),
+            accepted_seq: AtomicU64::new(accepted),
+            applied_seq: AtomicU64::new(slot.applied_seq),
+            generation: AtomicU64::new(slot.generation),
+            journaled: watch::channel(journaled).0,
+            journals: Mutex::new(journals),
+            stats: Stats::default(),
+            connection: Mutex::new(None),
+            cp_tx,
+            tree: Mutex::new(None),
+        });
+        lock(&self.sources).insert(slot.name.clone(), source.clone());
+        lock(&self.by_slot).insert(index, source.clone());
+        tokio::spawn(crate::cp::worker(self.clone(), source.clone(), cp_rx));
+        tracing::debug!(source = %slot.name, slot = index, accepted, applied = slot.applied_seq, "source registered");
+        Ok(source)
+    }
+
+    /// The source called `name`, registering it (slot, directories) on first sight.
+    pub fn source(self: &Arc<Self>, name: &str) -> Result<Arc<Source>, EngineError> {
+        if let Some(s) = lock(&self.sources).get(name) {
+            return Ok(s.clone());
+        }
+        let (index, slot) = self.slots.find_or_allocate(name)?;
+        self.add_source(index, slot, 0)
+    }
+
+    /// The source owning slot `index`.
+    pub fn source_by_slot(&self, index: usize) -> Option<Arc<Source>> {
+        lock(&self.by_slot).get(&index).cloned()
+    }
+
+    /// Every source, sorted by name.
+    pub fn sources(&self) -> Vec<Arc<Source>> {
+        let mut v: Vec<_> = lock(&self.sources).values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// A fresh connection id.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The NVRAM storage (for flushing outside the log lock).
+    pub fn storage(&self) -> &Arc<MmapStorage> {
+        &self.storage
+    }
+
+    /// Fill of each NVLOG partition.
+    pub fn partition_fill(&self) -> Vec<PartitionFill> {
+        let st = lock(&self.log);
+        (0..self.geometry.partitions)
+            .map(|p| {
+                let info = st.log.partition(p);
+                PartitionFill {
+                    index: p,
+                    used_bytes: info.used,
+                    capacity_bytes: self.geometry.capacity(),
+                    records: info.records,
+                }
+            })
+            .collect()
+    }
+
+    /// Highest destination sequence number appended so far.
+    pub fn appended_dest_seq(&self) -> u64 {
+        lock(&self.log).appended_dest_seq
+    }
+
+    /// Wait until everything appended so far is flushed.
+    pub async fn wait_flushed(&self) {
+        let target = self.appended_dest_seq();
+        let mut rx = self.flushed.subscribe();
+        self.flush_signal.notify();
+        // The flusher holds the sender as long as the engine lives, so this ends.
+        let _ = rx.wait_for(|&f| f >= target).await;
+    }
+
+    /// Wrap each checked source frame in a destination frame (origin = `slot`) and append it
+    /// to the shared NVLOG, waiting for the destager when every partition is full
+    /// (back-pressure). Stops at the first error; the outcome says how far it got.
+    pub async fn append_batch(&self, slot: usize, frames: &[Checked<'_>]) -> AppendOutcome {
+        let mut out = AppendOutcome::default();
+        let mut nested = Vec::with_capacity(frames.len());
+        for c in frames {
+            match frame::encode(0, 0, 0, KIND_NESTED, slot as u32, c.bytes) {
+                Ok(f) => nested.push(f),
+                Err(_) => {
+                    out.error = Some(EngineError::TooLarge {
+                        seq: c.seq,
+                        len: c.bytes.len(),
+                        capacity: self.geometry.capacity(),
+                    });
+                    return out;
+                }
+            }
+        }
+        while out.appended < nested.len() {
+            let mut freed = self.freed.subscribe();
+            let mut rotated = false;
+            let before = out.appended;
+            {
+                let mut st = lock(&self.log);
+                while out.appended < nested.len() {
+                    let i = out.appended;
+                    match st.append(&mut nested[i]) {
+                        Ok(Some((seq, r))) => {
+                            out.last_dest_seq = seq;
+                            rotated |= r;
+                            out.appended += 1;
+                        }
+                        Ok(None) => break,
+                        Err(NvLogError::TooLarge { len, capacity }) => {
+                            out.error = Some(EngineError::TooLarge {
+                                seq: frames[i].seq,
+                                len,
+                                capacity,
+                            });
+                            break;
+                        }
+                        Err(e) => {
+                            out.error = Some(e.into());
+                            break;
+                        }
+                    }
+                }
+            }
+            if out.appended > before {
+                self.flush_signal.notify();
+            }
+            if out.error.is_some() {
+                return out;
+            }
+            if rotated || out.appended < nested.len() {
+                self.destage_signal.notify();
+            }
+            if out.appended < nested.len() {
+                tracing::debug!("destination NVLOG full: waiting for the destager");
+                if self.shutdown.load(Ordering::Relaxed) {
+                    out.error = Some(EngineError::ShuttingDown);
+                    return out;
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(1), freed.changed()).await;
+            }
+        }
+        out
+    }
+
+    /// Flush what was appended since the last call; publish the flushed destination sequence.
+    pub fn flush_once(&self) {
+        let (ranges, upto) = {
+            let mut st = lock(&self.log);
+            let ranges: Vec<(usize, usize)> =
+                st.dirty.iter_mut().filter_map(|d| d.take()).collect();
+            (ranges, st.appended_dest_seq)
+        };
+        for (start, end) in &ranges {
+            if let Err(e) = self.storage.flush(*start, end - start) {
+                tracing::error!(error = %e, "NVRAM flush failed; acknowledgements are held back");
+                // Put the range back so the next round retries it.
+                let mut st = lock(&self.log);
+                for (s, e) in &ranges {
+                    let p = (s - SUPERBLOCK_LEN) / self.geometry.partition_size;
+                    let d = &mut st.dirty[p];
+                    *d = Some(match *d {
+                        Some((a, b)) => (a.min(*s), b.max(*e)),
+                        None => (*s, *e),
+                    });
+                }
+                return;
+            }
+        }
+        self.flushed.send_if_modified(|v| {
+            if upto > *v {
+                *v = upto;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The flusher thread: one msync per wake-up covers every frame appended meanwhile.
+    pub fn run_flusher(&self) {
+        while !self.shutdown.load(Ordering::Relaxed) {
+            if self.flush_signal.wait_timeout(Duration::from_millis(200)) {
+                self.flush_once();
+            }
+        }
+        self.flush_once();
+    }
+
+    /// Choose work for the destager: rotate away from a non-empty current partition when
+    /// another is free, and list every non-current partition holding frames as
+    /// (index, absolute offset of its frames, bytes used).
+    pub fn destage_candidates(&self) -> Vec<(usize, usize, usize)> {
+        let mut st = lock(&self.log);
+        let cur = st.log.current();
+        if !st.log.partition(cur).is_empty() {
+            st.log.rotate();
+        }
+        let cur = st.log.current();
+        st.log
+            .partitions_in_order()
+            .into_iter()
+            .filter(|&p| p != cur)
+            .map(|p| {
+                (
+                    p,
+                    SUPERBLOCK_LEN + p * self.geometry.partition_size + PARTITION_HEADER_LEN,
+                    st.log.partition(p).used,
+                )
+            })
+            .collect()
+    }
+
+    /// Free destination partition `p` (its frames are all in journals) and wake waiters.
+    pub fn free_partition(&self, p: usize) -> Result<(), NvLogError> {
+        lock(&self.log).log.free(p)?;
+        self.freed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+}

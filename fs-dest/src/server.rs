@@ -1,0 +1,185 @@
+//! `fs-dest serve`: start the engine, its flusher and destager threads, the status socket and
+//! the QUIC endpoint; accept connections until SIGTERM/SIGINT; then stop accepting, flush
+//! NVRAM and exit.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use proto::nvlog::Geometry;
+use proto::storage::Storage;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::engine::{Engine, EngineError};
+use crate::error::TlsError;
+use crate::{destage, session, status};
+
+/// What `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// `--root`.
+    pub root: PathBuf,
+    /// `--listen`.
+    pub listen: SocketAddr,
+    /// `--nvram`.
+    pub nvram: PathBuf,
+    /// `--tls`.
+    pub tls_dir: PathBuf,
+    /// `--partitions` and `--partition-size`.
+    pub geometry: Geometry,
+}
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Opening NVRAM, slots or journals failed.
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+    /// The TLS/QUIC endpoint could not be built.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    /// Another server runs on this root.
+    #[error("another fs-dest already serves {0} (its lock file {1} is held)")]
+    AlreadyRunning(PathBuf, PathBuf),
+    /// An I/O step failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Hold `ROOT/fs-dest.lock` so two servers never share a root (and its NVRAM cursors).
+fn lock_root(root: &Path) -> Result<OwnedFd, ServeError> {
+    let path = root.join("fs-dest.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| ServeError::Io {
+            what: "cannot open",
+            path: path.clone(),
+            source,
+        })?;
+    let fd = OwnedFd::from(file);
+    match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(fd),
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            Err(ServeError::AlreadyRunning(root.to_path_buf(), path))
+        }
+        Err(e) => Err(ServeError::Io {
+            what: "cannot lock",
+            path,
+            source: e.into(),
+        }),
+    }
+}
+
+fn bind_status_socket(root: &Path) -> Option<tokio::net::UnixListener> {
+    let path = status::socket_path(root);
+    // We hold the root lock, so a socket file left here belongs to a dead server.
+    let _ = std::fs::remove_file(&path);
+    match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(socket = %path.display(), error = %e, "cannot create the status socket; `fs-dest status` will not reach this server");
+            None
+        }
+    }
+}
+
+/// Run the server until a termination signal.
+pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+    std::fs::create_dir_all(&opts.root).map_err(|source| ServeError::Io {
+        what: "cannot create the root directory",
+        path: opts.root.clone(),
+        source,
+    })?;
+    let _root_lock = lock_root(&opts.root)?;
+    let engine = Engine::open(&opts.root, &opts.nvram, opts.geometry)?;
+    let flusher = {
+        let e = engine.clone();
+        std::thread::Builder::new()
+            .name("nvlog-flusher".into())
+            .spawn(move || e.run_flusher())
+            .map_err(|source| ServeError::Io {
+                what: "cannot start the flusher thread for",
+                path: opts.nvram.clone(),
+                source,
+            })?
+    };
+    let destager = {
+        let e = engine.clone();
+        std::thread::Builder::new()
+            .name("destager".into())
+            .spawn(move || destage::run(e))
+            .map_err(|source| ServeError::Io {
+                what: "cannot start the destager thread for",
+                path: opts.nvram.clone(),
+                source,
+            })?
+    };
+    let endpoint = crate::tls::server_endpoint(&opts.tls_dir, opts.listen)?;
+    let local = endpoint.local_addr().map_err(|source| ServeError::Io {
+        what: "cannot read the local address of the endpoint for",
+        path: opts.tls_dir.clone(),
+        source,
+    })?;
+    *crate::engine::lock(&engine.listen) = local.to_string();
+    let status_task = bind_status_socket(&opts.root)
+        .map(|l| tokio::spawn(status::serve_socket(engine.clone(), l)));
+
+    let sig_err = |source| ServeError::Io {
+        what: "cannot install a signal handler",
+        path: PathBuf::from("SIGTERM/SIGINT"),
+        source,
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(sig_err)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(sig_err)?;
+
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "fs-dest: listening on {local}");
+        let _ = out.flush();
+    }
+
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => { tokio::spawn(session::handle(engine.clone(), i)); }
+                None => break,
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    tracing::info!("shutting down");
+    endpoint.set_server_config(None);
+    endpoint.close(session::CLOSE_SHUTDOWN.into(), b"fs-dest shutting down");
+    engine.shutdown.store(true, Ordering::Relaxed);
+    engine.flush_signal.notify();
+    engine.destage_signal.notify();
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = flusher.join();
+        let _ = destager.join();
+    })
+    .await;
+    if let Err(e) = engine.storage().flush(0, engine.storage().len()) {
+        tracing::error!(error = %e, "final NVRAM flush failed");
+    }
+    if let Some(t) = status_task {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(status::socket_path(&opts.root));
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    Ok(())
+}

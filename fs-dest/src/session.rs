@@ -1,0 +1,376 @@
+//! One source connection: handshake, record intake and acknowledgements.
+//!
+//! The source opens one long-lived bidirectional stream. It sends `Hello`; we check the
+//! protocol version, that the name matches its certificate, and its generation against the
+//! slot's (fencing), then answer `Welcome` with the highest durable sequence number. After
+//! that a reader loop checks and appends frame batches and forwards CP requests to the
+//! source's CP worker, and a writer task sends cumulative `Ack`s once the group-commit flush
+//! covers them, plus `CpDone` and `Error`. A second connection of the same source replaces
+//! the first.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::wire::{self, Control, Message, PROTOCOL_VERSION};
+use quinn::{ReadExactError, RecvStream, SendStream};
+use tokio::sync::mpsc;
+
+use crate::cp::CpJob;
+use crate::engine::{check_batch, lock, Engine, Out, Source};
+
+/// How long a new connection may take to open its stream and say Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a last message (Refused, Error) may take to reach the peer before closing.
+const LAST_WORD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Application close codes.
+mod close_code {
+    pub const ERROR: u32 = 1;
+    pub const REPLACED: u32 = 2;
+    pub const SHUTDOWN: u32 = 3;
+}
+
+/// Close code used when the server shuts down.
+pub const CLOSE_SHUTDOWN: u32 = close_code::SHUTDOWN;
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("no stream or Hello within {0:?}")]
+    Timeout(Duration),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("reading: {0}")]
+    Read(#[from] ReadExactError),
+    #[error("writing: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("{0}")]
+    Wire(#[from] wire::WireError),
+}
+
+/// Serve one incoming connection until it ends.
+pub async fn handle(engine: Arc<Engine>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%remote, error = %e, "connection refused during the TLS handshake");
+            return;
+        }
+    };
+    let name = match crate::tls::peer_name(&conn) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(%remote, error = %e, "connection without a usable identity");
+            conn.close(close_code::ERROR.into(), b"no usable client identity");
+            return;
+        }
+    };
+    tracing::debug!(%remote, source = %name, "connection");
+    if let Err(e) = serve(&engine, &conn, &name).await {
+        tracing::info!(%remote, source = %name, error = %e, "connection ended");
+    }
+}
+
+async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, SessionError> {
+    let mut h = [0u8; wire::HEADER_LEN];
+    match recv.read_exact(&mut h).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let (kind, len) = wire::parse_header(&h)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await?;
+    Ok(Some(wire::decode_body(kind, body)?))
+}
+
+/// Send a last control message, finish the stream, wait briefly for delivery, close.
+async fn last_word(conn: &quinn::Connection, send: &mut SendStream, c: &Control, code: u32) {
+    let _ = send.write_all(&wire::encode_control(c)).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, send.stopped()).await;
+    let reason = match c {
+        Control::Refused { .. } => &b"refused"[..],
+        _ => &b"error"[..],
+    };
+    conn.close(code.into(), reason);
+}
+
+async fn serve(
+    engine: &Arc<Engine>,
+    conn: &quinn::Connection,
+    name: &str,
+) -> Result<(), SessionError> {
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))??;
+    let first = tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut recv))
+        .await
+        .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))??;
+    let refuse = |reason: String| Control::Refused { reason };
+    let (protocol, claimed, generation, last_logged_seq) = match first {
+        Some(Message::Control(Control::Hello {
+            protocol,
+            source,
+            generation,
+            last_logged_seq,
+        })) => (protocol, source, generation, last_logged_seq),
+        _ => {
+            let r = refuse("the first message must be Hello".into());
+            last_word(conn, &mut send, &r, close_code::ERROR).await;
+            return Ok(());
+        }
+    };
+    let refusal = if protocol != PROTOCOL_VERSION {
+        Some(format!(
+            "protocol version {protocol} is not supported (this destination speaks {PROTOCOL_VERSION})"
+        ))
+    } else if claimed != name {
+        Some(format!(
+            "Hello names source {claimed:?} but the client certificate is for {name:?}"
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        tracing::warn!(source = %name, reason = %reason, "refused a source");
+        last_word(conn, &mut send, &refuse(reason), close_code::ERROR).await;
+        return Ok(());
+    }
+    let source = match engine.source(name) {
+        Ok(s) => s,
+        Err(e) => {
+            let reason = e.to_string();
+            tracing::warn!(source = %name, reason = %reason, "refused a source");
+            last_word(conn, &mut send, &refuse(reason), close_code::ERROR).await;
+            return Ok(());
+        }
+    };
+    let stored = source.generation.load(Ordering::Acquire);
+    if generation < stored {
+        let reason =
+            format!("source {name} was promoted at generation {stored}; this source is fenced");
+        tracing::warn!(source = %name, generation, stored, "refused a fenced source");
+        last_word(conn, &mut send, &refuse(reason), close_code::ERROR).await;
+        return Ok(());
+    }
+    if generation > stored {
+        if let Err(e) = engine.slots.set_generation(source.slot, generation) {
+            let reason = format!("cannot record generation {generation}: {e}");
+            last_word(conn, &mut send, &refuse(reason), close_code::ERROR).await;
+            return Ok(());
+        }
+        source.generation.store(generation, Ordering::Release);
+    }
+
+    // Take the source over from an older connection.
+    let conn_id = engine.next_conn_id();
+    if let Some((_, old)) = lock(&source.connection).replace((conn_id, conn.clone())) {
+        tracing::info!(source = %name, "a newer connection replaces the current one");
+        old.close(
+            close_code::REPLACED.into(),
+            b"replaced by a newer connection from the same source",
+        );
+    }
+    let next_seq = {
+        let mut ingest = source.ingest.lock().await;
+        ingest.conn_id = conn_id;
+        ingest.next_seq
+    };
+    engine.wait_flushed().await;
+    let welcome = Control::Welcome {
+        durable_seq: next_seq - 1,
+        applied_seq: source.applied_seq.load(Ordering::Acquire),
+        generation: source.generation.load(Ordering::Acquire),
+    };
+    tracing::debug!(source = %name, durable_seq = next_seq - 1, last_logged_seq, "welcome");
+    let result = match send.write_all(&wire::encode_control(&welcome)).await {
+        Ok(()) => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let writer = tokio::spawn(writer(engine.clone(), conn.clone(), send, rx));
+            let r = reader(engine, &source, conn_id, &mut recv, &tx).await;
+            drop(tx);
+            let _ = writer.await;
+            r
+        }
+        Err(e) => Err(e.into()),
+    };
+    {
+        let mut c = lock(&source.connection);
+        if c.as_ref().is_some_and(|(id, _)| *id == conn_id) {
+            *c = None;
+        }
+    }
+    result
+}
+
+async fn reader(
+    engine: &Arc<Engine>,
+    source: &Arc<Source>,
+    conn_id: u64,
+    recv: &mut RecvStream,
+    tx: &mpsc::UnboundedSender<Out>,
+) -> Result<(), SessionError> {
+    let capacity = engine.geometry.capacity();
+    loop {
+        let msg = match read_message(recv).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(()),
+            Err(SessionError::Wire(e)) => {
+                tracing::warn!(source = %source.name, error = %e, "bad message; closing the connection");
+                let _ = tx.send(Out::Fatal(Control::Error {
+                    seq: None,
+                    reason: format!("bad message: {e}"),
+                }));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        match msg {
+            Message::Frames(body) => {
+                let mut ingest = source.ingest.lock().await;
+                if ingest.conn_id != conn_id {
+                    return Ok(()); // replaced by a newer connection
+                }
+                let (ok, rejection) = check_batch(&body, ingest.next_seq, capacity);
+                let mut failure = rejection.map(|r| (r.seq, r.reason));
+                if !ok.is_empty() {
+                    let outcome = engine.append_batch(source.slot, &ok).await;
+                    if outcome.appended > 0 {
+                        let done = &ok[..outcome.appended];
+                        let last = done[done.len() - 1].seq;
+                        ingest.next_seq = last + 1;
+                        source.accepted_seq.store(last, Ordering::Release);
+                        source
+                            .stats
+                            .records_received
+                            .fetch_add(done.len() as u64, Ordering::Relaxed);
+                        let bytes: usize = done.iter().map(|c| c.bytes.len()).sum();
+                        source
+                            .stats
+                            .bytes_received
+                            .fetch_add(bytes as u64, Ordering::Relaxed);
+                        let _ = tx.send(Out::Appended {
+                            dest_seq: outcome.last_dest_seq,
+                            src_seq: last,
+                        });
+                    }
+                    if let Some(e) = outcome.error {
+                        let seq = ok[outcome.appended].seq;
+                        failure = Some((seq, e.to_string()));
+                    }
+                }
+                drop(ingest);
+                if let Some((seq, reason)) = failure {
+                    tracing::warn!(source = %source.name, seq, reason = %reason,
+                        "refused a record; closing the connection (nothing of it was logged)");
+                    let _ = tx.send(Out::Fatal(Control::Error {
+                        seq: Some(seq),
+                        reason,
+                    }));
+                    return Ok(());
+                }
+            }
+            Message::Control(Control::CpRequest {
+                id,
+                partition,
+                last_seq,
+            }) => {
+                let job = CpJob {
+                    id,
+                    partition,
+                    last_seq,
+                    reply: tx.clone(),
+                };
+                if source.cp_tx.send(job).is_err() {
+                    let _ = tx.send(Out::Fatal(Control::Error {
+                        seq: None,
+                        reason: "the CP worker has stopped".into(),
+                    }));
+                    return Ok(());
+                }
+            }
+            Message::Control(other) => {
+                let reason = format!("unexpected message from a source: {other:?}");
+                tracing::warn!(source = %source.name, reason = %reason, "closing the connection");
+                let _ = tx.send(Out::Fatal(Control::Error { seq: None, reason }));
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn writer(
+    engine: Arc<Engine>,
+    conn: quinn::Connection,
+    mut send: SendStream,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+) {
+    let mut flushed = engine.flushed.subscribe();
+    let mut pending: VecDeque<(u64, u64)> = VecDeque::new();
+    loop {
+        tokio::select! {
+            m = rx.recv() => match m {
+                None => break,
+                Some(Out::Appended { dest_seq, src_seq }) => pending.push_back((dest_seq, src_seq)),
+                Some(Out::Control(c)) => {
+                    if send.write_all(&wire::encode_control(&c)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Out::Fatal(c)) => {
+                    let f = *flushed.borrow_and_update();
+                    send_acks(&mut send, &mut pending, f).await;
+                    last_word(&conn, &mut send, &c, close_code::ERROR).await;
+                    return;
+                }
+            },
+            r = flushed.changed(), if !pending.is_empty() => {
+                if r.is_err() {
+                    break;
+                }
+            }
+        }
+        let f = *flushed.borrow_and_update();
+        if !send_acks(&mut send, &mut pending, f).await {
+            return;
+        }
+    }
+    // The reader is done (stream finished): deliver the acks still owed, then finish.
+    if let Some(&(last_dest, _)) = pending.back() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            flushed.wait_for(|&f| f >= last_dest),
+        )
+        .await;
+        let f = *flushed.borrow();
+        send_acks(&mut send, &mut pending, f).await;
+    }
+    let _ = send.finish();
+}
+
+/// Send one cumulative Ack for every pending append covered by `flushed`.
+async fn send_acks(
+    send: &mut SendStream,
+    pending: &mut VecDeque<(u64, u64)>,
+    flushed: u64,
+) -> bool {
+    let mut ack = None;
+    while let Some(&(d, s)) = pending.front() {
+        if d > flushed {
+            break;
+        }
+        ack = Some(s);
+        pending.pop_front();
+    }
+    match ack {
+        Some(durable_seq) => send
+            .write_all(&wire::encode_control(&Control::Ack { durable_seq }))
+            .await
+            .is_ok(),
+        None => true,
+    }
+}

@@ -1,0 +1,268 @@
+//! `fs-dest status`: the running server answers on the Unix socket `ROOT/fs-dest.sock`
+//! (one JSON request line `{"cmd":"status"}`, one JSON reply line); without a server, what
+//! can be read from `ROOT` (per-source directories and journals) is shown instead.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::engine::{Engine, PartitionFill};
+use crate::journal;
+
+/// File name of the status socket inside ROOT.
+pub const SOCKET_NAME: &str = "fs-dest.sock";
+
+/// The socket path for `root`.
+pub fn socket_path(root: &Path) -> PathBuf {
+    root.join(SOCKET_NAME)
+}
+
+/// One source's state. Sequence numbers are `null` when the server is not running.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceStatus {
+    /// Source name.
+    pub name: String,
+    /// A connection currently serves it.
+    pub connected: bool,
+    /// Its generation (fencing epoch).
+    pub generation: Option<u64>,
+    /// Highest sequence number held durably (NVRAM or journals).
+    pub durable_seq: Option<u64>,
+    /// Highest sequence number applied to the image.
+    pub applied_seq: Option<u64>,
+    /// Records received since the server started.
+    pub records_received: u64,
+    /// Bytes received since the server started.
+    pub bytes_received: u64,
+    /// CPs completed since the server started.
+    pub cp_count: u64,
+    /// Records that failed to apply since the server started.
+    pub apply_errors: u64,
+    /// Bytes in its journal files.
+    pub journal_bytes: u64,
+}
+
+/// NVLOG fill.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct NvlogStatus {
+    /// One entry per partition.
+    pub partitions: Vec<PartitionFill>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Whether a server answered.
+    pub running: bool,
+    /// The address it listens on ("" when not running).
+    pub listen: String,
+    /// Every known source.
+    pub sources: Vec<SourceStatus>,
+    /// The destination NVLOG (empty when not running).
+    pub nvlog: NvlogStatus,
+}
+
+/// A report of the running engine.
+pub fn snapshot(engine: &Engine) -> StatusReport {
+    let sources = engine
+        .sources()
+        .iter()
+        .map(|s| SourceStatus {
+            name: s.name.clone(),
+            connected: s.connected(),
+            generation: Some(s.generation.load(Ordering::Relaxed)),
+            durable_seq: Some(s.accepted_seq.load(Ordering::Relaxed)),
+            applied_seq: Some(s.applied_seq.load(Ordering::Relaxed)),
+            records_received: s.stats.records_received.load(Ordering::Relaxed),
+            bytes_received: s.stats.bytes_received.load(Ordering::Relaxed),
+            cp_count: s.stats.cp_count.load(Ordering::Relaxed),
+            apply_errors: s.stats.apply_errors.load(Ordering::Relaxed),
+            journal_bytes: s.journal_bytes(),
+        })
+        .collect();
+    StatusReport {
+        running: true,
+        listen: crate::engine::lock(&engine.listen).clone(),
+        sources,
+        nvlog: NvlogStatus {
+            partitions: engine.partition_fill(),
+        },
+    }
+}
+
+/// What can be learnt from ROOT alone: the sources' directories and journal sizes.
+pub fn offline(root: &Path) -> StatusReport {
+    let mut sources = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for e in entries.flatten() {
+            let dir = e.path();
+            if !dir.join("image").is_dir() && !dir.join("journal").is_dir() {
+                continue;
+            }
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let mut journal_bytes = 0;
+            if let Ok(js) = std::fs::read_dir(dir.join("journal")) {
+                for j in js.flatten() {
+                    let is_journal = j
+                        .file_name()
+                        .to_str()
+                        .and_then(journal::partition_of_file_name)
+                        .is_some();
+                    if is_journal {
+                        journal_bytes += j.metadata().map(|m| m.len()).unwrap_or(0);
+                    }
+                }
+            }
+            sources.push(SourceStatus {
+                name,
+                connected: false,
+                generation: None,
+                durable_seq: None,
+                applied_seq: None,
+                records_received: 0,
+                bytes_received: 0,
+                cp_count: 0,
+                apply_errors: 0,
+                journal_bytes,
+            });
+        }
+    }
+    sources.sort_by(|a, b| a.name.cmp(&b.name));
+    StatusReport {
+        running: false,
+        listen: String::new(),
+        sources,
+        nvlog: NvlogStatus::default(),
+    }
+}
+
+/// Why the running server could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// Talking to the socket failed.
+    #[error("status socket {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The reply was not a status report.
+    #[error("status socket {path}: unreadable reply: {reason}")]
+    Reply {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Ask the server running on `root`; `Ok(None)` when no server listens.
+pub fn query(root: &Path) -> Result<Option<StatusReport>, StatusError> {
+    let path = socket_path(root);
+    let io = |source| StatusError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(io(e)),
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    stream.write_all(b"{\"cmd\":\"status\"}\n").map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).map_err(io)?;
+    serde_json::from_str(&line)
+        .map(Some)
+        .map_err(|e| StatusError::Reply {
+            path: path.clone(),
+            reason: e.to_string(),
+        })
+}
+
+/// A readable table.
+pub fn render(r: &StatusReport) -> String {
+    let mut s = String::new();
+    if r.running {
+        s.push_str(&format!("fs-dest: running, listening on {}\n", r.listen));
+    } else {
+        s.push_str("fs-dest: the server is not running (showing what is on disk)\n");
+    }
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+    s.push_str(&format!(
+        "{:<20} {:<9} {:>5} {:>10} {:>10} {:>10} {:>12} {:>6} {:>6} {:>12}\n",
+        "SOURCE", "LINK", "GEN", "DURABLE", "APPLIED", "RECORDS", "BYTES", "CPS", "ERRS", "JOURNAL"
+    ));
+    for x in &r.sources {
+        s.push_str(&format!(
+            "{:<20} {:<9} {:>5} {:>10} {:>10} {:>10} {:>12} {:>6} {:>6} {:>12}\n",
+            x.name,
+            if x.connected { "connected" } else { "-" },
+            opt(x.generation),
+            opt(x.durable_seq),
+            opt(x.applied_seq),
+            x.records_received,
+            x.bytes_received,
+            x.cp_count,
+            x.apply_errors,
+            x.journal_bytes
+        ));
+    }
+    if !r.nvlog.partitions.is_empty() {
+        s.push_str("NVLOG partitions:\n");
+        for p in &r.nvlog.partitions {
+            s.push_str(&format!(
+                "  {:>2}: {:>12} / {:>12} bytes, {} records\n",
+                p.index, p.used_bytes, p.capacity_bytes, p.records
+            ));
+        }
+    }
+    s
+}
+
+/// Serve status requests on `path` until the task is dropped.
+pub async fn serve_socket(engine: Arc<Engine>, listener: tokio::net::UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(rd).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply = match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) if v.get("cmd").and_then(|c| c.as_str()) == Some("status") => {
+                        serde_json::to_string(&snapshot(&engine))
+                    }
+                    _ => serde_json::to_string(&serde_json::json!({
+                        "error": "unknown request; send {\"cmd\":\"status\"}"
+                    })),
+                };
+                let Ok(mut reply) = reply else { return };
+                reply.push('\n');
+                if wr.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,174 @@
+//! The QUIC client endpoint with mutual TLS, used to reach `fs-dest`.
+//!
+//! Loads `DIR/ca.pem` (the CA that signed the destination's certificate), `DIR/NAME.pem` and
+//! `DIR/NAME.key` (this source's client certificate, made with `fs-dest certs issue`). The
+//! destination is verified under the name `nvmirror-dest`, with ALPN `nvmirror/1`, TLS 1.3 and
+//! the ring provider. The UDP socket gets 4 MiB buffers (quinn does not enlarge them).
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use thiserror::Error;
+
+/// ALPN protocol identifier of this protocol version.
+pub const ALPN: &[u8] = b"nvmirror/1";
+/// The name the destination's certificate must carry.
+pub const SERVER_NAME: &str = "nvmirror-dest";
+/// Socket buffer size asked for (send and receive).
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+/// A connection silent for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keep-alive interval, well under the idle timeout.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// Why the client endpoint could not be built.
+#[derive(Debug, Error)]
+pub enum ClientTlsError {
+    /// A certificate or key file is missing or bad.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// rustls refused the configuration (e.g. the key does not match the certificate).
+    #[error("TLS client configuration from {dir}: {source}")]
+    Rustls {
+        /// The TLS directory.
+        dir: PathBuf,
+        /// Why.
+        source: rustls::Error,
+    },
+    /// The rustls configuration is not usable for QUIC.
+    #[error("QUIC crypto configuration: {0}")]
+    Quic(String),
+    /// The UDP socket could not be made.
+    #[error("UDP socket on {addr}: {source}")]
+    Socket {
+        /// The local address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Transport settings (the same as the destination's): 30 s idle timeout, 5 s keep-alive,
+/// windows large enough for bulk writes on one long-lived stream.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
+    t.receive_window(quinn::VarInt::from_u32(32 << 20));
+    t.send_window(32 << 20);
+    t
+}
+
+fn file_err(path: &Path, reason: impl Into<String>) -> ClientTlsError {
+    ClientTlsError::File {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientTlsError> {
+    if !path.exists() {
+        return Err(file_err(path, "file not found"));
+    }
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, format!("cannot read certificates: {e}")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, format!("bad PEM certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, ClientTlsError> {
+    if !path.exists() {
+        return Err(file_err(path, "file not found"));
+    }
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| file_err(path, format!("bad PEM private key: {e}")))
+}
+
+/// The quinn client configuration for source `name` from the files in `tls_dir`.
+pub fn client_config(tls_dir: &Path, name: &str) -> Result<quinn::ClientConfig, ClientTlsError> {
+    let ca_path = tls_dir.join("ca.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(&ca_path)? {
+        roots
+            .add(c)
+            .map_err(|e| file_err(&ca_path, format!("not a usable CA certificate: {e}")))?;
+    }
+    let chain = load_certs(&tls_dir.join(format!("{name}.pem")))?;
+    let key = load_key(&tls_dir.join(format!("{name}.key")))?;
+    let rustls_err = |source| ClientTlsError::Rustls {
+        dir: tls_dir.to_path_buf(),
+        source,
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(rustls_err)?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .map_err(rustls_err)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientTlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport_config()));
+    Ok(cfg)
+}
+
+/// A UDP socket bound to `addr` with enlarged buffers.
+fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, ClientTlsError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| ClientTlsError::Socket { addr, source };
+    let s =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    if let Err(e) = s.set_recv_buffer_size(SOCKET_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "cannot enlarge the UDP receive buffer");
+    }
+    if let Err(e) = s.set_send_buffer_size(SOCKET_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "cannot enlarge the UDP send buffer");
+    }
+    s.bind(&addr.into()).map_err(err)?;
+    Ok(s.into())
+}
+
+/// A client endpoint for source `name`, bound to an ephemeral port of the same address family
+/// as `dest`, with its default client configuration set. Connect with
+/// `endpoint.connect(dest, SERVER_NAME)`. Must be called inside a tokio runtime.
+pub fn client_endpoint(
+    tls_dir: &Path,
+    name: &str,
+    dest: SocketAddr,
+) -> Result<(quinn::Endpoint, quinn::ClientConfig), ClientTlsError> {
+    let cfg = client_config(tls_dir, name)?;
+    let local: SocketAddr = match dest {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = udp_socket(local)?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| ClientTlsError::Socket {
+        addr: local,
+        source,
+    })?;
+    endpoint.set_default_client_config(cfg.clone());
+    Ok((endpoint, cfg))
+}
