@@ -252,16 +252,20 @@ impl Daemon {
         log: &Path,
         ready_prefix: &str,
         timeout: Duration,
-    ) -> Result<(Daemon, String), String> {
-        let log_file = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    ) -> Result<(Daemon, String), SpawnFailure> {
+        let fail = |message: String| SpawnFailure {
+            exit: None,
+            message,
+        };
+        let log_file = File::create(log).map_err(|e| fail(format!("{}: {e}", log.display())))?;
         let shown = format!("{cmd:?}");
         writeln!(&log_file, "$ {shown}").ok();
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(log_file.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log_file.try_clone().map_err(|e| fail(e.to_string()))?)
             .spawn()
-            .map_err(|e| format!("cannot start {shown}: {e}"))?;
+            .map_err(|e| fail(format!("cannot start {shown}: {e}")))?;
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel::<String>();
         let prefix = ready_prefix.to_string();
@@ -298,17 +302,20 @@ impl Daemon {
                         if let Some(rest) = late {
                             return Ok((daemon, rest));
                         }
-                        return Err(format!(
-                            "{name} exited with {status} before printing {ready_prefix:?}\n{}",
-                            read_log(log)
-                        ));
+                        return Err(SpawnFailure {
+                            exit: Some(status),
+                            message: format!(
+                                "{name} exited with {status} before printing {ready_prefix:?}\n{}",
+                                read_log(log)
+                            ),
+                        });
                     }
                     if Instant::now() >= deadline {
                         let log_text = read_log(log);
                         daemon.kill_now();
-                        return Err(format!(
+                        return Err(fail(format!(
                             "{name} did not print {ready_prefix:?} within {timeout:?}\n{log_text}"
-                        ));
+                        )));
                     }
                 }
             }
@@ -368,6 +375,51 @@ impl Drop for Daemon {
             self.terminate(SHUTDOWN_TIMEOUT);
         }
     }
+}
+
+/// A daemon that did not get ready.
+#[derive(Debug)]
+pub struct SpawnFailure {
+    /// Its exit status if it exited by itself (`None`: it could not start, or hung and was
+    /// killed).
+    pub exit: Option<ExitStatus>,
+    /// What happened, with the daemon's log.
+    pub message: String,
+}
+
+impl std::fmt::Display for SpawnFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A `fs-source mount` that did not mount.
+#[derive(Debug)]
+pub struct MountFailure {
+    pub spawn: SpawnFailure,
+    /// The mount point was mounted after the failure (the harness then unmounted it).
+    pub left_mounted: bool,
+    /// What the daemon itself wrote (its log without the harness's command line).
+    pub daemon_output: String,
+}
+
+impl std::fmt::Display for MountFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.spawn)?;
+        if self.left_mounted {
+            write!(f, "\n(and it left its mount point mounted)")?;
+        }
+        Ok(())
+    }
+}
+
+/// The text of a daemon's log without the `$ command` line the harness writes first.
+pub fn daemon_output(log: &Path) -> String {
+    read_log(log)
+        .lines()
+        .filter(|l| !l.starts_with("$ "))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn read_log(path: &Path) -> String {
@@ -597,13 +649,17 @@ impl Harness {
     /// Starts `fs-source mount` for `opts` against this destination, with backing dir, mount
     /// point and NVRAM file named after the source, and waits until it reports the mount live.
     /// Returns the daemon's log and exit status as an error if it does not mount.
-    pub fn mount_source(&self, opts: &SourceOptions) -> Result<SourceMount, String> {
+    pub fn mount_source(&self, opts: &SourceOptions) -> Result<SourceMount, MountFailure> {
         self.mount_source_in(opts, &self.dir)
     }
 
     /// [`Harness::mount_source`] with the source's backing dir, mount point, NVRAM file and log
     /// inside `dir`.
-    pub fn mount_source_in(&self, opts: &SourceOptions, dir: &Path) -> Result<SourceMount, String> {
+    pub fn mount_source_in(
+        &self,
+        opts: &SourceOptions,
+        dir: &Path,
+    ) -> Result<SourceMount, MountFailure> {
         let backing = dir.join(format!("backing-{}", opts.name));
         let mountpoint = dir.join(format!("mnt-{}", opts.name));
         fs::create_dir_all(&backing).expect("create backing dir");
@@ -639,7 +695,18 @@ impl Harness {
             &log,
             "fs-source: mounted",
             STARTUP_TIMEOUT,
-        )?;
+        )
+        .map_err(|spawn| {
+            let left_mounted = is_mounted(&mountpoint);
+            if left_mounted {
+                lazy_unmount(&mountpoint);
+            }
+            MountFailure {
+                spawn,
+                left_mounted,
+                daemon_output: daemon_output(&log),
+            }
+        })?;
         let mut mount = SourceMount {
             daemon,
             mountpoint: mountpoint.clone(),
@@ -648,11 +715,19 @@ impl Harness {
         };
         if !is_mounted(&mountpoint) {
             let status = mount.stop();
-            return Err(format!(
-                "fs-source printed its mounted line but {} is not in /proc/mounts (exit: {status:?})\n{}",
-                mountpoint.display(),
-                read_log(&log)
-            ));
+            return Err(MountFailure {
+                spawn: SpawnFailure {
+                    exit: status,
+                    message: format!(
+                        "fs-source printed its mounted line but {} is not in /proc/mounts \
+                         (exit after SIGTERM: {status:?})\n{}",
+                        mountpoint.display(),
+                        read_log(&log)
+                    ),
+                },
+                left_mounted: false,
+                daemon_output: daemon_output(&log),
+            });
         }
         Ok(mount)
     }
