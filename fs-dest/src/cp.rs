@@ -172,7 +172,15 @@ pub fn apply_through(engine: &Engine, source: &Source, last_seq: u64) -> Result<
         source_name: source.name.clone(),
         source: e,
     };
-    rustix::fs::syncfs(tree.root_fd()).map_err(|e| sync_err(e.into()))?;
+    // The tree's root is an O_PATH descriptor, which syncfs refuses (EBADF): open the image
+    // directory for reading instead.
+    let image = rustix::fs::open(
+        &source.image_dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| sync_err(e.into()))?;
+    rustix::fs::syncfs(&image).map_err(|e| sync_err(e.into()))?;
     engine.slots.flush(source.slot).map_err(|e| match e {
         crate::error::SlotError::Flush(io) => sync_err(io),
         other => sync_err(std::io::Error::other(other.to_string())),

@@ -53,6 +53,9 @@ pub enum DestageError {
     NvLog(#[from] proto::NvLogError),
 }
 
+/// A source partition and the inner frames destined for its journal.
+type PartitionFrames<'a> = (u16, Vec<&'a [u8]>);
+
 /// The destager thread's loop.
 pub fn run(engine: Arc<Engine>) {
     let mut failing = false;
@@ -117,7 +120,7 @@ fn destage_partition(
             .push(inner.bytes);
         off += frame::padded_len(outer.bytes.len());
     }
-    let mut by_source: BTreeMap<usize, Vec<(u16, Vec<&[u8]>)>> = BTreeMap::new();
+    let mut by_source: BTreeMap<usize, Vec<PartitionFrames<'_>>> = BTreeMap::new();
     for ((slot, part), frames) in groups {
         by_source.entry(slot).or_default().push((part, frames));
     }
@@ -131,7 +134,7 @@ fn destage_partition(
 }
 
 /// Append inner frames to a source's journals, skipping what is already journaled or applied.
-fn journal_frames(source: &Source, parts: Vec<(u16, Vec<&[u8]>)>) -> Result<(), DestageError> {
+fn journal_frames(source: &Source, parts: Vec<PartitionFrames<'_>>) -> Result<(), DestageError> {
     let applied = source.applied_seq.load(Ordering::Acquire);
     let mut highest = 0;
     {

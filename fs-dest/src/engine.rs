@@ -717,3 +717,61 @@ impl Engine {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(seq: u64, partition: u16, path: &str) -> Vec<u8> {
+        let op = Op::Unlink {
+            path: path.as_bytes().to_vec(),
+        };
+        frame::encode(seq, 1, partition, KIND_RECORD, 0, &op.encode()).unwrap()
+    }
+
+    #[test]
+    fn a_good_batch_passes_whole() {
+        let mut b = rec(5, 0, "a");
+        b.extend(rec(6, 1, "b/c"));
+        let (ok, rej) = check_batch(&b, 5, 1 << 20);
+        assert_eq!(ok.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![5, 6]);
+        assert_eq!(rej, None);
+    }
+
+    #[test]
+    fn each_defect_stops_the_batch_at_that_record() {
+        let mut crc = rec(2, 0, "x");
+        let n = crc.len();
+        crc[n - 1] ^= 1;
+        let nested = frame::encode(2, 1, 0, KIND_NESTED, 0, b"zz").unwrap();
+        let garbage = frame::encode(2, 1, 0, KIND_RECORD, 0, b"\xc1\xc1").unwrap();
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("bad crc", crc, "CRC"),
+            ("gap", rec(3, 0, "x"), "3 received, 2 expected"),
+            ("repeat", rec(1, 0, "x"), "1 received, 2 expected"),
+            ("dotdot", rec(2, 0, "a/../../x"), "'..'"),
+            ("absolute", rec(2, 0, "/x"), "absolute"),
+            ("nul", rec(2, 0, "a\0b"), "NUL"),
+            ("partition", rec(2, 64, "x"), "partition 64"),
+            ("kind", nested, "not a record"),
+            ("undecodable", garbage, "undecodable"),
+        ];
+        for (what, bad, needle) in cases {
+            let mut b = rec(1, 0, "fine");
+            b.extend(&bad);
+            b.extend(rec(3, 0, "after"));
+            let (ok, rej) = check_batch(&b, 1, 1 << 20);
+            assert_eq!(ok.len(), 1, "{what}");
+            let rej = rej.unwrap_or_else(|| panic!("{what} accepted"));
+            assert!(rej.reason.contains(needle), "{what}: {}", rej.reason);
+        }
+    }
+
+    #[test]
+    fn a_record_larger_than_a_partition_is_refused() {
+        let big = rec(1, 0, &"a".repeat(200));
+        let (ok, rej) = check_batch(&big, 1, 64);
+        assert!(ok.is_empty());
+        assert!(rej.unwrap().reason.contains("does not fit"));
+    }
+}

@@ -403,7 +403,7 @@ mod tests {
         let frames: Vec<Vec<u8>> = (1..=5).map(rec).collect();
         let refs: Vec<&[u8]> = frames.iter().map(|f| &f[..]).collect();
         j.append(&refs).unwrap();
-        assert_eq!(j.last_seq(), Some(5));
+        assert_eq!((j.last_seq(), j.records()), (Some(5), 5));
         assert_eq!(j.read_frames().unwrap(), frames);
         let full_len = j.len_bytes();
         drop(j);

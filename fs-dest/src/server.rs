@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proto::nvlog::Geometry;
@@ -96,47 +97,123 @@ fn bind_status_socket(root: &Path) -> Option<tokio::net::UnixListener> {
     }
 }
 
-/// Run the server until a termination signal.
-pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
-    std::fs::create_dir_all(&opts.root).map_err(|source| ServeError::Io {
-        what: "cannot create the root directory",
-        path: opts.root.clone(),
-        source,
-    })?;
-    let _root_lock = lock_root(&opts.root)?;
-    let engine = Engine::open(&opts.root, &opts.nvram, opts.geometry)?;
-    let flusher = {
+/// A started server: engine, worker threads, status socket and QUIC endpoint.
+pub struct Server {
+    /// The shared state.
+    pub engine: Arc<Engine>,
+    endpoint: quinn::Endpoint,
+    local: SocketAddr,
+    root: PathBuf,
+    flusher: std::thread::JoinHandle<()>,
+    destager: std::thread::JoinHandle<()>,
+    status_task: Option<tokio::task::JoinHandle<()>>,
+    _root_lock: OwnedFd,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local", &self.local)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Open everything and start listening (connections are accepted by
+    /// [`Server::accept_until`]).
+    pub async fn start(opts: ServeOptions) -> Result<Server, ServeError> {
+        std::fs::create_dir_all(&opts.root).map_err(|source| ServeError::Io {
+            what: "cannot create the root directory",
+            path: opts.root.clone(),
+            source,
+        })?;
+        let root_lock = lock_root(&opts.root)?;
+        let engine = Engine::open(&opts.root, &opts.nvram, opts.geometry)?;
+        let spawn_err = |source| ServeError::Io {
+            what: "cannot start a worker thread for",
+            path: opts.nvram.clone(),
+            source,
+        };
         let e = engine.clone();
-        std::thread::Builder::new()
+        let flusher = std::thread::Builder::new()
             .name("nvlog-flusher".into())
             .spawn(move || e.run_flusher())
-            .map_err(|source| ServeError::Io {
-                what: "cannot start the flusher thread for",
-                path: opts.nvram.clone(),
-                source,
-            })?
-    };
-    let destager = {
+            .map_err(spawn_err)?;
         let e = engine.clone();
-        std::thread::Builder::new()
+        let destager = std::thread::Builder::new()
             .name("destager".into())
             .spawn(move || destage::run(e))
-            .map_err(|source| ServeError::Io {
-                what: "cannot start the destager thread for",
-                path: opts.nvram.clone(),
-                source,
-            })?
-    };
-    let endpoint = crate::tls::server_endpoint(&opts.tls_dir, opts.listen)?;
-    let local = endpoint.local_addr().map_err(|source| ServeError::Io {
-        what: "cannot read the local address of the endpoint for",
-        path: opts.tls_dir.clone(),
-        source,
-    })?;
-    *crate::engine::lock(&engine.listen) = local.to_string();
-    let status_task = bind_status_socket(&opts.root)
-        .map(|l| tokio::spawn(status::serve_socket(engine.clone(), l)));
+            .map_err(spawn_err)?;
+        let endpoint = crate::tls::server_endpoint(&opts.tls_dir, opts.listen)?;
+        let local = endpoint.local_addr().map_err(|source| ServeError::Io {
+            what: "cannot read the local address of the endpoint configured from",
+            path: opts.tls_dir.clone(),
+            source,
+        })?;
+        *crate::engine::lock(&engine.listen) = local.to_string();
+        let status_task = bind_status_socket(&opts.root)
+            .map(|l| tokio::spawn(status::serve_socket(engine.clone(), l)));
+        Ok(Server {
+            engine,
+            endpoint,
+            local,
+            root: opts.root,
+            flusher,
+            destager,
+            status_task,
+            _root_lock: root_lock,
+        })
+    }
 
+    /// The address actually listened on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Accept connections (one task each) until `stop` completes.
+    pub async fn accept_until(&self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(i) => { tokio::spawn(session::handle(self.engine.clone(), i)); }
+                    None => break,
+                },
+                _ = &mut stop => break,
+            }
+        }
+    }
+
+    /// Stop accepting, close connections, stop the workers, flush NVRAM.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        self.endpoint.set_server_config(None);
+        self.endpoint
+            .close(session::CLOSE_SHUTDOWN.into(), b"fs-dest shutting down");
+        let engine = self.engine;
+        engine.shutdown.store(true, Ordering::Relaxed);
+        engine.flush_signal.notify();
+        engine.destage_signal.notify();
+        let (flusher, destager) = (self.flusher, self.destager);
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = flusher.join();
+            let _ = destager.join();
+        })
+        .await;
+        if let Err(e) = engine.storage().flush(0, engine.storage().len()) {
+            tracing::error!(error = %e, "final NVRAM flush failed");
+        }
+        if let Some(t) = self.status_task {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(status::socket_path(&self.root));
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Run the server until SIGTERM or SIGINT, printing `fs-dest: listening on IP:PORT` once it
+/// accepts connections.
+pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let sig_err = |source| ServeError::Io {
         what: "cannot install a signal handler",
         path: PathBuf::from("SIGTERM/SIGINT"),
@@ -144,42 +221,20 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     };
     let mut term = signal(SignalKind::terminate()).map_err(sig_err)?;
     let mut int = signal(SignalKind::interrupt()).map_err(sig_err)?;
-
+    let server = Server::start(opts).await?;
     {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "fs-dest: listening on {local}");
+        let _ = writeln!(out, "fs-dest: listening on {}", server.local_addr());
         let _ = out.flush();
     }
-
-    loop {
-        tokio::select! {
-            incoming = endpoint.accept() => match incoming {
-                Some(i) => { tokio::spawn(session::handle(engine.clone(), i)); }
-                None => break,
-            },
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
-    }
-
-    tracing::info!("shutting down");
-    endpoint.set_server_config(None);
-    endpoint.close(session::CLOSE_SHUTDOWN.into(), b"fs-dest shutting down");
-    engine.shutdown.store(true, Ordering::Relaxed);
-    engine.flush_signal.notify();
-    engine.destage_signal.notify();
-    let _ = tokio::task::spawn_blocking(move || {
-        let _ = flusher.join();
-        let _ = destager.join();
-    })
-    .await;
-    if let Err(e) = engine.storage().flush(0, engine.storage().len()) {
-        tracing::error!(error = %e, "final NVRAM flush failed");
-    }
-    if let Some(t) = status_task {
-        t.abort();
-    }
-    let _ = std::fs::remove_file(status::socket_path(&opts.root));
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    server
+        .accept_until(async {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        })
+        .await;
+    server.shutdown().await;
     Ok(())
 }
