@@ -346,8 +346,13 @@ impl Mirror {
             }
         }
         self.progress_changed.notify_all();
+        let acked = p.acked;
         drop(p);
-        self.acked_watch.send_replace(durable_seq);
+        self.acked_watch.send_if_modified(|a| {
+            let changed = *a != acked;
+            *a = acked;
+            changed
+        });
     }
 
     /// Record that the link went up or down.

@@ -405,28 +405,31 @@ impl Volume {
             return Err(FsError::UnknownHandle(fh));
         };
         let remaining = self.table().opened(ino, -1);
-        if remaining > 0 {
+        if remaining > 0 || !self.has_only_orphan_names(ino) {
             return Ok(());
         }
         let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
-        let orphans: Vec<Vec<u8>> = {
-            let t = self.table();
-            match t.node(ino) {
-                Some(n)
-                    if !n.names.is_empty()
-                        && n.names.iter().all(|(p, name)| Self::is_orphan(*p, name)) =>
-                {
-                    n.names.iter().map(|(_, name)| name.clone()).collect()
-                }
-                _ => Vec::new(),
+        // Checked again under the sequencer lock: a rename may have given it a name meanwhile.
+        if self.has_only_orphan_names(ino) {
+            let names: Vec<Vec<u8>> = self
+                .table()
+                .node(ino)
+                .map(|n| n.names.iter().map(|(_, name)| name.clone()).collect())
+                .unwrap_or_default();
+            for name in names {
+                let op = Op::Unlink { path: name.clone() };
+                txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+                self.table().remove_name(ROOT, &name);
             }
-        };
-        for name in orphans {
-            let op = Op::Unlink { path: name.clone() };
-            txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
-            self.table().remove_name(ROOT, &name);
         }
         txn.finish()
+    }
+
+    fn has_only_orphan_names(&self, ino: u64) -> bool {
+        let t = self.table();
+        t.node(ino).is_some_and(|n| {
+            n.opens == 0 && !n.names.is_empty() && n.names.iter().all(|(p, name)| Self::is_orphan(*p, name))
+        })
     }
 
     /// If (parent, name) is the last known name of an open file, move it to an orphan name
