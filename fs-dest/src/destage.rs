@@ -168,3 +168,54 @@ fn journal_frames(source: &Source, parts: Vec<PartitionFrames<'_>>) -> Result<()
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::check_batch;
+    use proto::frame::KIND_RECORD;
+    use proto::nvlog::{Geometry, MIN_PARTITION_SIZE};
+    use proto::Op;
+
+    fn rec(seq: u64) -> Vec<u8> {
+        let op = Op::Unlink {
+            path: format!("f{seq}").into_bytes(),
+        };
+        frame::encode(seq, 1, 0, KIND_RECORD, 0, &op.encode()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_journal_write_and_free_duplicates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let nvram = dir.path().join("nvram");
+        let geo = Geometry {
+            partitions: 2,
+            partition_size: MIN_PARTITION_SIZE,
+        };
+        let engine = Engine::open(&root, &nvram, geo).unwrap();
+        let alpha = engine.source("alpha").unwrap();
+        let batch: Vec<u8> = (1..=3).flat_map(rec).collect();
+        let (ok, rej) = check_batch(&batch, 1, geo.capacity());
+        assert!(rej.is_none());
+        let out = engine.append_batch(alpha.slot, &ok).await;
+        assert!(out.error.is_none() && out.appended == 3);
+        // Journal the partition but "crash" before freeing it.
+        for (p, start, used) in engine.destage_candidates() {
+            destage_partition(&engine, p, start, used).unwrap();
+        }
+
+        let engine2 = Engine::open(&root, &nvram, geo).unwrap();
+        let alpha2 = engine2.source("alpha").unwrap();
+        assert_eq!(alpha2.accepted_seq.load(Ordering::Relaxed), 3);
+        assert_eq!(destage_once(&engine2).unwrap(), 1);
+        let seqs: Vec<u64> = lock(&alpha2.journals)[&0]
+            .read_frames()
+            .unwrap()
+            .iter()
+            .map(|f| frame::parse_header(f).unwrap().seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+        assert_eq!(*alpha2.journaled.borrow(), 3);
+    }
+}

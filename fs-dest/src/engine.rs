@@ -345,6 +345,7 @@ pub struct Engine {
     pub slots: SlotTable<MmapStorage>,
     sources: Mutex<HashMap<String, Arc<Source>>>,
     by_slot: Mutex<HashMap<usize, Arc<Source>>>,
+    registering: Mutex<()>,
     /// Wakes the flusher.
     pub flush_signal: Signal,
     /// Highest destination sequence number flushed.
@@ -433,6 +434,7 @@ impl Engine {
             }),
             sources: Mutex::new(HashMap::new()),
             by_slot: Mutex::new(HashMap::new()),
+            registering: Mutex::new(()),
             flush_signal: Signal::default(),
             flushed,
             destage_signal: Signal::default(),
@@ -513,6 +515,11 @@ impl Engine {
 
     /// The source called `name`, registering it (slot, directories) on first sight.
     pub fn source(self: &Arc<Self>, name: &str) -> Result<Arc<Source>, EngineError> {
+        if let Some(s) = lock(&self.sources).get(name) {
+            return Ok(s.clone());
+        }
+        // Two first connections of one new source must not register it twice.
+        let _registering = lock(&self.registering);
         if let Some(s) = lock(&self.sources).get(name) {
             return Ok(s.clone());
         }
