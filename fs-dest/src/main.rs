@@ -208,13 +208,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The error and its causes, leaving out a cause whose text the message already contains
+/// (wrappers that repeat their source).
+fn describe(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("fs-dest: error: {e:#}");
+            eprintln!("fs-dest: error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }

@@ -37,10 +37,10 @@ pub struct ServeOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// Opening NVRAM, slots or journals failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Engine(#[from] EngineError),
     /// The TLS/QUIC endpoint could not be built.
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] TlsError),
     /// Another server runs on this root.
     #[error("another fs-dest already serves {0} (its lock file {1} is held)")]

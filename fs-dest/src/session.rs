@@ -186,6 +186,10 @@ async fn serve(
         applied_seq: source.applied_seq.load(Ordering::Acquire),
         generation: source.generation.load(Ordering::Acquire),
     };
+    if last_logged_seq < next_seq - 1 {
+        tracing::warn!(source = %name, last_logged_seq, durable_seq = next_seq - 1,
+            "the source has logged fewer records than this destination holds for it");
+    }
     tracing::debug!(source = %name, durable_seq = next_seq - 1, last_logged_seq, "welcome");
     let result = match send.write_all(&wire::encode_control(&welcome)).await {
         Ok(()) => {

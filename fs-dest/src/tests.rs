@@ -346,8 +346,18 @@ async fn records_are_acked_destaged_and_applied_at_a_cp() {
         crate::journal::HEADER_LEN as u64,
         "journal truncated after the CP"
     );
-    let report = crate::status::snapshot(&engine);
+    let root = h.root.clone();
+    let report = tokio::task::spawn_blocking(move || crate::status::query(&root))
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the running server answers on its status socket");
+    assert!(report.running);
+    assert_eq!(report.listen, h.addr().to_string());
+    assert_eq!(report.nvlog.partitions.len(), 2);
     let s = &report.sources[0];
+    assert_eq!(s.name, "alpha");
+    assert_eq!((s.durable_seq, s.applied_seq), (Some(4), Some(4)));
     assert_eq!((s.cp_count, s.records_received, s.apply_errors), (1, 4, 0));
     assert!(s.connected);
 
