@@ -505,3 +505,37 @@ async fn a_full_nvlog_applies_back_pressure_and_loses_nothing() {
     wait_until("NVLOG drained", || nvlog_records(&engine) == 0).await;
     h.stop().await;
 }
+
+/// Not a timed assertion: prints the ingest rate of 1 MiB writes over loopback
+/// (`cargo test -p fs-dest --release -- --ignored --nocapture ingest_rate`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn ingest_rate() {
+    let mut h = Harness::new(&["alpha"]).await;
+    h.stop().await;
+    h.geometry = Geometry {
+        partitions: 2,
+        partition_size: 64 << 20,
+    };
+    std::fs::remove_file(&h.nvram).unwrap();
+    h.start().await;
+    let mut c = h.connect("alpha").await;
+    c.hello("alpha", 0).await;
+    c.frames(&record(1, &create("big"))).await;
+    let chunk = vec![0xa5; 1 << 20];
+    let n = 512u64;
+    let t = std::time::Instant::now();
+    let mut batch = Vec::new();
+    for i in 0..n {
+        batch.clear();
+        batch.extend(record(2 + i, &write("big", i << 20, &chunk)));
+        c.frames(&batch).await;
+    }
+    c.wait_ack(n + 1).await;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "ingest: {n} MiB in {secs:.2} s = {:.0} MiB/s",
+        n as f64 / secs
+    );
+    h.stop().await;
+}
