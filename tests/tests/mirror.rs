@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The smallest partition the source accepts: a few records fill it, so the workload forces
 /// many consistency points.
@@ -27,9 +27,13 @@ fn mixed_workload_mirrors_exactly() {
     fs::create_dir(&reference).expect("create reference dir");
     workload::mixed(&reference, &mut Rng::new(seed));
     // ...and through the mount.
+    let started = Instant::now();
     workload::mixed(h.mnt(), &mut Rng::new(seed));
+    eprintln!("{TEST}: workload through the mount took {:?}", started.elapsed());
 
+    let started = Instant::now();
     h.cp();
+    eprintln!("{TEST}: cp took {:?}", started.elapsed());
 
     // The mirror: the image equals the backing volume.
     assert_trees_equal_named(h.backing(), &h.image(), "backing", "image");
