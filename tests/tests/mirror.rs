@@ -29,7 +29,10 @@ fn mixed_workload_mirrors_exactly() {
     // ...and through the mount.
     let started = Instant::now();
     workload::mixed(h.mnt(), &mut Rng::new(seed));
-    eprintln!("{TEST}: workload through the mount took {:?}", started.elapsed());
+    eprintln!(
+        "{TEST}: workload through the mount took {:?}",
+        started.elapsed()
+    );
 
     let started = Instant::now();
     h.cp();
