@@ -88,8 +88,16 @@ fn write_waits_for_destination() {
     require_mount!(TEST);
     let mut h = Harness::start(HarnessOptions::new(TEST));
 
-    // Something mirrored already, so the link is known to work before the stop.
-    fs::write(h.mnt().join("before.txt"), b"written before the stop\n").expect("write before");
+    // Something mirrored already, so the link is known to work before the stop. The stalled
+    // write goes to another directory: the kernel itself holds a directory's lock during a
+    // create in it, so only reads elsewhere can be expected to go on.
+    fs::create_dir(h.mnt().join("quiet")).expect("mkdir quiet");
+    fs::create_dir(h.mnt().join("busy")).expect("mkdir busy");
+    fs::write(
+        h.mnt().join("quiet/before.txt"),
+        b"written before the stop\n",
+    )
+    .expect("write before");
     let before = h.status();
     assert_eq!(
         before.last_acked_seq, before.last_logged_seq,
@@ -100,7 +108,7 @@ fn write_waits_for_destination() {
     h.dest().signal(libc::SIGSTOP);
 
     let done = Arc::new(AtomicBool::new(false));
-    let path = h.mnt().join("during.txt");
+    let path = h.mnt().join("busy/during.txt");
     let payload = b"written while the destination was stopped\n".repeat(100);
     let writer = {
         let done = done.clone();
@@ -134,6 +142,34 @@ fn write_waits_for_destination() {
         stalled.raw
     );
 
+    // Reads do not wait for the mirror: they work while a write is stalled.
+    let read_done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let read_done = read_done.clone();
+        let mnt = h.mnt().to_path_buf();
+        thread::spawn(move || {
+            let content = fs::read(mnt.join("quiet/before.txt"));
+            let listing = fs::read_dir(mnt.join("quiet")).map(|d| d.count());
+            read_done.store(true, Ordering::SeqCst);
+            (content, listing)
+        })
+    };
+    wait_until(
+        "a read and a readdir through the mount while a write waits for the stopped destination",
+        Duration::from_secs(20),
+        || read_done.load(Ordering::SeqCst),
+    );
+    let (content, listing) = reader.join().expect("reader thread");
+    assert_eq!(
+        content.expect("read during the stall"),
+        b"written before the stop\n"
+    );
+    listing.expect("readdir during the stall");
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the write completed while the destination was stopped"
+    );
+
     h.dest().signal(libc::SIGCONT);
     wait_until(
         "the write to complete after the destination resumed",
@@ -147,7 +183,7 @@ fn write_waits_for_destination() {
 
     h.cp();
     assert_eq!(
-        fs::read(h.image().join("during.txt")).expect("during.txt in the image"),
+        fs::read(h.image().join("busy/during.txt")).expect("during.txt in the image"),
         payload
     );
     assert_trees_equal_named(h.backing(), &h.image(), "backing", "image");
