@@ -539,8 +539,6 @@ impl HarnessOptions {
 pub struct Harness {
     /// Declared first so it is dropped first: the source unmounts before the destination stops.
     pub source: Option<SourceMount>,
-    /// Other sources a test started (dropped before the destination too).
-    pub extra_sources: Vec<SourceMount>,
     pub dest: Option<Daemon>,
     /// The address `fs-dest` listens on.
     pub dest_addr: String,
@@ -572,7 +570,6 @@ impl Harness {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
         let mut h = Harness {
             source: None,
-            extra_sources: Vec::new(),
             dest: None,
             dest_addr: String::new(),
             test: options.test.clone(),
@@ -840,7 +837,6 @@ impl Drop for Harness {
             dest.signal(libc::SIGCONT);
         }
         self.source.take();
-        self.extra_sources.clear();
         self.dest.take();
         if failed {
             self.print_logs();
