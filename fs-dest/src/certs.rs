@@ -22,9 +22,9 @@ use crate::error::CertError;
 pub const DEST_SERVER_NAME: &str = "nvmirror-dest";
 
 /// Longest source name (1 + 62 characters).
-pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_NAME_LEN: usize = 47;
 
-/// Check a source name: `[A-Za-z0-9][A-Za-z0-9._-]{0,62}`.
+/// Check a source name: `[A-Za-z0-9][A-Za-z0-9._-]{0,46}`.
 pub fn validate_name(name: &str) -> Result<(), CertError> {
     let bad = || CertError::BadName {
         name: name.to_string(),
@@ -212,10 +212,10 @@ mod tests {
 
     #[test]
     fn names_follow_the_rule() {
-        for ok in ["a", "alpha", "A1.b_c-d", &"x".repeat(63)] {
+        for ok in ["a", "alpha", "A1.b_c-d", &"x".repeat(47)] {
             validate_name(ok).unwrap();
         }
-        for bad in ["", ".a", "-a", "a/b", "a b", "ä", &"x".repeat(64), "a\0"] {
+        for bad in ["", ".a", "-a", "a/b", "a b", "ä", &"x".repeat(48), "a\0"] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }

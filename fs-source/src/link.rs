@@ -88,6 +88,23 @@ enum LinkError {
     Unexpected(String),
 }
 
+/// The TLS alert that ended a connection, if the peer (or we) refused the TLS handshake.
+fn tls_alert(e: &LinkError) -> Option<u64> {
+    let conn = match e {
+        LinkError::Connection(c) => c,
+        LinkError::Write(quinn::WriteError::ConnectionLost(c)) => c,
+        LinkError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c))) => c,
+        _ => return None,
+    };
+    let code = match conn {
+        quinn::ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        _ => return None,
+    };
+    // QUIC carries TLS alerts as CRYPTO_ERROR codes 0x100 + alert.
+    (0x100..=0x1ff).contains(&code).then_some(code - 0x100)
+}
+
 /// Run the link forever: connect, stream records, reconnect with backoff.
 pub async fn run(
     mirror: Arc<Mirror>,
@@ -97,7 +114,29 @@ pub async fn run(
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(&mirror, &settings, &shared, &mut control_rx).await {
+        let result = session(&mirror, &settings, &shared, &mut control_rx).await;
+        let result = match result {
+            Err(e) => match tls_alert(&e) {
+                Some(alert) => Err(LinkError::Refused(format!(
+                    "the destination {} rejected the TLS handshake (alert {alert}{}): check that {}/{}.pem is \
+                     signed by the destination's CA and that {}/ca.pem is the destination's CA",
+                    settings.dest,
+                    match alert {
+                        42 => ", bad certificate",
+                        46 => ", certificate unknown",
+                        48 => ", unknown CA",
+                        116 => ", certificate required",
+                        _ => "",
+                    },
+                    settings.tls_dir.display(),
+                    settings.name,
+                    settings.tls_dir.display()
+                ))),
+                None => Err(e),
+            },
+            ok => ok,
+        };
+        match result {
             Ok(()) => {}
             Err(LinkError::Refused(why)) => {
                 tracing::error!(dest = %settings.dest, "{why}");

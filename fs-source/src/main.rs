@@ -96,6 +96,9 @@ struct MountArgs {
     /// Consistency point interval in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     cp_interval_ms: u64,
+    /// How long to wait for the destination before mounting, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    connect_wait_ms: u64,
     /// FUSE worker threads (operations in flight at once).
     #[arg(long, default_value_t = 16)]
     threads: usize,
@@ -105,7 +108,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser::mnt=error")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -205,7 +208,7 @@ fn print_status(s: &serde_json::Value) {
 fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
-        && b.len() <= 63
+        && b.len() <= 47
         && b[0].is_ascii_alphanumeric()
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
@@ -213,7 +216,7 @@ fn valid_name(name: &str) -> bool {
 
 fn mount(args: MountArgs) -> anyhow::Result<()> {
     if !valid_name(&args.name) {
-        bail!("invalid source name {:?}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit", args.name);
+        bail!("invalid source name {:?}: use 1-47 letters, digits, '.', '_' or '-', starting with a letter or digit", args.name);
     }
     let geometry = Geometry {
         partitions: args.partitions,
@@ -290,6 +293,27 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     };
     rt.spawn(control::serve(listener, mirror.clone(), identity));
 
+    // Signals are handled from here on, so a SIGTERM right after the ready line unmounts cleanly.
+    let (mut term, mut int) = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    })?;
+    // Meet the destination before serving clients: a refusal (foreign certificate, fenced
+    // source) is reported now instead of after the first write. An unreachable destination
+    // does not stop the mount: the policy decides what writes do meanwhile.
+    match mirror.wait_first_link(Duration::from_millis(args.connect_wait_ms)) {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            "destination {} not reachable yet; mounting anyway (policy {:?}), records wait in NVRAM",
+            args.dest,
+            args.policy
+        ),
+        Err(why) => bail!("the destination refused this source: {why}"),
+    }
+
     let volume = Arc::new(volume::Volume::new(tree, mirror.clone())?);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -317,9 +341,6 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     });
     let mountpoint = args.mountpoint.clone();
     rt.block_on(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         tokio::pin!(done_rx);
         tokio::select! {
             _ = term.recv() => {}

@@ -105,6 +105,13 @@ pub struct MirrorSettings {
     pub timeout: Duration,
 }
 
+/// What [`Mirror::open`] returns: the core, the CP command receiver, and the frames to replay.
+pub type Opened = (
+    Arc<Mirror>,
+    mpsc::UnboundedReceiver<CpCommand>,
+    Vec<Vec<u8>>,
+);
+
 /// The mirror core shared by every FUSE thread and the network tasks.
 pub struct Mirror {
     seq: Mutex<Sequencer>,
@@ -140,11 +147,7 @@ impl Mirror {
         geometry: proto::nvlog::Geometry,
         name: &str,
         settings: MirrorSettings,
-    ) -> anyhow::Result<(
-        Arc<Mirror>,
-        mpsc::UnboundedReceiver<CpCommand>,
-        Vec<Vec<u8>>,
-    )> {
+    ) -> anyhow::Result<Opened> {
         let (nvlog, recovery) = NvLog::open(storage.clone(), geometry, Role::Source)?;
         if recovery.formatted {
             let mut n = [0u8; cursor::NAME_LEN];
@@ -365,6 +368,30 @@ impl Mirror {
             p.link_down_since.or(Some(Instant::now()))
         };
         self.progress_changed.notify_all();
+    }
+
+    /// Wait up to `timeout` for the first connection to the destination. Returns `Ok(true)` when
+    /// connected, `Ok(false)` on timeout, and the reason when the destination refused us.
+    pub fn wait_first_link(&self, timeout: Duration) -> Result<bool, String> {
+        let deadline = Instant::now() + timeout;
+        let mut p = lock(&self.progress);
+        loop {
+            if let Some(why) = &p.stopped {
+                return Err(why.clone());
+            }
+            if p.link_up {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            p = self
+                .progress_changed
+                .wait_timeout(p, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Stop mirroring for good (the destination refused us).

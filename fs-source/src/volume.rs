@@ -428,7 +428,9 @@ impl Volume {
     fn has_only_orphan_names(&self, ino: u64) -> bool {
         let t = self.table();
         t.node(ino).is_some_and(|n| {
-            n.opens == 0 && !n.names.is_empty() && n.names.iter().all(|(p, name)| Self::is_orphan(*p, name))
+            n.opens == 0
+                && !n.names.is_empty()
+                && n.names.iter().all(|(p, name)| Self::is_orphan(*p, name))
         })
     }
 

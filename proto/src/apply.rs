@@ -124,7 +124,8 @@ impl Tree {
         })
     }
 
-    /// The root directory (an `O_PATH` descriptor, good for `*at` calls and `syncfs`).
+    /// The root directory: an `O_PATH` descriptor, good for `*at` calls (not for `syncfs`,
+    /// which needs a readable descriptor).
     pub fn root_fd(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
     }

@@ -102,7 +102,7 @@ impl Geometry {
                 self.partitions
             )));
         }
-        if self.partition_size < MIN_PARTITION_SIZE || self.partition_size % 4096 != 0 {
+        if self.partition_size < MIN_PARTITION_SIZE || !self.partition_size.is_multiple_of(4096) {
             return Err(NvLogError::BadGeometry(format!(
                 "partition size {} bytes; it must be a multiple of 4096 and at least {MIN_PARTITION_SIZE}",
                 self.partition_size
@@ -498,7 +498,7 @@ impl<S: Storage> NvLog<S> {
                 at += 8;
             }
             let torn =
-                (!blank && !failure.contains("left from an earlier use")).then(|| TornTail {
+                (!blank && !failure.contains("left from an earlier use")).then_some(TornTail {
                     partition: p,
                     offset: off,
                     reason: failure,
