@@ -63,6 +63,12 @@ pub struct Status {
     pub last_applied_seq: u64,
     /// Records logged but not yet acknowledged.
     pub lag_records: u64,
+    /// Seconds the oldest unacknowledged record has waited (0 when in sync).
+    pub lag_seconds: f64,
+    /// Records moved to the backlog file while the destination was away.
+    pub backlog_records: u64,
+    /// Bytes in the backlog file.
+    pub backlog_bytes: u64,
     /// Completed consistency points.
     pub cp_count: u64,
     /// "up" or "down".
@@ -106,6 +112,7 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
             },
         )
         .collect();
+    let (backlog_records, backlog_bytes) = mirror.backlog_size();
     mirror.progress(|p| Status {
         name: id.name.clone(),
         mountpoint: id.mountpoint.clone(),
@@ -116,6 +123,15 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
         last_acked_seq: p.acked,
         last_applied_seq: p.applied_remote,
         lag_records: p.logged.saturating_sub(p.acked),
+        lag_seconds: if p.acked < p.logged {
+            p.lagging_since
+                .map(|t| t.elapsed().as_secs_f64())
+                .unwrap_or(0.0)
+        } else {
+            0.0
+        },
+        backlog_records,
+        backlog_bytes,
         cp_count: p.cp_count,
         link: if p.link_up { "up" } else { "down" },
         degraded: p.degraded,

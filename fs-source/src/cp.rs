@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::link::LinkShared;
-use crate::mirror::{CpCommand, Mirror};
+use crate::mirror::{CpCommand, Mirror, Policy};
 
 /// Run the driver until the command channel closes.
 pub async fn run(
@@ -55,6 +55,15 @@ pub async fn run(
             continue;
         }
         if !seal_pending && !waiters.is_empty() {
+            // Records mirrored from the backlog (or acknowledged after a reconnect) may be
+            // ahead of the image with no partition left to commit: ask for them too.
+            let (acked, applied, up) = mirror.progress(|p| (p.acked, p.applied_remote, p.link_up));
+            if up && applied < acked {
+                match remote_cp(&link, 0, acked, &backing, &mut next_id).await {
+                    Ok(a) => mirror.on_cp_done(a),
+                    Err(e) => tracing::error!("catch-up consistency point failed: {e}"),
+                }
+            }
             let applied = mirror.progress(|p| p.applied_remote);
             for w in waiters.drain(..) {
                 let _ = w.send(Ok(applied));
@@ -103,35 +112,67 @@ async fn commit(
     let Some(last) = mirror.partition_last_seq(p) else {
         return mirror.free_partition(p).map_err(|e| e.to_string());
     };
-    // Every record of the partition must be at the destination.
+    // Every record of the partition must be at the destination — unless policy sync runs
+    // alone, in which case the records move to the backlog and the partition is freed locally.
     let mut acked = mirror.acked_watch.subscribe();
-    acked
-        .wait_for(|a| *a >= last)
-        .await
-        .map_err(|e| format!("ack watch closed: {e}"))?;
-    // The backing volume durably holds the partition's effects.
+    let mut degraded = mirror.degraded_watch.subscribe();
+    loop {
+        if *acked.borrow_and_update() >= last {
+            break;
+        }
+        if *degraded.borrow_and_update() && mirror.policy() == Policy::Sync {
+            syncfs(backing).await?;
+            let n = mirror.spill_and_free(p).map_err(|e| e.to_string())?;
+            tracing::info!(
+                partition = p,
+                records = n,
+                "destination away: moved unacknowledged records to the backlog"
+            );
+            return Ok(());
+        }
+        tokio::select! {
+            r = acked.changed() => r.map_err(|e| format!("ack watch closed: {e}"))?,
+            r = degraded.changed() => r.map_err(|e| format!("policy watch closed: {e}"))?,
+        }
+    }
+    let applied = remote_cp(link, p, last, backing, next_id).await?;
+    mirror.free_partition(p).map_err(|e| e.to_string())?;
+    mirror.on_cp_done(applied);
+    tracing::debug!(partition = p, last, applied, "consistency point done");
+    Ok(())
+}
+
+async fn syncfs(backing: &Arc<OwnedFd>) -> Result<(), String> {
     let fd = backing.clone();
     tokio::task::spawn_blocking(move || rustix::fs::syncfs(&*fd))
         .await
         .map_err(|e| format!("syncfs task: {e}"))?
-        .map_err(|e| format!("syncfs of the backing directory: {e}"))?;
+        .map_err(|e| format!("syncfs of the backing directory: {e}"))
+}
+
+/// Make the backing directory durable, then have the destination apply everything up to
+/// `last` to the image; returns the destination's applied sequence number.
+async fn remote_cp(
+    link: &Arc<LinkShared>,
+    p: usize,
+    last: u64,
+    backing: &Arc<OwnedFd>,
+    next_id: &mut u64,
+) -> Result<u64, String> {
+    syncfs(backing).await?;
     let mut epoch = link.epoch.subscribe();
-    let applied = loop {
+    loop {
         let id = *next_id;
         *next_id += 1;
         let done = link.request_cp(id, p as u16, last);
         epoch.borrow_and_update();
         tokio::select! {
             r = done => match r {
-                Ok(applied) => break applied,
+                Ok(applied) => return Ok(applied),
                 Err(_) => continue,
             },
             // Reconnected: the request may have been lost with the old connection.
             _ = epoch.changed() => continue,
         }
-    };
-    mirror.free_partition(p).map_err(|e| e.to_string())?;
-    mirror.on_cp_done(applied);
-    tracing::debug!(partition = p, last, applied, "consistency point done");
-    Ok(())
+    }
 }

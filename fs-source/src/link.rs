@@ -148,7 +148,9 @@ pub async fn run(
             }
         }
         mirror.set_link(false);
+        mirror.check_link_timeout();
         tokio::time::sleep(backoff).await;
+        mirror.check_link_timeout();
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
@@ -203,7 +205,14 @@ async fn session(
     }))
     .await?;
     let durable = match read_message(&mut recv).await? {
-        Message::Control(Control::Welcome { durable_seq, .. }) => durable_seq,
+        Message::Control(Control::Welcome {
+            durable_seq,
+            applied_seq,
+            ..
+        }) => {
+            mirror.note_applied(applied_seq);
+            durable_seq
+        }
         Message::Control(Control::Refused { reason }) => return Err(LinkError::Refused(reason)),
         other => return Err(LinkError::Unexpected(format!("{other:?}"))),
     };
@@ -240,6 +249,7 @@ async fn session(
                             }
                         }
                         mirror.on_ack(durable_seq, records, bytes);
+                        mirror.trim_backlog();
                     }
                     Message::Control(Control::CpDone { id, applied_seq }) => {
                         if let Some(tx) = shared

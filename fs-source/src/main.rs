@@ -4,6 +4,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod backlog;
 mod control;
 mod cp;
 mod error;
@@ -75,7 +76,8 @@ struct MountArgs {
     /// This source's name (its certificate's name).
     #[arg(long)]
     name: String,
-    /// The NVRAM file (put it on /dev/shm or a DAX device).
+    /// The NVRAM file (put it on /dev/shm or a DAX device). Records that must leave NVRAM
+    /// while the destination is away go to FILE.backlog.
     #[arg(long)]
     nvram: PathBuf,
     /// Directory with ca.pem, NAME.pem and NAME.key.
@@ -237,9 +239,19 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         policy: args.policy,
         timeout: Duration::from_millis(args.timeout_ms),
     };
-    let (mirror, cp_rx, replay) =
-        Mirror::open(Arc::new(storage), geometry, &args.name, settings)
-            .with_context(|| format!("opening NVRAM {}", args.nvram.display()))?;
+    let backlog_path = {
+        let mut p = args.nvram.clone().into_os_string();
+        p.push(".backlog");
+        PathBuf::from(p)
+    };
+    let (mirror, cp_rx, replay) = Mirror::open(
+        Arc::new(storage),
+        geometry,
+        &args.name,
+        settings,
+        &backlog_path,
+    )
+    .with_context(|| format!("opening NVRAM {}", args.nvram.display()))?;
     let tree = Tree::open(&args.backing)?;
     recover(&mirror, &tree, replay)?;
 

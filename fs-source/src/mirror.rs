@@ -18,6 +18,7 @@ use proto::storage::{MmapStorage, Storage};
 use proto::NvLog;
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::backlog::Backlog;
 use crate::error::{FsError, MirrorError};
 
 /// What to do when the destination does not acknowledge in time.
@@ -85,6 +86,8 @@ pub struct Progress {
     pub records_mirrored: u64,
     /// Bytes acknowledged by the destination.
     pub bytes_mirrored: u64,
+    /// Since when records wait for an acknowledgement (for lag in seconds).
+    pub lagging_since: Option<Instant>,
     /// Set when the destination refused us for good (fenced...).
     pub stopped: Option<String>,
 }
@@ -126,6 +129,10 @@ pub struct Mirror {
     /// Highest acked seq, for async waiters (the CP driver).
     pub acked_watch: watch::Sender<u64>,
     cp_tx: mpsc::UnboundedSender<CpCommand>,
+    /// Unacknowledged records moved out of NVRAM while running alone.
+    backlog: Mutex<Backlog>,
+    /// True while policy `sync` runs without the destination (for the CP driver).
+    pub degraded_watch: watch::Sender<bool>,
     settings: MirrorSettings,
     /// Largest record payload that always fits in a partition, with room for paths.
     max_record: usize,
@@ -147,6 +154,7 @@ impl Mirror {
         geometry: proto::nvlog::Geometry,
         name: &str,
         settings: MirrorSettings,
+        backlog_path: &std::path::Path,
     ) -> anyhow::Result<Opened> {
         let (nvlog, recovery) = NvLog::open(storage.clone(), geometry, Role::Source)?;
         if recovery.formatted {
@@ -193,6 +201,13 @@ impl Mirror {
                 let _ = cp_tx.send(CpCommand::Full(p));
             }
         }
+        let backlog = Backlog::open(backlog_path)?;
+        if backlog.records > 0 {
+            tracing::info!(
+                records = backlog.records,
+                "backlog holds records not yet mirrored; they are sent on connect"
+            );
+        }
         let mirror = Arc::new(Mirror {
             seq: Mutex::new(Sequencer {
                 nvlog,
@@ -211,6 +226,8 @@ impl Mirror {
             outbox_ready: Notify::new(),
             acked_watch: watch::channel(0).0,
             cp_tx,
+            backlog: Mutex::new(backlog),
+            degraded_watch: watch::channel(false).0,
             settings,
             max_record,
         });
@@ -231,6 +248,7 @@ impl Mirror {
         if need > capacity {
             return Err(FsError::TooLarge(size_hint));
         }
+        let started = Instant::now();
         loop {
             let cur = seq.nvlog.current();
             if seq.nvlog.partition(cur).used + need <= capacity {
@@ -244,10 +262,22 @@ impl Mirror {
                     tracing::debug!(
                         "every NVLOG partition is full; waiting for a consistency point"
                     );
+                    // Policy strict: the partitions drain only through the destination, so a
+                    // writer gives up after the timeout like one waiting for an ack.
+                    let waited = started.elapsed();
+                    if self.settings.policy == Policy::Strict && waited >= self.settings.timeout {
+                        return Err(MirrorError::NotMirrored(self.settings.timeout).into());
+                    }
+                    let left = self
+                        .settings
+                        .timeout
+                        .saturating_sub(waited)
+                        .max(Duration::from_millis(50));
                     seq = self
                         .partition_freed
-                        .wait(seq)
-                        .unwrap_or_else(|p| p.into_inner());
+                        .wait_timeout(seq, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
                 }
             }
         }
@@ -310,6 +340,8 @@ impl Mirror {
                             );
                         }
                         p.degraded = true;
+                        drop(p);
+                        self.degraded_watch.send_replace(true);
                         return Ok(());
                     }
                 }
@@ -346,7 +378,9 @@ impl Mirror {
             if p.degraded && p.acked >= p.logged {
                 tracing::info!("destination caught up: synchronous mirroring again");
                 p.degraded = false;
+                self.degraded_watch.send_replace(false);
             }
+            p.lagging_since = (p.acked < p.logged).then(Instant::now);
         }
         self.progress_changed.notify_all();
         let acked = p.acked;
@@ -356,6 +390,72 @@ impl Mirror {
             *a = acked;
             changed
         });
+    }
+
+    /// Policy `sync`: once the link has been down for the whole timeout, run alone (so CPs spill
+    /// unacknowledged records to the backlog instead of waiting).
+    pub fn check_link_timeout(&self) {
+        let mut p = lock(&self.progress);
+        let down_for = p.link_down_since.map(|t| t.elapsed()).unwrap_or_default();
+        if self.settings.policy == Policy::Sync
+            && !p.link_up
+            && !p.degraded
+            && down_for >= self.settings.timeout
+        {
+            tracing::warn!(
+                "destination unreachable for {down_for:?}: continuing alone (policy sync); \
+                 unmirrored records are kept and sent on reconnect"
+            );
+            p.degraded = true;
+            drop(p);
+            self.degraded_watch.send_replace(true);
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Policy {
+        self.settings.policy
+    }
+
+    /// Move the unacknowledged records of partition `p` to the backlog file (durably), then free
+    /// the partition. The caller made the backing directory durable first.
+    pub fn spill_and_free(&self, p: usize) -> Result<u64, MirrorError> {
+        let mut seq = lock(&self.seq);
+        let acked = lock(&self.progress).acked;
+        let frames: Vec<Vec<u8>> = seq
+            .nvlog
+            .frames(p)
+            .into_iter()
+            .filter(|f| {
+                frame::decode(f)
+                    .map(|d| d.header.seq > acked)
+                    .unwrap_or(false)
+            })
+            .collect();
+        let n = frames.len() as u64;
+        lock(&self.backlog)
+            .append(&frames)
+            .map_err(|e| MirrorError::Flush(std::io::Error::other(e.to_string())))?;
+        seq.nvlog.free(p)?;
+        self.partition_freed.notify_all();
+        Ok(n)
+    }
+
+    /// Empty the backlog once the destination has acknowledged everything in it.
+    pub fn trim_backlog(&self) {
+        let acked = lock(&self.progress).acked;
+        let mut b = lock(&self.backlog);
+        if b.last_seq.is_some_and(|last| last <= acked) {
+            if let Err(e) = b.reset() {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// (records, bytes) in the backlog.
+    pub fn backlog_size(&self) -> (u64, u64) {
+        let b = lock(&self.backlog);
+        (b.records, b.bytes)
     }
 
     /// Record that the link went up or down.
@@ -401,6 +501,12 @@ impl Mirror {
         self.progress_changed.notify_all();
     }
 
+    /// The destination told us (in its welcome) how far its image is applied.
+    pub fn note_applied(&self, applied_seq: u64) {
+        let mut p = lock(&self.progress);
+        p.applied_remote = p.applied_remote.max(applied_seq);
+    }
+
     /// Record a completed CP.
     pub fn on_cp_done(&self, applied_seq: u64) {
         let mut p = lock(&self.progress);
@@ -440,11 +546,18 @@ impl Mirror {
     /// after a reconnect) and empty the outbox, atomically with respect to new appends.
     pub fn frames_after(&self, after: u64) -> Vec<(u64, Bytes)> {
         let seq = lock(&self.seq);
-        let mut out = Vec::new();
+        let mut out = match lock(&self.backlog).frames_after(after) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!("{e}");
+                Vec::new()
+            }
+        };
+        let from_backlog = out.last().map(|(s, _)| *s).unwrap_or(0);
         for p in seq.nvlog.partitions_in_order() {
             for f in seq.nvlog.frames(p) {
                 if let Ok(d) = frame::decode(&f) {
-                    if d.header.seq > after {
+                    if d.header.seq > after.max(from_backlog) {
                         out.push((d.header.seq, Bytes::from(f)));
                     }
                 }
@@ -534,6 +647,9 @@ impl Txn<'_> {
                     let mut p = lock(&self.mirror.progress);
                     p.logged = seq_no;
                     p.dirty_seq = seq_no;
+                    if p.lagging_since.is_none() && p.acked < seq_no {
+                        p.lagging_since = Some(Instant::now());
+                    }
                     match p.dirty.last_mut() {
                         Some((off, l)) if *off + frame::padded_len(*l) == placement.offset => {
                             *l = placement.offset + placement.len - *off;
