@@ -116,6 +116,12 @@ fn tree_of(source: &Source) -> Result<Arc<Tree>, CpError> {
 
 /// Apply the journaled records of `source` up to `last_seq` to its image (blocking).
 pub fn apply_through(engine: &Engine, source: &Source, last_seq: u64) -> Result<u64, CpError> {
+    // Browse readers never see half a CP, and a CP and a promote never apply at once.
+    let source_dir = source.image_dir.parent().unwrap_or(&source.image_dir);
+    let _cp_lock = crate::browse::CpLock::exclusive(source_dir).map_err(|e| CpError::Image {
+        source_name: source.name.clone(),
+        reason: format!("CP lock in {}: {e}", source_dir.display()),
+    })?;
     let floor = source.applied_seq.load(Ordering::Acquire);
     if last_seq <= floor {
         return Ok(floor);

@@ -8,12 +8,14 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod browse;
 mod certs;
 mod cp;
 mod destage;
 mod engine;
 mod error;
 mod journal;
+mod promote;
 mod server;
 mod session;
 mod slots;
@@ -48,10 +50,15 @@ enum Command {
     },
     /// Run the destination server.
     Serve(ServeArgs),
-    /// Mount a source's image read-only (not implemented yet).
-    Browse(ReservedArgs),
-    /// Turn a source's image into a writable volume (not implemented yet).
-    Promote(ReservedArgs),
+    /// Mount a source's image read-only, showing the last completed CP (prints
+    /// `fs-dest: browsing NAME at MNT` once mounted; SIGTERM unmounts).
+    Browse(BrowseArgs),
+    /// Turn a source's image into a primary volume after the source is lost: apply every
+    /// record held for it, fence the old source (raise its generation), disconnect it.
+    Promote(RoleArgs),
+    /// After a failback (reseed), hand the role back: forget the old sequence stream and
+    /// remove the promotion marker so the reseeded source can mirror again.
+    Demote(RoleArgs),
     /// Show the server's state.
     Status {
         /// The destination root directory.
@@ -108,7 +115,30 @@ struct ServeArgs {
 }
 
 #[derive(Debug, Args)]
-struct ReservedArgs {
+struct RoleArgs {
+    /// The destination root directory.
+    #[arg(long)]
+    root: PathBuf,
+    /// The source's name.
+    #[arg(long)]
+    source: String,
+    /// The NVRAM file, when no server runs (default: the one the last `serve` on ROOT used,
+    /// recorded in ROOT/fs-dest.nvram.json).
+    #[arg(long)]
+    nvram: Option<PathBuf>,
+    /// NVLOG partitions of that NVRAM file (with --nvram).
+    #[arg(long, default_value_t = DEFAULT_PARTITIONS)]
+    partitions: usize,
+    /// Bytes per NVLOG partition of that NVRAM file (with --nvram).
+    #[arg(long, default_value_t = DEFAULT_PARTITION_SIZE, value_parser = parse_size)]
+    partition_size: usize,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct BrowseArgs {
     /// The destination root directory.
     #[arg(long)]
     root: PathBuf,
@@ -117,7 +147,10 @@ struct ReservedArgs {
     source: String,
     /// Where to mount.
     #[arg(long)]
-    mountpoint: Option<PathBuf>,
+    mountpoint: PathBuf,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
 }
 
 /// Parse a byte count with an optional K/M/G (binary) suffix.
@@ -189,9 +222,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("cannot start the tokio runtime")?;
             rt.block_on(server::serve(opts)).context("fs-dest serve")?;
         }
-        Command::Browse(_) | Command::Promote(_) => {
-            eprintln!("fs-dest: not implemented yet (issue 4)");
-            return Ok(ExitCode::from(2));
+        Command::Promote(a) => return role("promote", a),
+        Command::Demote(a) => return role("demote", a),
+        Command::Browse(a) => {
+            slots::check_name(&a.source)?;
+            browse::run(&a.root, &a.source, &a.mountpoint, a.threads)
+                .with_context(|| format!("browse {}", a.source))?;
         }
         Command::Status { root, json } => {
             let report = match status::query(&root)? {
@@ -204,6 +240,139 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", status::render(&report));
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A progress bar on stderr that appears only when the work lasts more than a moment and
+/// stderr is a terminal.
+struct LazyBar {
+    start: std::time::Instant,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl LazyBar {
+    fn new() -> Self {
+        LazyBar {
+            start: std::time::Instant::now(),
+            bar: None,
+        }
+    }
+
+    fn update(&mut self, done: u64, total: u64, what: &str) {
+        use std::io::IsTerminal;
+        if self.bar.is_none()
+            && done < total
+            && self.start.elapsed() > std::time::Duration::from_millis(300)
+            && std::io::stderr().is_terminal()
+        {
+            let bar = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} ({per_sec}, {eta} left)",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_message(what.to_string());
+            self.bar = Some(bar);
+        }
+        if let Some(b) = &self.bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    }
+
+    fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// `fs-dest promote` / `fs-dest demote`: through the running server, or directly.
+fn role(cmd: &str, a: RoleArgs) -> anyhow::Result<ExitCode> {
+    slots::check_name(&a.source)?;
+    let bar = std::cell::RefCell::new(LazyBar::new());
+    let what = format!("applying the records held for {}", a.source);
+    let reply = status::role_request(&a.root, cmd, &a.source, |p| {
+        bar.borrow_mut().update(p.done, p.total, &what)
+    })
+    .with_context(|| format!("asking the server on {} to {cmd}", a.root.display()))?;
+    let outcome = match reply {
+        status::RoleReply::Done(o) => o,
+        status::RoleReply::Failed(msg) => anyhow::bail!("{cmd} {}: {msg}", a.source),
+        status::RoleReply::NoServer => {
+            let (nvram, geometry) = match a.nvram {
+                Some(n) => (
+                    n,
+                    Geometry {
+                        partitions: a.partitions,
+                        partition_size: a.partition_size,
+                    },
+                ),
+                None => {
+                    let c = server::read_nvram_config(&a.root)?;
+                    (
+                        c.nvram,
+                        Geometry {
+                            partitions: c.partitions,
+                            partition_size: c.partition_size,
+                        },
+                    )
+                }
+            };
+            geometry.validate()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            rt.block_on(async {
+                let local =
+                    server::LocalEngine::open(&a.root, &nvram, geometry).with_context(|| {
+                        format!("opening {} and {}", a.root.display(), nvram.display())
+                    })?;
+                let r = if cmd == "promote" {
+                    promote::promote(&local.engine, &a.source, |p| {
+                        bar.borrow_mut().update(p.done, p.total, &what)
+                    })
+                    .await
+                } else {
+                    promote::demote(&local.engine, &a.source).await
+                };
+                local.close().await;
+                r.with_context(|| format!("{cmd} {}", a.source))
+            })?
+        }
+    };
+    bar.into_inner().finish();
+    if a.json {
+        println!("{}", serde_json::to_string(&outcome)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let m = &outcome.marker;
+    if cmd == "promote" {
+        if outcome.already {
+            println!(
+                "fs-dest: {} was already promoted at generation {} on {} (image up to record {})",
+                m.source, m.generation, m.promoted_at_utc, m.applied_seq
+            );
+        } else {
+            println!(
+                "fs-dest: promoted {} at generation {}: applied {} records, image up to record {}",
+                m.source, m.generation, outcome.records_applied, m.applied_seq
+            );
+        }
+        println!(
+            "fs-dest: {} is now a primary volume; the old source is fenced. Serve it with:\n  \
+             fs-source mount --backing {} --generation {} --nvram NEW_NVRAM_FILE --mountpoint MNT --dest ADDR --name NAME --tls DIR",
+            outcome.image.display(),
+            outcome.image.display(),
+            m.generation
+        );
+    } else {
+        println!(
+            "fs-dest: demoted {}: the source may mirror again from a fresh NVRAM file with --generation {} (or higher)",
+            m.source, m.generation
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

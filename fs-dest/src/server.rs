@@ -97,6 +97,109 @@ fn bind_status_socket(root: &Path) -> Option<tokio::net::UnixListener> {
     }
 }
 
+/// File in ROOT recording the NVRAM file and geometry of the last `serve`, so that commands
+/// working without a server (`promote`, `demote`) can open the same NVRAM.
+pub const NVRAM_CONFIG: &str = "fs-dest.nvram.json";
+
+/// The NVRAM file and geometry a server used.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NvramConfig {
+    /// The NVRAM file.
+    pub nvram: PathBuf,
+    /// Number of partitions.
+    pub partitions: usize,
+    /// Bytes per partition.
+    pub partition_size: usize,
+}
+
+fn write_nvram_config(root: &Path, nvram: &Path, g: Geometry) {
+    let path = root.join(NVRAM_CONFIG);
+    let nvram = std::fs::canonicalize(nvram).unwrap_or_else(|_| nvram.to_path_buf());
+    let c = NvramConfig {
+        nvram,
+        partitions: g.partitions,
+        partition_size: g.partition_size,
+    };
+    let written = serde_json::to_string_pretty(&c)
+        .map_err(std::io::Error::other)
+        .and_then(|t| std::fs::write(&path, t + "\n"));
+    if let Err(e) = written {
+        tracing::warn!(file = %path.display(), error = %e, "cannot record the NVRAM settings; promote without a server will need --nvram");
+    }
+}
+
+/// Read `ROOT/fs-dest.nvram.json`.
+pub fn read_nvram_config(root: &Path) -> Result<NvramConfig, ServeError> {
+    let path = root.join(NVRAM_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|source| ServeError::Io {
+        what: "cannot read (give --nvram, --partitions and --partition-size instead)",
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| ServeError::Io {
+        what: "cannot parse",
+        path,
+        source: std::io::Error::other(e),
+    })
+}
+
+/// The engine opened by a command while no server runs (promote, demote): NVRAM, journals,
+/// flusher and destager, under the root lock, without a network endpoint.
+pub struct LocalEngine {
+    /// The shared state.
+    pub engine: Arc<Engine>,
+    flusher: std::thread::JoinHandle<()>,
+    destager: std::thread::JoinHandle<()>,
+    _root_lock: OwnedFd,
+}
+
+impl LocalEngine {
+    /// Open (inside a tokio runtime). Fails with [`ServeError::AlreadyRunning`] when a server
+    /// holds the root.
+    pub fn open(root: &Path, nvram: &Path, geometry: Geometry) -> Result<LocalEngine, ServeError> {
+        let root_lock = lock_root(root)?;
+        let engine = Engine::open(root, nvram, geometry)?;
+        let spawn_err = |source| ServeError::Io {
+            what: "cannot start a worker thread for",
+            path: nvram.to_path_buf(),
+            source,
+        };
+        let e = engine.clone();
+        let flusher = std::thread::Builder::new()
+            .name("nvlog-flusher".into())
+            .spawn(move || e.run_flusher())
+            .map_err(spawn_err)?;
+        let e = engine.clone();
+        let destager = std::thread::Builder::new()
+            .name("destager".into())
+            .spawn(move || destage::run(e))
+            .map_err(spawn_err)?;
+        Ok(LocalEngine {
+            engine,
+            flusher,
+            destager,
+            _root_lock: root_lock,
+        })
+    }
+
+    /// Stop the workers and flush NVRAM.
+    pub async fn close(self) {
+        let engine = self.engine;
+        engine.shutdown.store(true, Ordering::Relaxed);
+        engine.flush_signal.notify();
+        engine.destage_signal.notify();
+        let (flusher, destager) = (self.flusher, self.destager);
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = flusher.join();
+            let _ = destager.join();
+        })
+        .await;
+        if let Err(e) = engine.storage().flush(0, engine.storage().len()) {
+            tracing::error!(error = %e, "final NVRAM flush failed");
+        }
+    }
+}
+
 /// A started server: engine, worker threads, status socket and QUIC endpoint.
 pub struct Server {
     /// The shared state.
@@ -129,6 +232,7 @@ impl Server {
         })?;
         let root_lock = lock_root(&opts.root)?;
         let engine = Engine::open(&opts.root, &opts.nvram, opts.geometry)?;
+        write_nvram_config(&opts.root, &opts.nvram, opts.geometry);
         let spawn_err = |source| ServeError::Io {
             what: "cannot start a worker thread for",
             path: opts.nvram.clone(),

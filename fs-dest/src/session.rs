@@ -30,10 +30,13 @@ mod close_code {
     pub const ERROR: u32 = 1;
     pub const REPLACED: u32 = 2;
     pub const SHUTDOWN: u32 = 3;
+    pub const FENCED: u32 = 4;
 }
 
 /// Close code used when the server shuts down.
 pub const CLOSE_SHUTDOWN: u32 = close_code::SHUTDOWN;
+/// Close code used when the source is promoted (fenced) while connected.
+pub const CLOSE_FENCED: u32 = close_code::FENCED;
 
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -149,12 +152,22 @@ async fn serve(
             return Ok(());
         }
     };
+    // Fencing: a promoted image belongs to whoever serves it now; an older generation is a
+    // source that missed a promotion.
     let stored = source.generation.load(Ordering::Acquire);
-    if generation < stored {
-        let reason =
-            format!("source {name} was promoted at generation {stored}; this source is fenced");
-        tracing::warn!(source = %name, generation, stored, "refused a fenced source");
-        last_word(conn, &mut send, &refuse(reason), close_code::ERROR).await;
+    let fenced = match crate::promote::read_marker(&engine.root, name) {
+        Ok(Some(m)) => Some(crate::promote::fenced_message(&engine.root, &m, generation)),
+        Ok(None) if generation < stored => {
+            Some(crate::promote::stale_message(name, stored, generation))
+        }
+        Ok(None) => None,
+        Err(e) => Some(format!(
+            "this destination cannot tell whether source {name} is fenced ({e}); refusing it"
+        )),
+    };
+    if let Some(reason) = fenced {
+        tracing::warn!(source = %name, generation, stored, reason = %reason, "refused a fenced source");
+        last_word(conn, &mut send, &refuse(reason), close_code::FENCED).await;
         return Ok(());
     }
     if generation > stored {
@@ -177,6 +190,17 @@ async fn serve(
     }
     let next_seq = {
         let mut ingest = source.ingest.lock().await;
+        // A promotion that raced this handshake fenced the source after the check above.
+        if matches!(
+            crate::promote::read_marker(&engine.root, name),
+            Ok(Some(_)) | Err(_)
+        ) {
+            drop(ingest);
+            let reason =
+                format!("source {name} was promoted while connecting; this source is fenced");
+            last_word(conn, &mut send, &refuse(reason), close_code::FENCED).await;
+            return Ok(());
+        }
         ingest.conn_id = conn_id;
         ingest.next_seq
     };

@@ -198,6 +198,80 @@ pub fn query(root: &Path) -> Result<Option<StatusReport>, StatusError> {
         })
 }
 
+/// What the server answered to a promote/demote request.
+#[derive(Debug)]
+pub enum RoleReply {
+    /// No server listens on this root.
+    NoServer,
+    /// The command was carried out.
+    Done(crate::promote::Outcome),
+    /// The server refused or failed; its message.
+    Failed(String),
+}
+
+/// Ask the server running on `root` to promote or demote `source` (`cmd` is `"promote"` or
+/// `"demote"`), calling `progress` for each progress line.
+pub fn role_request(
+    root: &Path,
+    cmd: &str,
+    source: &str,
+    mut progress: impl FnMut(crate::promote::Progress),
+) -> Result<RoleReply, StatusError> {
+    let path = socket_path(root);
+    let io = |source| StatusError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(RoleReply::NoServer)
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let mut req = serde_json::json!({ "cmd": cmd, "source": source }).to_string();
+    req.push('\n');
+    stream.write_all(req.as_bytes()).map_err(io)?;
+    // No read timeout: applying a large backlog takes as long as it takes; progress lines
+    // show it is alive.
+    let reader = BufReader::new(&stream);
+    for line in reader.lines() {
+        let line = line.map_err(io)?;
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| StatusError::Reply {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if let Some(p) = v.get("progress") {
+            if let Ok(p) = serde_json::from_value(p.clone()) {
+                progress(p);
+            }
+            continue;
+        }
+        if let Some(o) = v.get("ok") {
+            return serde_json::from_value(o.clone())
+                .map(RoleReply::Done)
+                .map_err(|e| StatusError::Reply {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                });
+        }
+        let msg = v
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("unreadable reply");
+        return Ok(RoleReply::Failed(msg.to_string()));
+    }
+    Err(StatusError::Reply {
+        path: path.clone(),
+        reason: "the server closed the socket without an answer".into(),
+    })
+}
+
 /// A readable table.
 pub fn render(r: &StatusReport) -> String {
     let mut s = String::new();
@@ -249,12 +323,51 @@ pub async fn serve_socket(engine: Arc<Engine>, listener: tokio::net::UnixListene
             let (rd, mut wr) = stream.into_split();
             let mut lines = tokio::io::BufReader::new(rd).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let reply = match serde_json::from_str::<serde_json::Value>(&line) {
-                    Ok(v) if v.get("cmd").and_then(|c| c.as_str()) == Some("status") => {
-                        serde_json::to_string(&snapshot(&engine))
+                let request = serde_json::from_str::<serde_json::Value>(&line).ok();
+                let cmd = request
+                    .as_ref()
+                    .and_then(|v| v.get("cmd"))
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("");
+                let reply = match cmd {
+                    "status" => serde_json::to_string(&snapshot(&engine)),
+                    "promote" | "demote" => {
+                        let name = request
+                            .as_ref()
+                            .and_then(|v| v.get("source"))
+                            .and_then(|c| c.as_str())
+                            .unwrap_or("")
+                            .to_string();
+                        let result = if cmd == "promote" {
+                            // Progress lines go out while the records are applied.
+                            let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();
+                            let work = crate::promote::promote(&engine, &name, move |p| {
+                                let _ = ptx.send(p);
+                            });
+                            tokio::pin!(work);
+                            loop {
+                                tokio::select! {
+                                    r = &mut work => break r,
+                                    Some(p) = prx.recv() => {
+                                        let mut l = serde_json::json!({ "progress": p }).to_string();
+                                        l.push('\n');
+                                        // A client that went away does not stop the promotion.
+                                        let _ = wr.write_all(l.as_bytes()).await;
+                                    }
+                                }
+                            }
+                        } else {
+                            crate::promote::demote(&engine, &name).await
+                        };
+                        match result {
+                            Ok(o) => serde_json::to_string(&serde_json::json!({ "ok": o })),
+                            Err(e) => serde_json::to_string(
+                                &serde_json::json!({ "error": e.to_string() }),
+                            ),
+                        }
                     }
                     _ => serde_json::to_string(&serde_json::json!({
-                        "error": "unknown request; send {\"cmd\":\"status\"}"
+                        "error": "unknown request; send {\"cmd\":\"status\"}, {\"cmd\":\"promote\",\"source\":NAME} or {\"cmd\":\"demote\",\"source\":NAME}"
                     })),
                 };
                 let Ok(mut reply) = reply else { return };
