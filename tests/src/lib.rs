@@ -925,3 +925,122 @@ pub fn show_output<T: Debug>(what: T, out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+// ---------------------------------------------------------------------------------------------
+// Crash and restart (issue 3: torture, damage and power-cut tests)
+
+/// Renames `log` to the first free `log.N`, so a restarted daemon's log does not overwrite the
+/// previous incarnation's. Returns the new name (`None` when there was no log).
+pub fn rotate_log(log: &Path) -> Option<PathBuf> {
+    if !log.exists() {
+        return None;
+    }
+    let mut n = 1;
+    loop {
+        let old = PathBuf::from(format!("{}.{n}", log.display()));
+        if !old.exists() {
+            fs::rename(log, &old).unwrap_or_else(|e| panic!("rotating {}: {e}", log.display()));
+            return Some(old);
+        }
+        n += 1;
+    }
+}
+
+impl Daemon {
+    /// SIGKILL, then wait (bounded) until the process is reaped. A daemon that already exited is
+    /// not signalled again (its pid may belong to someone else by now).
+    #[track_caller]
+    pub fn kill_and_reap(&mut self) -> ExitStatus {
+        if let Some(status) = self.try_wait() {
+            return status;
+        }
+        self.signal(libc::SIGKILL);
+        self.wait_timeout(SHUTDOWN_TIMEOUT)
+            .unwrap_or_else(|| panic!("{} did not die of SIGKILL", self.name))
+    }
+}
+
+impl Harness {
+    /// SIGKILLs the main source and reaps it. Its FUSE mount is left in place, dead (every
+    /// operation on it fails with ENOTCONN) until [`Harness::detach_source`].
+    #[track_caller]
+    pub fn kill_source(&mut self) -> ExitStatus {
+        self.source
+            .as_mut()
+            .expect("the harness's source is running")
+            .daemon
+            .kill_and_reap()
+    }
+
+    /// Detaches the dead mount of a killed source (`umount -l`), as an operator does before
+    /// restarting it, and forgets the source.
+    #[track_caller]
+    pub fn detach_source(&mut self) {
+        let mut source = self.source.take().expect("the harness has a source");
+        source.daemon.kill_and_reap();
+        lazy_unmount(&source.mountpoint);
+        wait_until(
+            "the dead source mount to be detached",
+            COMMAND_TIMEOUT,
+            || !is_mounted(&source.mountpoint),
+        );
+    }
+
+    /// Starts the main source again with `opts` (same backing dir, mount point and NVRAM file);
+    /// the previous log is kept as `fs-source-NAME.log.N`.
+    pub fn restart_source(&mut self, opts: &SourceOptions) -> Result<(), MountFailure> {
+        assert!(
+            self.source.is_none(),
+            "restart_source: the source is still running"
+        );
+        rotate_log(&self.log_dir.join(format!("fs-source-{}.log", opts.name)));
+        self.source = Some(self.mount_source(opts)?);
+        Ok(())
+    }
+
+    /// SIGKILLs the destination.
+    #[track_caller]
+    pub fn kill_dest(&mut self) {
+        let mut dest = self.dest.take().expect("fs-dest is running");
+        dest.kill_and_reap();
+    }
+
+    /// Starts `fs-dest serve` again on the address it had (same root, NVRAM file and
+    /// certificates), so running sources reconnect to it by themselves; the previous log is kept
+    /// as `fs-dest.log.N`. Returns the daemon's failure (with its log) if it does not start.
+    pub fn restart_dest(&mut self) -> Result<(), SpawnFailure> {
+        assert!(
+            self.dest.is_none(),
+            "restart_dest: fs-dest is still running"
+        );
+        let log = self.log_dir.join("fs-dest.log");
+        rotate_log(&log);
+        let mut cmd = self.fs_dest();
+        cmd.arg("serve")
+            .arg("--root")
+            .arg(&self.dest_root)
+            .args(["--listen", &self.dest_addr, "--nvram"])
+            .arg(self.dir.join("dest.nvram"))
+            .arg("--tls")
+            .arg(&self.tls_dir);
+        let (daemon, _addr) = Daemon::spawn(
+            "fs-dest",
+            &mut cmd,
+            &log,
+            "fs-dest: listening on ",
+            STARTUP_TIMEOUT,
+        )?;
+        self.dest = Some(daemon);
+        Ok(())
+    }
+
+    /// The destination's NVRAM file.
+    pub fn dest_nvram(&self) -> PathBuf {
+        self.dir.join("dest.nvram")
+    }
+
+    /// The NVRAM file of source `name`.
+    pub fn source_nvram(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("source-{name}.nvram"))
+    }
+}
