@@ -16,6 +16,7 @@ mod engine;
 mod error;
 mod journal;
 mod promote;
+mod reseed;
 mod server;
 mod session;
 mod slots;
@@ -59,6 +60,25 @@ enum Command {
     /// After a failback (reseed), hand the role back: forget the old sequence stream and
     /// remove the promotion marker so the reseeded source can mirror again.
     Demote(RoleArgs),
+    /// Failback: make DIR (the old source's backing directory) equal to the promoted volume,
+    /// copying only what differs.
+    Reseed {
+        /// The promoted volume (e.g. ROOT/NAME/image), with every writer stopped.
+        #[arg(long)]
+        from: PathBuf,
+        /// The old source's backing directory (created if missing).
+        #[arg(long)]
+        to: PathBuf,
+        /// Only report what would be done.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print every action (the default with --dry-run).
+        #[arg(long, short)]
+        verbose: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the server's state.
     Status {
         /// The destination root directory.
@@ -224,6 +244,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Promote(a) => return role("promote", a),
         Command::Demote(a) => return role("demote", a),
+        Command::Reseed {
+            from,
+            to,
+            dry_run,
+            verbose,
+            json,
+        } => {
+            let opts = reseed::Options {
+                from,
+                to,
+                dry_run,
+                verbose,
+            };
+            let total = reseed::total_bytes(&opts.from);
+            let mut bar = LazyBar::new();
+            let mut done = 0u64;
+            let what = format!("reseeding {}", opts.to.display());
+            let mut stdout = std::io::stdout().lock();
+            let s = reseed::reseed(
+                &opts,
+                &mut |n| {
+                    done += n;
+                    bar.update(done.min(total), total, &what);
+                },
+                &mut stdout,
+            )
+            .with_context(|| {
+                format!("reseed {} from {}", opts.to.display(), opts.from.display())
+            })?;
+            bar.finish();
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!(
+                    "fs-dest: reseed{}: copied {} files ({} bytes), created {}, updated metadata of {}, deleted {}, skipped {} unchanged ({} bytes compared equal)",
+                    if dry_run { " (dry run, nothing changed)" } else { "" },
+                    s.files_copied,
+                    s.bytes_copied,
+                    s.created,
+                    s.metadata_updated,
+                    s.deleted,
+                    s.skipped,
+                    s.bytes_skipped
+                );
+            }
+        }
         Command::Browse(a) => {
             slots::check_name(&a.source)?;
             browse::run(&a.root, &a.source, &a.mountpoint, a.threads)
