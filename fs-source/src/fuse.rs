@@ -18,9 +18,11 @@ use rustix::fs::Stat;
 use crate::error::FsError;
 use crate::volume::{AttrChange, Caller, SetTime, Volume};
 
-/// Attributes are never cached by the kernel: link counts, modes and owners change through
-/// other names (hard links) and must be fresh (see machine-facts).
-const ATTR_TTL: Duration = Duration::ZERO;
+/// Attributes may be cached for a second. Every change passes through this daemon and its reply
+/// carries the new attributes; FUSE inode numbers are the backing inode numbers, so all names of
+/// a hard-linked file share one kernel inode and see one link count (the stale link counts
+/// machine-facts warns about come from passthroughs that give each name its own inode).
+const ATTR_TTL: Duration = Duration::from_secs(1);
 /// Names may be cached briefly: every change to them passes through this daemon, and the
 /// kernel updates its dentry cache for the operations it sends.
 const ENTRY_TTL: Duration = Duration::from_secs(1);

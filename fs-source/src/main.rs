@@ -255,10 +255,23 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     let tree = Tree::open(&args.backing)?;
     recover(&mirror, &tree, replay)?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // The network, CP and control tasks share one single-threaded runtime on its own thread:
+    // a request/ack round trip then crosses no scheduler between tokio workers (measured
+    // 50-100 us p50 against 145-175 us on a 2-worker runtime, see machine-facts).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let rt = runtime.handle().clone();
+    let (stop_net, net_stopped) = tokio::sync::oneshot::channel::<()>();
+    let net_thread = std::thread::Builder::new()
+        .name("nvmirror-net".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                let _ = net_stopped.await;
+            });
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        })
+        .context("starting the network thread")?;
     let _guard = rt.enter();
     let backing_fd: Arc<OwnedFd> = Arc::new(
         rustix::fs::open(
@@ -376,7 +389,8 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     let _ = std::fs::remove_file(&sock);
-    rt.shutdown_timeout(Duration::from_secs(1));
+    let _ = stop_net.send(());
+    let _ = net_thread.join();
     Ok(())
 }
 
