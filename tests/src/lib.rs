@@ -16,6 +16,7 @@
 //! Waiting is done with [`wait_until`], which polls a condition with a deadline: no test
 //! sleeps in place of synchronisation.
 
+pub mod netns;
 pub mod tree;
 pub mod workload;
 

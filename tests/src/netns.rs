@@ -1,0 +1,435 @@
+//! Two test hosts in network namespaces: `fs-dest` on one, `fs-source` on the other, joined by
+//! a veth pair, so that tests can take the link down and up.
+//!
+//! [`NetPair::create`] makes namespaces `nvmD<tag>` (destination, 10.77.0.1/24) and `nvmS<tag>`
+//! (source, 10.77.0.2/24) with a veth pair between them; the addresses exist only inside these
+//! namespaces. Dropping it deletes both namespaces (which deletes the veth pair), also when the
+//! test panics.
+//!
+//! Commands run in a namespace with `nsenter --net=/run/netns/NS`, not `ip netns exec`: the
+//! latter also enters a new mount namespace, so a FUSE mount made by `fs-source` there would be
+//! invisible to the test.
+//!
+//! [`Cluster`] is the harness built on it: certificates, `fs-dest serve` in the destination
+//! namespace, and helpers to mount sources in the source namespace and to browse; its `Drop`
+//! stops everything (sources, browse mounts, destination) before the namespaces go away, and
+//! prints every log when the test failed.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::{
+    bin, daemon_output, is_mounted, lazy_unmount, run_ok, run_with_timeout, Daemon, SourceMount,
+    SpawnFailure, COMMAND_TIMEOUT, SHUTDOWN_TIMEOUT, STARTUP_TIMEOUT,
+};
+
+/// The destination host's address (inside its namespace only).
+pub const DEST_IP: &str = "10.77.0.1";
+/// The source host's address (inside its namespace only).
+pub const SOURCE_IP: &str = "10.77.0.2";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// True when network namespaces can be made here (root and `ip`, `nsenter`); prints why not.
+pub fn can_use_netns(test: &str) -> bool {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIP {test}: needs root (network namespaces)");
+        return false;
+    }
+    for tool in ["ip", "nsenter"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            found,
+            "{test}: running as root but `{tool}` is missing (apt-get install iproute2 util-linux)"
+        );
+    }
+    true
+}
+
+/// Two namespaces joined by a veth pair.
+#[derive(Debug)]
+pub struct NetPair {
+    /// The destination's namespace.
+    pub dest_ns: String,
+    /// The source's namespace.
+    pub source_ns: String,
+    /// The veth end inside the destination namespace.
+    pub dest_if: String,
+    /// The veth end inside the source namespace.
+    pub source_if: String,
+}
+
+#[track_caller]
+fn ip(args: &[&str]) {
+    let out = run_with_timeout(Command::new("ip").args(args), COMMAND_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NetPair {
+    /// Create the namespaces, the veth pair, addresses and routes; loopback up in both.
+    pub fn create() -> NetPair {
+        let tag = format!(
+            "{}x{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let pair = NetPair {
+            dest_ns: format!("nvmD{tag}"),
+            source_ns: format!("nvmS{tag}"),
+            dest_if: format!("nvd{tag}"),
+            source_if: format!("nvs{tag}"),
+        };
+        // From here on Drop deletes whatever was made.
+        ip(&["netns", "add", &pair.dest_ns]);
+        ip(&["netns", "add", &pair.source_ns]);
+        ip(&[
+            "link",
+            "add",
+            &pair.dest_if,
+            "netns",
+            &pair.dest_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pair.source_if,
+            "netns",
+            &pair.source_ns,
+        ]);
+        for (ns, dev, addr) in [
+            (&pair.dest_ns, &pair.dest_if, DEST_IP),
+            (&pair.source_ns, &pair.source_if, SOURCE_IP),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    /// A command running `program` inside namespace `ns` (network only; same mounts).
+    pub fn command_in(ns: &str, program: &Path) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}"))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Take the source's end of the link down (the source sees ENETUNREACH, the destination
+    /// silence) or up again.
+    pub fn set_link(&self, up: bool) {
+        ip(&[
+            "-n",
+            &self.source_ns,
+            "link",
+            "set",
+            &self.source_if,
+            if up { "up" } else { "down" },
+        ]);
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.source_ns, &self.dest_ns] {
+            let out = run_with_timeout(
+                Command::new("ip").args(["netns", "del", ns]),
+                COMMAND_TIMEOUT,
+            );
+            if !out.status.success() {
+                eprintln!(
+                    "ip netns del {ns}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+}
+
+/// A running `fs-dest browse`.
+pub struct BrowseMount {
+    /// The daemon.
+    pub daemon: Daemon,
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+}
+
+impl Drop for BrowseMount {
+    fn drop(&mut self) {
+        if self.daemon.terminate(SHUTDOWN_TIMEOUT).is_none() || is_mounted(&self.mountpoint) {
+            lazy_unmount(&self.mountpoint);
+        }
+    }
+}
+
+/// A destination in one namespace and room for sources in the other. See the module docs.
+pub struct Cluster {
+    /// Sources mounted by the test (stopped first on drop).
+    pub sources: Vec<SourceMount>,
+    /// Browse mounts.
+    pub browses: Vec<BrowseMount>,
+    /// `fs-dest serve`, in the destination namespace.
+    pub dest: Option<Daemon>,
+    /// The namespaces (deleted last).
+    pub net: NetPair,
+    /// `10.77.0.1:PORT`.
+    pub dest_addr: String,
+    /// The test's name.
+    pub test: String,
+    /// The temp dir.
+    pub dir: PathBuf,
+    /// fs-dest --root.
+    pub dest_root: PathBuf,
+    /// Certificates.
+    pub tls_dir: PathBuf,
+    /// NVMIRROR_RUN_DIR.
+    pub run_dir: PathBuf,
+    /// Daemon logs.
+    pub log_dir: PathBuf,
+    temp: Option<tempfile::TempDir>,
+}
+
+impl Cluster {
+    /// Namespaces, certificates for source `name`, and `fs-dest serve` on 10.77.0.1.
+    pub fn start(test: &str, name: &str) -> Cluster {
+        let base = std::env::var_os("NVMIRROR_TEST_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let temp = tempfile::Builder::new()
+            .prefix(&format!("nvmirror-e2e-{test}-"))
+            .tempdir_in(&base)
+            .unwrap_or_else(|e| panic!("temp dir in {}: {e}", base.display()));
+        let dir = temp.path().to_path_buf();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+        let net = NetPair::create();
+        let mut c = Cluster {
+            sources: Vec::new(),
+            browses: Vec::new(),
+            dest: None,
+            net,
+            dest_addr: String::new(),
+            test: test.to_string(),
+            dest_root: dir.join("dest-root"),
+            tls_dir: dir.join("tls"),
+            run_dir: dir.join("run"),
+            log_dir: dir.join("logs"),
+            dir,
+            temp: Some(temp),
+        };
+        for d in [&c.dest_root, &c.tls_dir, &c.run_dir, &c.log_dir] {
+            fs::create_dir_all(d).expect("create cluster dir");
+        }
+        run_ok(
+            c.fs_dest()
+                .args(["certs", "init", "--san", DEST_IP, "--dir"])
+                .arg(&c.tls_dir),
+        );
+        run_ok(
+            c.fs_dest()
+                .args(["certs", "issue", "--name", name, "--dir"])
+                .arg(&c.tls_dir),
+        );
+        c.start_dest();
+        c
+    }
+
+    /// (Re)start `fs-dest serve` in the destination namespace.
+    pub fn start_dest(&mut self) {
+        let mut cmd = NetPair::command_in(&self.net.dest_ns, &bin("fs-dest"));
+        cmd.env("NVMIRROR_RUN_DIR", &self.run_dir)
+            .arg("serve")
+            .arg("--root")
+            .arg(&self.dest_root)
+            .args(["--listen", &format!("{DEST_IP}:0"), "--nvram"])
+            .arg(self.dir.join("dest.nvram"))
+            .arg("--tls")
+            .arg(&self.tls_dir);
+        let (daemon, addr) = Daemon::spawn(
+            "fs-dest",
+            &mut cmd,
+            &self.log_dir.join("fs-dest.log"),
+            "fs-dest: listening on ",
+            STARTUP_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("fs-dest did not start: {e}"));
+        self.dest_addr = addr;
+        self.dest = Some(daemon);
+    }
+
+    /// An `fs-dest` command (outside the namespaces: it only uses files and the Unix socket).
+    pub fn fs_dest(&self) -> Command {
+        let mut cmd = Command::new(bin("fs-dest"));
+        cmd.env("NVMIRROR_RUN_DIR", &self.run_dir);
+        cmd
+    }
+
+    /// An `fs-source` command for `cp`/`status` (Unix socket, no namespace needed).
+    pub fn fs_source(&self) -> Command {
+        let mut cmd = Command::new(bin("fs-source"));
+        cmd.env("NVMIRROR_RUN_DIR", &self.run_dir);
+        cmd
+    }
+
+    /// `fs-source mount` of `backing` at `DIR/mnt-<log>` in the source namespace with NVRAM
+    /// file `nvram` and `extra` arguments; waits for the mount. On failure returns the exit
+    /// status and the daemon's log.
+    pub fn mount_source(
+        &self,
+        name: &str,
+        backing: &Path,
+        nvram: &Path,
+        extra: &[&str],
+        log: &str,
+    ) -> Result<SourceMount, SpawnFailure> {
+        let mountpoint = self.dir.join(format!("mnt-{log}"));
+        fs::create_dir_all(backing).expect("create backing dir");
+        fs::create_dir_all(&mountpoint).expect("create mount point");
+        let mut cmd = NetPair::command_in(&self.net.source_ns, &bin("fs-source"));
+        cmd.env("NVMIRROR_RUN_DIR", &self.run_dir)
+            .arg("mount")
+            .arg("--backing")
+            .arg(backing)
+            .arg("--mountpoint")
+            .arg(&mountpoint)
+            .args(["--dest", &self.dest_addr, "--name", name])
+            .arg("--nvram")
+            .arg(nvram)
+            .arg("--tls")
+            .arg(&self.tls_dir)
+            .args(extra);
+        let log_path = self.log_dir.join(format!("fs-source-{log}.log"));
+        let (daemon, _) = Daemon::spawn(
+            &format!("fs-source {log}"),
+            &mut cmd,
+            &log_path,
+            "fs-source: mounted",
+            STARTUP_TIMEOUT,
+        )
+        .inspect_err(|_| {
+            if is_mounted(&mountpoint) {
+                lazy_unmount(&mountpoint);
+            }
+        })?;
+        assert!(
+            is_mounted(&mountpoint),
+            "fs-source said mounted but {} is not in /proc/mounts\n{}",
+            mountpoint.display(),
+            daemon_output(&log_path)
+        );
+        Ok(SourceMount {
+            daemon,
+            mountpoint,
+            backing: backing.to_path_buf(),
+            name: name.to_string(),
+        })
+    }
+
+    /// `fs-dest browse` of `name` at `DIR/browse-NAME`.
+    pub fn browse(&mut self, name: &str) -> PathBuf {
+        let mountpoint = self.dir.join(format!("browse-{name}"));
+        fs::create_dir_all(&mountpoint).expect("create browse mount point");
+        let mut cmd = self.fs_dest();
+        cmd.arg("browse")
+            .arg("--root")
+            .arg(&self.dest_root)
+            .args(["--source", name, "--mountpoint"])
+            .arg(&mountpoint);
+        let (daemon, rest) = Daemon::spawn(
+            &format!("fs-dest browse {name}"),
+            &mut cmd,
+            &self.log_dir.join(format!("browse-{name}.log")),
+            "fs-dest: browsing ",
+            STARTUP_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("fs-dest browse did not start: {e}"));
+        assert!(
+            rest.starts_with(name),
+            "ready line names the source: {rest}"
+        );
+        assert!(is_mounted(&mountpoint), "browse mount not in /proc/mounts");
+        self.browses.push(BrowseMount {
+            daemon,
+            mountpoint: mountpoint.clone(),
+        });
+        mountpoint
+    }
+
+    /// `fs-source cp` on `mountpoint`.
+    #[track_caller]
+    pub fn cp(&self, mountpoint: &Path) {
+        run_ok(
+            self.fs_source()
+                .args(["cp", "--mountpoint"])
+                .arg(mountpoint),
+        );
+    }
+
+    /// `fs-source status --json` on `mountpoint`.
+    #[track_caller]
+    pub fn status(&self, mountpoint: &Path) -> serde_json::Value {
+        let out = run_ok(
+            self.fs_source()
+                .args(["status", "--json", "--mountpoint"])
+                .arg(mountpoint),
+        );
+        serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("fs-source status --json is not JSON ({e}): {out}"))
+    }
+
+    /// `ROOT/NAME/image`.
+    pub fn image(&self, name: &str) -> PathBuf {
+        self.dest_root.join(name).join("image")
+    }
+
+    /// Every log of this test, to stderr.
+    pub fn print_logs(&self) {
+        eprintln!("==== {}: temp dir {}", self.test, self.dir.display());
+        let Ok(entries) = fs::read_dir(&self.log_dir) else {
+            return;
+        };
+        let mut logs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        logs.sort();
+        for log in logs {
+            eprintln!("==== {} ====\n{}", log.display(), daemon_output(&log));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        if let Some(d) = self.dest.as_mut() {
+            d.signal(libc::SIGCONT);
+        }
+        self.sources.clear();
+        self.browses.clear();
+        if let Some(mut d) = self.dest.take() {
+            d.terminate(SHUTDOWN_TIMEOUT);
+        }
+        if failed {
+            self.print_logs();
+        }
+        let mounted = fs::read_to_string("/proc/mounts")
+            .map(|m| m.contains(&*self.dir.to_string_lossy()))
+            .unwrap_or(false);
+        if mounted || (failed && std::env::var_os("NVMIRROR_KEEP_TMP").is_some()) {
+            if let Some(t) = self.temp.take() {
+                let kept = t.keep();
+                eprintln!("{}: temp dir kept at {}", self.test, kept.display());
+            }
+        }
+    }
+}
