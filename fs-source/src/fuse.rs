@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::Stat;
 
@@ -120,6 +120,10 @@ impl Filesystem for FuseAdapter {
         // Large writes: 1 MiB per FUSE request (4 KiB requests cost 5x on sequential writes).
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        // readdirplus: a listing brings the attributes along (ls -l, find) when the kernel
+        // thinks it helps.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         Ok(())
     }
 
@@ -403,6 +407,45 @@ impl Filesystem for FuseAdapter {
             }
             Err(e) => reply.error(errno(&e, "readdir")),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.volume.dir_entries(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e, "readdirplus")),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let dot = e.name == b"." || e.name == b"..";
+            let st = if dot {
+                self.volume.getattr(e.ino, None)
+            } else {
+                self.volume.stat_child(ino.0, &e.name)
+            };
+            // An entry removed since the listing was read is skipped.
+            let Ok(st) = st else { continue };
+            if reply.add(
+                INodeNo(st.st_ino),
+                (i + 1) as u64,
+                OsStr::from_bytes(&e.name),
+                &ENTRY_TTL,
+                &attr(&st),
+                Generation(0),
+            ) {
+                break;
+            }
+            // The kernel counts a lookup for every entry but "." and "..".
+            if !dot {
+                self.volume.count_lookup(st.st_ino, ino.0, &e.name);
+            }
+        }
+        reply.ok();
     }
 
     fn releasedir(

@@ -181,6 +181,18 @@ impl Volume {
         Ok(st)
     }
 
+    /// Attributes of a directory entry without counting a lookup (readdirplus counts it with
+    /// [`Volume::count_lookup`] once the entry is really sent).
+    pub fn stat_child(&self, parent: u64, name: &[u8]) -> FsResult<Stat> {
+        let path = self.table().child_path(parent, name)?;
+        self.stat_path(&path)
+    }
+
+    /// The kernel now holds a reference to `ino` under (parent, name).
+    pub fn count_lookup(&self, ino: u64, parent: u64, name: &[u8]) {
+        self.table().looked_up(ino, parent, name);
+    }
+
     /// The kernel forgets `n` references.
     pub fn forget(&self, ino: u64, n: u64) {
         self.table().forget(ino, n);
