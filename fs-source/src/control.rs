@@ -53,6 +53,8 @@ pub struct Status {
     pub dest: String,
     /// Mirror policy.
     pub policy: Policy,
+    /// Generation of the volume (raised by promotions and failbacks).
+    pub generation: u64,
     /// Highest sequence number logged (and applied locally).
     pub last_logged_seq: u64,
     /// Highest sequence number flushed in local NVRAM.
@@ -118,6 +120,7 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
         mountpoint: id.mountpoint.clone(),
         dest: id.dest.clone(),
         policy: id.policy,
+        generation: mirror.generation(),
         last_logged_seq: p.logged,
         last_flushed_seq: p.flushed,
         last_acked_seq: p.acked,

@@ -98,6 +98,11 @@ struct MountArgs {
     /// Consistency point interval in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     cp_interval_ms: u64,
+    /// The volume's generation: raise it (it is kept in NVRAM and never lowered) when this
+    /// source serves a promoted image or fails back after a promotion; the destination
+    /// refuses sources older than the generation it knows.
+    #[arg(long)]
+    generation: Option<u64>,
     /// How long to wait for the destination before mounting, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     connect_wait_ms: u64,
@@ -252,6 +257,14 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         &backlog_path,
     )
     .with_context(|| format!("opening NVRAM {}", args.nvram.display()))?;
+    if let Some(g) = args.generation {
+        let now = mirror
+            .raise_generation(g)
+            .context("storing the generation in NVRAM")?;
+        if now > g {
+            tracing::warn!("--generation {g} ignored: NVRAM already holds generation {now}");
+        }
+    }
     let tree = Tree::open(&args.backing)?;
     recover(&mirror, &tree, replay)?;
 

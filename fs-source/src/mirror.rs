@@ -591,6 +591,22 @@ impl Mirror {
         u64::from_le_bytes(g)
     }
 
+    /// Raise the stored generation to `generation` (never lowers it). Used when a volume takes
+    /// over after a promotion or fails back: the destination refuses older generations.
+    pub fn raise_generation(&self, generation: u64) -> std::io::Result<u64> {
+        let s = lock(&self.seq);
+        let mut g = [0u8; 8];
+        s.nvlog.read_user(cursor::GENERATION, &mut g);
+        let current = u64::from_le_bytes(g);
+        if generation > current {
+            s.nvlog
+                .write_user(cursor::GENERATION, &generation.to_le_bytes());
+            s.nvlog.flush_user(cursor::GENERATION, 8)?;
+            return Ok(generation);
+        }
+        Ok(current)
+    }
+
     /// Send a command to the CP driver.
     pub fn cp_command(&self, c: CpCommand) {
         let _ = self.cp_tx.send(c);
