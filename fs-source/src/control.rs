@@ -115,12 +115,14 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
         )
         .collect();
     let (backlog_records, backlog_bytes) = mirror.backlog_size();
+    // Taken before the progress lock: the sequencer lock is always taken first.
+    let generation = mirror.generation();
     mirror.progress(|p| Status {
         name: id.name.clone(),
         mountpoint: id.mountpoint.clone(),
         dest: id.dest.clone(),
         policy: id.policy,
-        generation: mirror.generation(),
+        generation,
         last_logged_seq: p.logged,
         last_flushed_seq: p.flushed,
         last_acked_seq: p.acked,
