@@ -98,9 +98,10 @@ struct MountArgs {
     /// Consistency point interval in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     cp_interval_ms: u64,
-    /// The volume's generation: raise it (it is kept in NVRAM and never lowered) when this
-    /// source serves a promoted image or fails back after a promotion; the destination
-    /// refuses sources older than the generation it knows.
+    /// The volume's generation, kept in NVRAM: raise it when this source serves a promoted
+    /// image or fails back after a promotion (`fs-dest` refuses older generations). Raising it
+    /// drops the NVRAM's records of the old generation and restarts sequence numbers; a value
+    /// lower than the stored one is refused.
     #[arg(long)]
     generation: Option<u64>,
     /// How long to wait for the destination before mounting, in milliseconds.
@@ -257,12 +258,14 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         &backlog_path,
     )
     .with_context(|| format!("opening NVRAM {}", args.nvram.display()))?;
+    let mut replay = replay;
     if let Some(g) = args.generation {
-        let now = mirror
-            .raise_generation(g)
-            .context("storing the generation in NVRAM")?;
-        if now > g {
-            tracing::warn!("--generation {g} ignored: NVRAM already holds generation {now}");
+        if mirror.set_generation(g).map_err(anyhow::Error::msg)? {
+            tracing::warn!(
+                generation = g,
+                "new generation: records of the previous generation in NVRAM were dropped"
+            );
+            replay.clear();
         }
     }
     let tree = Tree::open(&args.backing)?;

@@ -591,20 +591,43 @@ impl Mirror {
         u64::from_le_bytes(g)
     }
 
-    /// Raise the stored generation to `generation` (never lowers it). Used when a volume takes
-    /// over after a promotion or fails back: the destination refuses older generations.
-    pub fn raise_generation(&self, generation: u64) -> std::io::Result<u64> {
-        let s = lock(&self.seq);
+    /// Move to `generation`, kept in NVRAM. A higher one starts a new history: the records
+    /// of the old one belong to a fenced past (the destination was promoted meanwhile), so they
+    /// are dropped, never replayed or sent, and sequence numbers start again at 1 — the
+    /// destination's demotion reset its side too. A lower one is refused.
+    pub fn set_generation(&self, generation: u64) -> Result<bool, String> {
+        let mut s = lock(&self.seq);
         let mut g = [0u8; 8];
         s.nvlog.read_user(cursor::GENERATION, &mut g);
         let current = u64::from_le_bytes(g);
-        if generation > current {
-            s.nvlog
-                .write_user(cursor::GENERATION, &generation.to_le_bytes());
-            s.nvlog.flush_user(cursor::GENERATION, 8)?;
-            return Ok(generation);
+        if generation < current {
+            return Err(format!(
+                "--generation {generation} is older than the generation {current} this NVRAM already holds"
+            ));
         }
-        Ok(current)
+        if generation == current {
+            return Ok(false);
+        }
+        let io = |e: &dyn std::fmt::Display| format!("starting generation {generation}: {e}");
+        for p in 0..s.nvlog.geometry().partitions {
+            if !s.nvlog.partition(p).is_empty() {
+                s.nvlog.free(p).map_err(|e| io(&e))?;
+            }
+        }
+        lock(&self.backlog).reset().map_err(|e| io(&e))?;
+        s.nvlog.write_user(cursor::APPLIED_SEQ, &0u64.to_le_bytes());
+        s.nvlog
+            .write_user(cursor::GENERATION, &generation.to_le_bytes());
+        s.nvlog.flush_user(0, cursor::NAME).map_err(|e| io(&e))?;
+        s.next_seq = 1;
+        let mut p = lock(&self.progress);
+        p.logged = 0;
+        p.flushed = 0;
+        p.acked = 0;
+        p.applied_remote = 0;
+        p.dirty.clear();
+        lock(&self.outbox).frames.clear();
+        Ok(true)
     }
 
     /// Send a command to the CP driver.

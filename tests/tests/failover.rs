@@ -240,9 +240,8 @@ fn source_lost_promote_fence_failback() {
     assert!(format!("{refused}").contains("fenced"), "{refused}");
 }
 
-/// Swapping the roles back needs `fs-source mount --generation G` (the lead's side).
+/// After failback the old source mounts again at the promoted generation and mirrors as before.
 #[test]
-#[ignore = "needs fs-source mount --generation (see docs/operations.md, failback)"]
 fn failback_source_mirrors_again_at_the_new_generation() {
     require_netns!("failback_source_mirrors_again_at_the_new_generation");
     let c = Cluster::start("failback", NAME);
