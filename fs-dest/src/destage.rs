@@ -53,9 +53,6 @@ pub enum DestageError {
     NvLog(#[from] proto::NvLogError),
 }
 
-/// A source partition and the inner frames destined for its journal.
-type PartitionFrames<'a> = (u16, Vec<&'a [u8]>);
-
 /// The destager thread's loop.
 pub fn run(engine: Arc<Engine>) {
     let mut failing = false;
@@ -97,8 +94,8 @@ fn destage_partition(
 ) -> Result<(), DestageError> {
     let mut bytes = vec![0u8; used];
     engine.storage().read_at(start, &mut bytes);
-    // (slot, source partition) -> inner frames, in destination order (= source order).
-    let mut groups: BTreeMap<(usize, u16), Vec<&[u8]>> = BTreeMap::new();
+    // slot -> (source partition, inner frame), in destination order (= source order).
+    let mut by_source: BTreeMap<usize, Vec<(u16, &[u8])>> = BTreeMap::new();
     let mut off = 0;
     while off < used {
         let bad = |reason: String| DestageError::BadFrame {
@@ -114,53 +111,70 @@ fn destage_partition(
             )));
         }
         let inner = frame::decode(outer.payload).map_err(|e| bad(format!("inner frame: {e}")))?;
-        groups
-            .entry((outer.header.origin as usize, inner.header.partition))
+        by_source
+            .entry(outer.header.origin as usize)
             .or_default()
-            .push(inner.bytes);
+            .push((inner.header.partition, inner.bytes));
         off += frame::padded_len(outer.bytes.len());
     }
-    let mut by_source: BTreeMap<usize, Vec<PartitionFrames<'_>>> = BTreeMap::new();
-    for ((slot, part), frames) in groups {
-        by_source.entry(slot).or_default().push((part, frames));
-    }
-    for (slot, parts) in by_source {
+    for (slot, frames) in by_source {
         let source = engine
             .source_by_slot(slot)
             .ok_or(DestageError::UnknownSlot { partition: p, slot })?;
-        journal_frames(&source, parts)?;
+        journal_frames(&source, frames)?;
     }
     Ok(())
 }
 
-/// Append inner frames to a source's journals, skipping what is already journaled or applied.
-fn journal_frames(source: &Source, parts: Vec<PartitionFrames<'_>>) -> Result<(), DestageError> {
-    let applied = source.applied_seq.load(Ordering::Acquire);
-    let mut highest = 0;
+/// Append a source's inner frames (with their source partition) to its journals, in sequence
+/// order, keeping the journals an unbroken run after the applied record: a frame already
+/// journaled or applied is skipped (a crash between journal write and NVRAM free), and so is a
+/// frame that would leave a hole (a record before it was lost, e.g. a torn journal tail dropped
+/// at start-up: the source was told to resend from the hole, and the copy in NVRAM comes again
+/// in order).
+fn journal_frames(source: &Source, mut frames: Vec<(u16, &[u8])>) -> Result<(), DestageError> {
+    let seq_of = |f: &[u8]| frame::parse_header(f).map(|h| h.seq).unwrap_or(0);
+    frames.sort_by_key(|(_, f)| seq_of(f));
+    let start = (*source.journaled.borrow()).max(source.applied_seq.load(Ordering::Acquire));
+    let mut unbroken = start;
+    let mut beyond_hole = None;
     {
         let mut journals = lock(&source.journals);
-        for (part, frames) in parts {
+        let mut fresh: BTreeMap<u16, Vec<&[u8]>> = BTreeMap::new();
+        for (part, f) in frames {
+            let seq = seq_of(f);
+            if seq <= unbroken {
+                continue;
+            }
+            if seq > unbroken + 1 {
+                beyond_hole.get_or_insert(seq);
+                continue;
+            }
             let journal = match journals.entry(part) {
                 std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::btree_map::Entry::Vacant(v) => {
                     v.insert(Journal::open(&source.journal_dir, &source.name, part)?)
                 }
             };
-            let floor = journal.last_seq().unwrap_or(0).max(applied);
-            let fresh: Vec<&[u8]> = frames
-                .into_iter()
-                .filter(|f| {
-                    let seq = frame::parse_header(f).map(|h| h.seq).unwrap_or(0);
-                    highest = highest.max(seq);
-                    seq > floor
-                })
-                .collect();
-            journal.append(&fresh)?;
+            if journal.last_seq().is_none_or(|last| seq > last) {
+                fresh.entry(part).or_default().push(f);
+            }
+            unbroken = seq;
+        }
+        for (part, fresh) in fresh {
+            if let Some(journal) = journals.get_mut(&part) {
+                journal.append(&fresh)?;
+            }
         }
     }
+    if let Some(seq) = beyond_hole {
+        tracing::warn!(source = %source.name, missing = unbroken + 1, first_dropped = seq,
+            "destager: record {} is missing, so the copies of later records in NVRAM are dropped; \
+             the source resends them from {}", unbroken + 1, unbroken + 1);
+    }
     source.journaled.send_if_modified(|v| {
-        if highest > *v {
-            *v = highest;
+        if unbroken > *v {
+            *v = unbroken;
             true
         } else {
             false
@@ -217,5 +231,57 @@ mod tests {
             .collect();
         assert_eq!(seqs, vec![1, 2, 3]);
         assert_eq!(*alpha2.journaled.borrow(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_lost_journal_record_is_resent_and_later_copies_never_leave_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let nvram = dir.path().join("nvram");
+        let geo = Geometry {
+            partitions: 2,
+            partition_size: MIN_PARTITION_SIZE,
+        };
+        let engine = Engine::open(&root, &nvram, geo).unwrap();
+        let alpha = engine.source("alpha").unwrap();
+        let append = |engine: Arc<Engine>, slot: usize, from: u64, to: u64| async move {
+            let batch: Vec<u8> = (from..=to).flat_map(rec).collect();
+            let (ok, rej) = check_batch(&batch, from, geo.capacity());
+            assert!(rej.is_none());
+            let out = engine.append_batch(slot, &ok).await;
+            assert!(out.error.is_none() && out.appended as u64 == to - from + 1);
+        };
+        append(engine.clone(), alpha.slot, 1, 4).await;
+        assert_eq!(destage_once(&engine).unwrap(), 1);
+        // Records 5 and 6 stay in NVRAM; then the journal loses the tail of record 4.
+        append(engine.clone(), alpha.slot, 5, 6).await;
+        let path = crate::journal::journal_path(&alpha.journal_dir, 0);
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+
+        let engine2 = Engine::open(&root, &nvram, geo).unwrap();
+        let alpha2 = engine2.source("alpha").unwrap();
+        // The source is asked to resend from 4, not from 7.
+        assert_eq!(alpha2.accepted_seq.load(Ordering::Relaxed), 3);
+        assert_eq!(alpha2.ingest.lock().await.next_seq, 4);
+        // The NVRAM copies of 5 and 6 are not journaled past the hole...
+        assert_eq!(destage_once(&engine2).unwrap(), 1);
+        assert_eq!(*alpha2.journaled.borrow(), 3);
+        // ...and the resent 4, 5, 6 are, in order.
+        append(engine2.clone(), alpha2.slot, 4, 6).await;
+        destage_once(&engine2).unwrap();
+        let seqs: Vec<u64> = lock(&alpha2.journals)[&0]
+            .read_frames()
+            .unwrap()
+            .iter()
+            .map(|f| frame::parse_header(f).unwrap().seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(*alpha2.journaled.borrow(), 6);
     }
 }

@@ -6,7 +6,7 @@
 //! outside it, on their own threads/tasks. Per source, `Source::ingest` (an async mutex)
 //! serialises the connection that currently owns the source's sequence stream.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -115,7 +115,8 @@ pub struct Source {
     pub applied_seq: AtomicU64,
     /// Its generation.
     pub generation: AtomicU64,
-    /// Highest sequence number in a journal (or applied).
+    /// End of the unbroken run of records, after the applied one, that are in journals: every
+    /// record up to it can be applied by a CP.
     pub journaled: watch::Sender<u64>,
     /// Its journals by source partition.
     pub journals: Mutex<BTreeMap<u16, Journal>>,
@@ -406,14 +407,16 @@ impl Engine {
         }
         let next_dest_seq = log.last_seq().unwrap_or(0) + 1;
         let partitions = geometry.partitions;
-        // Highest source sequence number per slot still in NVRAM.
-        let mut in_nvram: HashMap<usize, u64> = HashMap::new();
+        // Source sequence numbers per slot still in NVRAM.
+        let mut in_nvram: HashMap<usize, BTreeSet<u64>> = HashMap::new();
         for p in 0..partitions {
             for outer in log.frames(p) {
                 if let Ok(f) = frame::decode(&outer) {
                     if let Ok(inner) = frame::parse_header(f.payload) {
-                        let e = in_nvram.entry(f.header.origin as usize).or_default();
-                        *e = (*e).max(inner.seq);
+                        in_nvram
+                            .entry(f.header.origin as usize)
+                            .or_default()
+                            .insert(inner.seq);
                     }
                 }
             }
@@ -443,7 +446,8 @@ impl Engine {
             next_conn_id: AtomicU64::new(1),
         });
         for (index, slot) in engine.slots.load_all() {
-            let nv = in_nvram.get(&index).copied().unwrap_or(0);
+            let none = BTreeSet::new();
+            let nv = in_nvram.get(&index).unwrap_or(&none);
             engine.add_source(index, slot, nv)?;
         }
         for origin in in_nvram.keys() {
@@ -457,12 +461,18 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Register a source from its slot, opening its directories and journals.
+    /// Register a source from its slot, opening its directories and journals. `in_nvram` are
+    /// the source's sequence numbers still in the destination NVRAM.
+    ///
+    /// Where the source stands is the end of the *unbroken* run of records after the applied
+    /// one, in journals and NVRAM together: a record lost in between (a torn journal tail
+    /// dropped at open) makes the source resend from there, and the destager drops the copies
+    /// of later records left in NVRAM (they come again, in order).
     fn add_source(
         self: &Arc<Self>,
         index: usize,
         slot: Slot,
-        nvram_seq: u64,
+        in_nvram: &BTreeSet<u64>,
     ) -> Result<Arc<Source>, EngineError> {
         let base = self.root.join(&slot.name);
         let image_dir = base.join("image");
@@ -470,7 +480,7 @@ impl Engine {
         mkdir(&image_dir)?;
         mkdir(&journal_dir)?;
         let mut journals = BTreeMap::new();
-        let mut journal_seq = 0;
+        let mut in_journals: BTreeSet<u64> = BTreeSet::new();
         let entries = std::fs::read_dir(&journal_dir).map_err(|source| EngineError::Io {
             path: journal_dir.clone(),
             source,
@@ -481,11 +491,35 @@ impl Engine {
                 continue;
             };
             let j = Journal::open(&journal_dir, &slot.name, p)?;
-            journal_seq = journal_seq.max(j.last_seq().unwrap_or(0));
+            for f in j.read_frames()? {
+                if let Ok(h) = frame::parse_header(&f) {
+                    in_journals.insert(h.seq);
+                }
+            }
             journals.insert(p, j);
         }
-        let journaled = journal_seq.max(slot.applied_seq);
-        let accepted = journaled.max(nvram_seq);
+        let unbroken = |from: u64, held: &dyn Fn(u64) -> bool| {
+            let mut last = from;
+            while held(last + 1) {
+                last += 1;
+            }
+            last
+        };
+        let journaled = unbroken(slot.applied_seq, &|s| in_journals.contains(&s));
+        let accepted = unbroken(slot.applied_seq, &|s| {
+            in_journals.contains(&s) || in_nvram.contains(&s)
+        });
+        let highest = [in_journals.last(), in_nvram.last()]
+            .into_iter()
+            .flatten()
+            .copied()
+            .max()
+            .unwrap_or(0);
+        if highest > accepted {
+            tracing::warn!(source = %slot.name, missing = accepted + 1, highest,
+                "records after {accepted} are held but record {} is missing (a torn journal tail?); \
+                 the source will be asked to resend from it", accepted + 1);
+        }
         let (cp_tx, cp_rx) = mpsc::unbounded_channel();
         let source = Arc::new(Source {
             name: slot.name.clone(),
@@ -524,7 +558,7 @@ impl Engine {
             return Ok(s.clone());
         }
         let (index, slot) = self.slots.find_or_allocate(name)?;
-        self.add_source(index, slot, 0)
+        self.add_source(index, slot, &BTreeSet::new())
     }
 
     /// The source owning slot `index`.
