@@ -73,7 +73,7 @@ pub struct Status {
     pub backlog_bytes: u64,
     /// Completed consistency points.
     pub cp_count: u64,
-    /// "up" or "down".
+    /// "up", "down", or "none" (unmirrored).
     pub link: &'static str,
     /// Policy sync: running alone until the destination catches up.
     pub degraded: bool,
@@ -117,6 +117,7 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
     let (backlog_records, backlog_bytes) = mirror.backlog_size();
     // Taken before the progress lock: the sequencer lock is always taken first.
     let generation = mirror.generation();
+    let standalone = mirror.standalone();
     mirror.progress(|p| Status {
         name: id.name.clone(),
         mountpoint: id.mountpoint.clone(),
@@ -127,8 +128,12 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
         last_flushed_seq: p.flushed,
         last_acked_seq: p.acked,
         last_applied_seq: p.applied_remote,
-        lag_records: p.logged.saturating_sub(p.acked),
-        lag_seconds: if p.acked < p.logged {
+        lag_records: if standalone {
+            0
+        } else {
+            p.logged.saturating_sub(p.acked)
+        },
+        lag_seconds: if p.acked < p.logged && !standalone {
             p.lagging_since
                 .map(|t| t.elapsed().as_secs_f64())
                 .unwrap_or(0.0)
@@ -138,7 +143,13 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
         backlog_records,
         backlog_bytes,
         cp_count: p.cp_count,
-        link: if p.link_up { "up" } else { "down" },
+        link: if standalone {
+            "none"
+        } else if p.link_up {
+            "up"
+        } else {
+            "down"
+        },
         degraded: p.degraded,
         stopped: p.stopped.clone(),
         records_mirrored: p.records_mirrored,

@@ -58,7 +58,7 @@ pub async fn run(
             // Records mirrored from the backlog (or acknowledged after a reconnect) may be
             // ahead of the image with no partition left to commit: ask for them too.
             let (acked, applied, up) = mirror.progress(|p| (p.acked, p.applied_remote, p.link_up));
-            if up && applied < acked {
+            if up && applied < acked && !mirror.standalone() {
                 match remote_cp(&link, 0, acked, &backing, &mut next_id).await {
                     Ok(a) => mirror.on_cp_done(a),
                     Err(e) => tracing::error!("catch-up consistency point failed: {e}"),
@@ -112,6 +112,13 @@ async fn commit(
     let Some(last) = mirror.partition_last_seq(p) else {
         return mirror.free_partition(p).map_err(|e| e.to_string());
     };
+    if mirror.standalone() {
+        // Unmirrored: the CP only makes the backing volume durable.
+        syncfs(backing).await?;
+        mirror.free_partition(p).map_err(|e| e.to_string())?;
+        mirror.on_cp_done(last);
+        return Ok(());
+    }
     // Every record of the partition must be at the destination — unless policy sync runs
     // alone, in which case the records move to the backlog and the partition is freed locally.
     let mut acked = mirror.acked_watch.subscribe();

@@ -70,9 +70,11 @@ struct MountArgs {
     /// Where to mount.
     #[arg(long)]
     mountpoint: PathBuf,
-    /// fs-dest's address (IP:PORT).
+    /// fs-dest's address (IP:PORT). Without it the volume runs unmirrored (e.g. a promoted
+    /// image with no other destination yet): records are still logged in NVRAM and CPs make
+    /// the volume durable, but nothing is sent.
     #[arg(long)]
-    dest: SocketAddr,
+    dest: Option<SocketAddr>,
     /// This source's name (its certificate's name).
     #[arg(long)]
     name: String,
@@ -80,9 +82,9 @@ struct MountArgs {
     /// while the destination is away go to FILE.backlog.
     #[arg(long)]
     nvram: PathBuf,
-    /// Directory with ca.pem, NAME.pem and NAME.key.
+    /// Directory with ca.pem, NAME.pem and NAME.key (needed with --dest).
     #[arg(long)]
-    tls: PathBuf,
+    tls: Option<PathBuf>,
     /// Number of NVLOG partitions.
     #[arg(long, default_value_t = proto::nvlog::DEFAULT_PARTITIONS)]
     partitions: usize,
@@ -166,18 +168,22 @@ fn client(mountpoint: &Path, cmd: &str, json: bool) -> anyhow::Result<()> {
 }
 
 fn print_status(s: &serde_json::Value) {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let g = |k: &str| {
         s.get(k)
             .map(|v| v.to_string().trim_matches('"').to_string())
             .unwrap_or_default()
     };
-    println!(
+    let _ = writeln!(
+        out,
         "source      {} on {} → {}",
         g("name"),
         g("mountpoint"),
         g("dest")
     );
-    println!(
+    let _ = writeln!(
+        out,
         "policy      {} (link {}{})",
         g("policy"),
         g("link"),
@@ -187,14 +193,16 @@ fn print_status(s: &serde_json::Value) {
             ""
         }
     );
-    println!(
+    let _ = writeln!(
+        out,
         "records     logged {}  acked {}  applied at destination {}  (lag {})",
         g("last_logged_seq"),
         g("last_acked_seq"),
         g("last_applied_seq"),
         g("lag_records")
     );
-    println!(
+    let _ = writeln!(
+        out,
         "mirrored    {} records, {} bytes; {} consistency points",
         g("records_mirrored"),
         g("bytes_mirrored"),
@@ -202,15 +210,19 @@ fn print_status(s: &serde_json::Value) {
     );
     if let Some(parts) = s.get("partitions").and_then(|p| p.as_array()) {
         for p in parts {
-            println!(
+            let _ = writeln!(
+                out,
                 "partition   {}: {} / {} bytes, {} records",
                 p["index"], p["used_bytes"], p["capacity_bytes"], p["records"]
             );
         }
     }
     if let Some(why) = s.get("stopped").and_then(|v| v.as_str()) {
-        println!("STOPPED     {why}");
+        let _ = writeln!(out, "STOPPED     {why}");
     }
+    // A closed pipe (`| head`) is not an error worth a panic.
+    use std::io::Write as _;
+    let _ = std::io::stdout().write_all(out.as_bytes());
 }
 
 fn valid_name(name: &str) -> bool {
@@ -241,7 +253,15 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     rustix::process::umask(rustix::fs::Mode::empty());
 
     let (storage, _) = MmapStorage::open(&args.nvram, geometry.region_len())?;
+    let tls = match (&args.dest, &args.tls) {
+        (Some(_), None) => bail!(
+            "--dest needs --tls DIR (ca.pem, {0}.pem, {0}.key)",
+            args.name
+        ),
+        (_, tls) => tls.clone(),
+    };
     let settings = MirrorSettings {
+        standalone: args.dest.is_none(),
         policy: args.policy,
         timeout: Duration::from_millis(args.timeout_ms),
     };
@@ -300,16 +320,18 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", args.backing.display()))?,
     );
     let (link_shared, control_rx) = link::shared();
-    rt.spawn(link::run(
-        mirror.clone(),
-        link::LinkSettings {
-            dest: args.dest,
-            tls_dir: args.tls.clone(),
-            name: args.name.clone(),
-        },
-        link_shared.clone(),
-        control_rx,
-    ));
+    if let (Some(dest), Some(tls_dir)) = (args.dest, tls) {
+        rt.spawn(link::run(
+            mirror.clone(),
+            link::LinkSettings {
+                dest,
+                tls_dir,
+                name: args.name.clone(),
+            },
+            link_shared.clone(),
+            control_rx,
+        ));
+    }
     rt.spawn(cp::run(
         mirror.clone(),
         link_shared,
@@ -329,7 +351,10 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     let identity = control::Identity {
         name: args.name.clone(),
         mountpoint: args.mountpoint.display().to_string(),
-        dest: args.dest.to_string(),
+        dest: args
+            .dest
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "none (unmirrored)".into()),
         policy: args.policy,
     };
     rt.spawn(control::serve(listener, mirror.clone(), identity));
@@ -345,14 +370,17 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     // Meet the destination before serving clients: a refusal (foreign certificate, fenced
     // source) is reported now instead of after the first write. An unreachable destination
     // does not stop the mount: the policy decides what writes do meanwhile.
-    match mirror.wait_first_link(Duration::from_millis(args.connect_wait_ms)) {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(
-            "destination {} not reachable yet; mounting anyway (policy {:?}), records wait in NVRAM",
-            args.dest,
-            args.policy
-        ),
-        Err(why) => bail!("the destination refused this source: {why}"),
+    if let Some(dest) = args.dest {
+        match mirror.wait_first_link(Duration::from_millis(args.connect_wait_ms)) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "destination {dest} not reachable yet; mounting anyway (policy {:?}), records wait in NVRAM",
+                args.policy
+            ),
+            Err(why) => bail!("the destination refused this source: {why}"),
+        }
+    } else {
+        tracing::warn!("no --dest: {} is not mirrored", args.mountpoint.display());
     }
 
     let volume = Arc::new(volume::Volume::new(tree, mirror.clone())?);

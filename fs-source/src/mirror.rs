@@ -102,6 +102,8 @@ pub struct Outbox {
 /// Settings of the mirror core.
 #[derive(Debug, Clone)]
 pub struct MirrorSettings {
+    /// No destination: replies wait for the local NVRAM only and CPs are local.
+    pub standalone: bool,
     /// What to do when the destination does not answer.
     pub policy: Policy,
     /// How long a write waits for the destination before the policy applies.
@@ -318,7 +320,7 @@ impl Mirror {
                 self.progress_changed.notify_all();
                 continue;
             }
-            if p.flushed >= seq && p.acked >= seq {
+            if p.flushed >= seq && (p.acked >= seq || self.settings.standalone) {
                 return Ok(());
             }
             if p.flushed >= seq && p.degraded && self.settings.policy == Policy::Sync {
@@ -410,6 +412,11 @@ impl Mirror {
             drop(p);
             self.degraded_watch.send_replace(true);
         }
+    }
+
+    /// True when the volume has no destination.
+    pub fn standalone(&self) -> bool {
+        self.settings.standalone
     }
 
     /// The policy in force.
