@@ -72,6 +72,9 @@ impl Drop for LoopFs {
     }
 }
 
+/// A file the client wrote and got acknowledged: (name, content).
+type Written = (String, Vec<u8>);
+
 fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
@@ -105,7 +108,7 @@ fn power_cut_of_the_source_disk_keeps_acknowledged_operations_on_the_destination
 
     // A client writes files of known content; each is acknowledged when its close returned
     // after the write (one file = create + write records).
-    let acked: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Written>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (acked, stop, mnt) = (acked.clone(), stop.clone(), mnt.clone());
