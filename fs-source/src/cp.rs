@@ -23,7 +23,8 @@ pub async fn run(
     interval: Duration,
 ) {
     let mut queue: VecDeque<usize> = VecDeque::new();
-    let mut waiters: Vec<oneshot::Sender<Result<u64, String>>> = Vec::new();
+    // `fs-source cp` callers, with the last record logged when each asked.
+    let mut waiters: Vec<(oneshot::Sender<Result<u64, String>>, u64)> = Vec::new();
     let mut seal_pending = false;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -50,7 +51,7 @@ pub async fn run(
             }
             // Pick up commands that arrived meanwhile before the next CP.
             while let Ok(cmd) = rx.try_recv() {
-                handle(cmd, &mut queue, &mut waiters, &mut seal_pending);
+                handle(&mirror, cmd, &mut queue, &mut waiters, &mut seal_pending);
             }
             continue;
         }
@@ -64,14 +65,27 @@ pub async fn run(
                     Err(e) => tracing::error!("catch-up consistency point failed: {e}"),
                 }
             }
-            let applied = mirror.progress(|p| p.applied_remote);
-            for w in waiters.drain(..) {
-                let _ = w.send(Ok(applied));
+            let (applied, up, backlog) =
+                mirror.progress(|p| (p.applied_remote, p.link_up, p.degraded));
+            for (w, target) in waiters.drain(..) {
+                let answer =
+                    if applied >= target || mirror.standalone() {
+                        Ok(applied)
+                    } else {
+                        // Committed locally only (policy sync, destination away): not a mirrored CP.
+                        Err(format!(
+                        "the destination has applied records up to {applied}, not {target}: {}; \
+                         the records are kept (NVRAM{}) and mirrored when it returns",
+                        if up { "it did not acknowledge them" } else { "it is unreachable" },
+                        if backlog { " and backlog file" } else { "" }
+                    ))
+                    };
+                let _ = w.send(answer);
             }
         }
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(cmd) => handle(cmd, &mut queue, &mut waiters, &mut seal_pending),
+                Some(cmd) => handle(&mirror, cmd, &mut queue, &mut waiters, &mut seal_pending),
                 None => return,
             },
             _ = ticker.tick() => {
@@ -84,9 +98,10 @@ pub async fn run(
 }
 
 fn handle(
+    mirror: &Mirror,
     cmd: CpCommand,
     queue: &mut VecDeque<usize>,
-    waiters: &mut Vec<oneshot::Sender<Result<u64, String>>>,
+    waiters: &mut Vec<(oneshot::Sender<Result<u64, String>>, u64)>,
     seal_pending: &mut bool,
 ) {
     match cmd {
@@ -97,7 +112,7 @@ fn handle(
         }
         CpCommand::Demand(tx) => {
             *seal_pending = true;
-            waiters.push(tx);
+            waiters.push((tx, mirror.progress(|p| p.logged)));
         }
     }
 }
