@@ -181,3 +181,148 @@ fn power_cut_of_the_source_disk_keeps_acknowledged_operations_on_the_destination
     );
     drop(beta);
 }
+
+fn bind(src: &Path, dst: &Path) {
+    run_ok(Command::new("mount").arg("--bind").arg(src).arg(dst));
+}
+
+/// Keeps bind mounts over the harness's destination paths; removes them on drop (also on
+/// panic, before the loop filesystem goes).
+struct Binds(Vec<PathBuf>);
+
+impl Drop for Binds {
+    fn drop(&mut self) {
+        for dst in self.0.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(dst).status();
+        }
+    }
+}
+
+#[test]
+fn power_cut_of_the_destination_disk_keeps_acknowledged_operations() {
+    const TEST: &str = "powercut_dest";
+    require_mount!(TEST);
+    for tool in ["losetup", "mkfs.ext4", "xfs_io"] {
+        assert!(
+            have(tool),
+            "{TEST}: {tool} is missing (tests/run installs xfsprogs)"
+        );
+    }
+    let mut rng = Rng::from_env(TEST);
+    let mut h = Harness::start(HarnessOptions::new(TEST).partition_size_bytes(65536));
+    // Move the destination's root and NVRAM file onto a loop filesystem, bound over the paths
+    // the harness uses, so the destination restarts on them (the source is stopped meanwhile
+    // and started again afterwards).
+    h.source.take();
+    h.kill_dest();
+    let disk = LoopFs::create(&h.dir.join("dest.img"), &h.dir.join("dest-disk"), 512 << 20);
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(&h.dest_root)
+            .arg(disk.mnt.join("root")),
+    );
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(h.dest_nvram())
+            .arg(disk.mnt.join("nvram")),
+    );
+    let targets = [
+        (disk.mnt.join("root"), h.dest_root.clone()),
+        (disk.mnt.join("nvram"), h.dest_nvram()),
+    ];
+    let mut binds = Binds(vec![]);
+    for (src, dst) in &targets {
+        bind(src, dst);
+        binds.0.push(dst.clone());
+    }
+    h.restart_dest()
+        .unwrap_or_else(|e| panic!("fs-dest on the loop disk: {e}"));
+    let mut opts = SourceOptions::new("alpha");
+    opts.partition_size_bytes = Some(65536);
+    h.restart_source(&opts)
+        .unwrap_or_else(|e| panic!("fs-source did not restart: {e}"));
+
+    // A client writes files; a CP runs midway; the destination's disk is cut.
+    let mnt = h.mnt().to_path_buf();
+    let acked: Arc<Mutex<Vec<Written>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, mnt) = (acked.clone(), stop.clone(), mnt.clone());
+        let seed = rng.next_u64();
+        thread::spawn(move || {
+            let mut rng = Rng::new(seed);
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let name = format!("f{i}");
+                let len = 1 + rng.below(6000) as usize;
+                let data = rng.bytes(len);
+                match fs::write(mnt.join(&name), &data) {
+                    Ok(()) => acked.lock().expect("acked").push((name, data)),
+                    Err(e) => panic!("{name}: {e} (writes wait for the destination, never fail)"),
+                }
+                i += 1;
+            }
+        })
+    };
+    let cut_after = Duration::from_millis(500 + rng.below(1500));
+    thread::sleep(cut_after / 2);
+    h.cp();
+    thread::sleep(cut_after / 2);
+    disk.shutdown();
+    eprintln!("{TEST}: power cut of the destination disk after {cut_after:?}");
+    h.kill_dest();
+
+    // Power back: remount (journal replay), bind again, restart. The source reconnects,
+    // resends what the destination lacks, and the writer's waiting operations complete.
+    drop(binds);
+    disk.unmount();
+    disk.mount();
+    let mut binds = Binds(vec![]);
+    for (src, dst) in &targets {
+        bind(src, dst);
+        binds.0.push(dst.clone());
+    }
+    h.restart_dest()
+        .unwrap_or_else(|e| panic!("fs-dest did not restart after the power cut: {e}"));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("the writer must not fail");
+    // The source finds the restarted destination by itself and resends what it lacks.
+    let started = std::time::Instant::now();
+    nvmirror_e2e::wait_until(
+        "the source to be acknowledged everything it logged",
+        Duration::from_secs(120),
+        || {
+            let s = h.status();
+            s.last_acked_seq == s.last_logged_seq
+        },
+    );
+    eprintln!(
+        "{TEST}: the source caught up {:?} after the destination restarted",
+        started.elapsed()
+    );
+    h.cp();
+
+    let acked = acked.lock().expect("acked").clone();
+    assert!(
+        acked.len() > 3,
+        "too few writes before the cut: {}",
+        acked.len()
+    );
+    let image = h.image();
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|(name, data)| fs::read(image.join(name)).ok().as_ref() != Some(data))
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged files missing from the image after a destination power cut: {missing:?}"
+    );
+    nvmirror_e2e::assert_trees_equal_named(h.backing(), &image, "backing", "image");
+    // The harness stops the daemons before the binds and the loop disk go.
+    h.source.take();
+    h.dest.take();
+    drop(binds);
+}
