@@ -753,6 +753,22 @@ fn sigkill_of_either_daemon_loses_nothing_acknowledged() {
     }
     assert_eq!(kills_done, kills);
 
+    // A source whose destination restarted carries on by itself: it reconnects and resends
+    // what the destination lacks (with policy sync it may have gone on alone meanwhile, if
+    // the reconnection took longer than its timeout). `cp` is run once it has caught up.
+    let started = Instant::now();
+    nvmirror_e2e::wait_until(
+        "the source to be connected and acknowledged everything it logged",
+        Duration::from_secs(120),
+        || {
+            let s = h.status();
+            s.link == "up" && s.last_acked_seq == s.last_logged_seq
+        },
+    );
+    eprintln!(
+        "{TEST}: the source had caught up after {:?}",
+        started.elapsed()
+    );
     h.cp();
     for (i, (model, _)) in models.iter().enumerate() {
         let found = read_tree(&mnt.join(format!("w{i}"))).expect("read the final tree");
