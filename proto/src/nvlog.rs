@@ -522,12 +522,21 @@ impl<S: Storage> NvLog<S> {
                 }
                 at += 8;
             }
-            let torn =
-                (!blank && !failure.contains("left from an earlier use")).then_some(TornTail {
-                    partition: p,
-                    offset: off,
-                    reason: failure,
-                });
+            // A torn write of this epoch left (at least) its header: the frame claims this
+            // partition and epoch but does not check out. Anything else is the end of this
+            // epoch's records followed by bytes of an earlier use (a stale frame's payload),
+            // which is normal and not worth a warning.
+            let ours = frame::parse_header(&probe)
+                .is_ok_and(|h| h.epoch == epoch && h.partition as usize == p);
+            if !blank && !ours {
+                tracing::debug!(partition = p, offset = off, reason = %failure,
+                    "NVLOG: records end here; the bytes after them are from an earlier use");
+            }
+            let torn = (!blank && ours).then_some(TornTail {
+                partition: p,
+                offset: off,
+                reason: failure,
+            });
             return Ok((info, torn));
         }
     }
@@ -823,6 +832,30 @@ mod tests {
             Err(NvLogError::Corrupt { offset, .. }) => assert_eq!(offset, places[2].offset),
             other => panic!("expected corruption, got {other:?}"),
         }
+    }
+
+    /// After a partition is reused, the bytes after its newest records are an earlier use's:
+    /// the scan ends there quietly (no torn tail reported); a real torn frame is reported.
+    #[test]
+    fn stale_bytes_after_the_records_are_not_a_torn_tail() {
+        let (mut log, s) = fresh();
+        for seq in 1..=5 {
+            append(&mut log, seq, &[0xAB; 300]).unwrap();
+        }
+        assert_eq!(log.rotate(), Some(1));
+        log.free(0).unwrap();
+        assert_eq!(log.rotate(), Some(0));
+        let last = append(&mut log, 6, b"short").unwrap();
+        let (log2, rec) = reopen(s.crash_image()).unwrap();
+        assert_eq!(log2.partition(0).records, 1);
+        assert!(rec.torn_tails.is_empty(), "{:?}", rec.torn_tails);
+
+        let mut img = s.crash_image();
+        img[last.offset + last.len - 1] ^= 1;
+        let (log3, rec) = reopen(img).unwrap();
+        assert_eq!(log3.partition(0).records, 0);
+        assert_eq!(rec.torn_tails.len(), 1);
+        assert_eq!(rec.torn_tails[0].offset, last.offset);
     }
 
     /// A destination log wraps source frames; the inner frame of a stale nested frame may carry
