@@ -349,6 +349,9 @@ pub struct Engine {
     registering: Mutex<()>,
     /// Wakes the flusher.
     pub flush_signal: Signal,
+    /// Serialises flushes: taking the dirty ranges, msync'ing them and publishing the flushed
+    /// sequence number happen as one step, whoever flushes (a session inline, or the flusher).
+    flush_lock: Mutex<()>,
     /// Highest destination sequence number flushed.
     pub flushed: watch::Sender<u64>,
     /// Wakes the destager.
@@ -439,6 +442,7 @@ impl Engine {
             by_slot: Mutex::new(HashMap::new()),
             registering: Mutex::new(()),
             flush_signal: Signal::default(),
+            flush_lock: Mutex::new(()),
             flushed,
             destage_signal: Signal::default(),
             freed,
@@ -604,11 +608,16 @@ impl Engine {
         lock(&self.log).appended_dest_seq
     }
 
-    /// Wait until everything appended so far is flushed.
+    /// Wait until everything appended so far is flushed. The caller flushes itself (one msync
+    /// covering every session's frames appended meanwhile: group commit without a thread hop
+    /// on the acknowledgement path); a flush already running elsewhere is waited for.
     pub async fn wait_flushed(&self) {
         let target = self.appended_dest_seq();
         let mut rx = self.flushed.subscribe();
-        self.flush_signal.notify();
+        if *rx.borrow() >= target {
+            return;
+        }
+        self.flush_once();
         // The flusher holds the sender as long as the engine lives, so this ends.
         let _ = rx.wait_for(|&f| f >= target).await;
     }
@@ -685,6 +694,7 @@ impl Engine {
 
     /// Flush what was appended since the last call; publish the flushed destination sequence.
     pub fn flush_once(&self) {
+        let _serial = lock(&self.flush_lock);
         let (ranges, upto) = {
             let mut st = lock(&self.log);
             let ranges: Vec<(usize, usize)> =

@@ -292,6 +292,10 @@ async fn reader(
                     }
                 }
                 drop(ingest);
+                // Flush here rather than waking the flusher thread: one msync covers every
+                // session's frames appended so far (group commit), and the acknowledgement
+                // does not wait for a thread hop.
+                engine.flush_once();
                 if let Some((seq, reason)) = failure {
                     tracing::warn!(source = %source.name, seq, reason = %reason,
                         "refused a record; closing the connection (nothing of it was logged)");
