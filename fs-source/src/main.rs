@@ -384,6 +384,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     }
 
     let volume = Arc::new(volume::Volume::new(tree, mirror.clone())?);
+    mirror.set_seal_times(Box::new(volume::ChangedTimes(Arc::downgrade(&volume))));
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(format!("nvmirror:{}", args.name)),

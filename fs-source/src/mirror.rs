@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use proto::frame;
 use proto::nvlog::{Placement, Role};
+use proto::record::Timestamp;
 use proto::storage::{MmapStorage, Storage};
-use proto::NvLog;
+use proto::{NvLog, Op};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::backlog::Backlog;
@@ -110,6 +111,19 @@ pub struct MirrorSettings {
     pub timeout: Duration,
 }
 
+/// Where the times of changed files come from when a partition is sealed.
+///
+/// Replaying records sets modification times to the time of the replay, not of the original
+/// operation. So before a partition is sealed for a CP, the source logs one `SetAttr` with the
+/// current atime and mtime of every inode changed since the last seal (a no-op on the backing
+/// volume); the destination applies them last, and the image's times equal the backing's.
+pub trait SealTimes: Send + Sync {
+    /// Take the inodes changed since the last seal: (inode, current path, atime, mtime).
+    fn take(&self) -> Vec<(u64, Vec<u8>, Timestamp, Timestamp)>;
+    /// Give back inodes whose records did not fit; they go into the next partition.
+    fn give_back(&self, inodes: Vec<u64>);
+}
+
 /// What [`Mirror::open`] returns: the core, the CP command receiver, and the frames to replay.
 pub type Opened = (
     Arc<Mirror>,
@@ -138,6 +152,9 @@ pub struct Mirror {
     settings: MirrorSettings,
     /// Largest record payload that always fits in a partition, with room for paths.
     max_record: usize,
+    /// Bytes of every partition kept for the times records logged when it is sealed.
+    times_reserve: usize,
+    seal_times: std::sync::OnceLock<Box<dyn SealTimes>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -232,6 +249,8 @@ impl Mirror {
             degraded_watch: watch::channel(false).0,
             settings,
             max_record,
+            times_reserve: capacity / 8,
+            seal_times: std::sync::OnceLock::new(),
         });
         Ok((mirror, cp_rx, replay))
     }
@@ -246,7 +265,7 @@ impl Mirror {
     pub fn begin(&self, size_hint: usize) -> Result<Txn<'_>, FsError> {
         let mut seq = lock(&self.seq);
         let need = frame::padded_len(size_hint + frame::HEADER_LEN);
-        let capacity = seq.nvlog.geometry().capacity();
+        let capacity = seq.nvlog.geometry().capacity() - self.times_reserve;
         if need > capacity {
             return Err(FsError::TooLarge(size_hint));
         }
@@ -256,6 +275,7 @@ impl Mirror {
             if seq.nvlog.partition(cur).used + need <= capacity {
                 break;
             }
+            self.log_times(&mut seq);
             match seq.nvlog.rotate() {
                 Some(_) => {
                     let _ = self.cp_tx.send(CpCommand::Full(cur));
@@ -543,10 +563,84 @@ impl Mirror {
         if seq.nvlog.partition(cur).is_empty() {
             return Ok(None);
         }
+        self.log_times(&mut seq);
         match seq.nvlog.rotate() {
             Some(_) => Ok(Some(cur)),
             None => Err(()),
         }
+    }
+
+    /// Install the source of times logged at each seal (see [`SealTimes`]).
+    pub fn set_seal_times(&self, source: Box<dyn SealTimes>) {
+        let _ = self.seal_times.set(source);
+    }
+
+    /// Log the times of every inode changed since the last seal into the current partition
+    /// (into its reserve); what does not fit waits for the next seal.
+    fn log_times(&self, seq: &mut Sequencer) {
+        let Some(source) = self.seal_times.get() else {
+            return;
+        };
+        let mut left = Vec::new();
+        for (ino, path, atime, mtime) in source.take() {
+            if !left.is_empty() {
+                left.push(ino);
+                continue;
+            }
+            let op = Op::SetAttr {
+                path,
+                mode: None,
+                uid: None,
+                gid: None,
+                size: None,
+                atime: Some(atime),
+                mtime: Some(mtime),
+            };
+            let mut buf = Vec::new();
+            frame::begin(&mut buf);
+            op.encode_into(&mut buf);
+            let seq_no = seq.next_seq;
+            if frame::seal(&mut buf, seq_no, 0, 0, frame::KIND_RECORD, 0).is_err() {
+                continue;
+            }
+            match seq.nvlog.append(&mut buf) {
+                // Already true of the backing volume: nothing to apply here.
+                Ok(Ok(placement)) => self.committed(seq, seq_no, buf, placement),
+                Ok(Err(_)) => left.push(ino),
+                Err(e) => {
+                    tracing::warn!("logging times at a seal: {e}");
+                    left.push(ino);
+                }
+            }
+        }
+        if !left.is_empty() {
+            source.give_back(left);
+        }
+    }
+
+    /// Bookkeeping of a record logged (and applied): cursor, progress, flush range, outbox.
+    fn committed(&self, seq: &mut Sequencer, seq_no: u64, buf: Vec<u8>, placement: Placement) {
+        seq.next_seq += 1;
+        seq.nvlog
+            .write_user(cursor::APPLIED_SEQ, &seq_no.to_le_bytes());
+        {
+            let mut p = lock(&self.progress);
+            p.logged = seq_no;
+            p.dirty_seq = seq_no;
+            if p.lagging_since.is_none() && p.acked < seq_no {
+                p.lagging_since = Some(Instant::now());
+            }
+            match p.dirty.last_mut() {
+                Some((off, l)) if *off + frame::padded_len(*l) == placement.offset => {
+                    *l = placement.offset + placement.len - *off;
+                }
+                _ => p.dirty.push((placement.offset, placement.len)),
+            }
+        }
+        lock(&self.outbox)
+            .frames
+            .push_back((seq_no, Bytes::from(buf)));
+        self.outbox_ready.notify_one();
     }
 
     /// Take every frame with a sequence number above `after` from the NVLOG (for resending
@@ -685,28 +779,7 @@ impl Txn<'_> {
         };
         match apply() {
             Ok(v) => {
-                self.seq.next_seq += 1;
-                self.seq
-                    .nvlog
-                    .write_user(cursor::APPLIED_SEQ, &seq_no.to_le_bytes());
-                {
-                    let mut p = lock(&self.mirror.progress);
-                    p.logged = seq_no;
-                    p.dirty_seq = seq_no;
-                    if p.lagging_since.is_none() && p.acked < seq_no {
-                        p.lagging_since = Some(Instant::now());
-                    }
-                    match p.dirty.last_mut() {
-                        Some((off, l)) if *off + frame::padded_len(*l) == placement.offset => {
-                            *l = placement.offset + placement.len - *off;
-                        }
-                        _ => p.dirty.push((placement.offset, placement.len)),
-                    }
-                }
-                lock(&self.mirror.outbox)
-                    .frames
-                    .push_back((seq_no, Bytes::from(buf)));
-                self.mirror.outbox_ready.notify_one();
+                self.mirror.committed(&mut self.seq, seq_no, buf, placement);
                 self.last_seq = Some(seq_no);
                 Ok(v)
             }

@@ -112,6 +112,8 @@ pub struct Volume {
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_fh: AtomicU64,
     next_orphan: AtomicU64,
+    /// Inodes whose times changed since the last seal.
+    changed: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Volume {
@@ -126,7 +128,13 @@ impl Volume {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             next_orphan: AtomicU64::new(1),
+            changed: Mutex::new(std::collections::HashSet::new()),
         })
+    }
+
+    /// These inodes' times changed: log their times at the next seal (see `SealTimes`).
+    fn touched(&self, inodes: &[u64]) {
+        lock(&self.changed).extend(inodes.iter().copied());
     }
 
     fn table(&self) -> MutexGuard<'_, InodeTable> {
@@ -223,6 +231,7 @@ impl Volume {
             mtime: change.mtime.map(timestamp),
         };
         txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        self.touched(&[ino]);
         txn.finish()?;
         self.stat_path(&path)
     }
@@ -252,6 +261,7 @@ impl Volume {
         txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
         let st = self.stat_path(&path)?;
         self.table().looked_up(st.st_ino, parent, name);
+        self.touched(&[st.st_ino, parent]);
         txn.finish()?;
         Ok(st)
     }
@@ -356,6 +366,8 @@ impl Volume {
             let mut t = self.table();
             t.looked_up(st.st_ino, parent, name);
             t.opened(st.st_ino, 1);
+            drop(t);
+            self.touched(&[st.st_ino, parent]);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.files).insert(fh, (st.st_ino, Arc::new(fd)));
@@ -403,6 +415,7 @@ impl Volume {
                 |b| Op::encode_write_into(b, &path, off, piece),
                 || Ok(proto::apply::write_all_at(&*fd, piece, off)?),
             )?;
+            self.touched(&[ino]);
             last = txn.release();
         }
         if let Some(seq) = last {
@@ -432,6 +445,7 @@ impl Volume {
                 let op = Op::Unlink { path: name.clone() };
                 txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
                 self.table().remove_name(ROOT, &name);
+                self.touched(&[ROOT]);
             }
         }
         txn.finish()
@@ -480,6 +494,7 @@ impl Volume {
         };
         txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
         self.table().renamed(parent, name, ROOT, &orphan);
+        self.touched(&[ROOT, parent]);
         Ok(true)
     }
 
@@ -491,6 +506,7 @@ impl Volume {
             let op = Op::Unlink { path };
             txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
             self.table().remove_name(parent, name);
+            self.touched(&[parent]);
         }
         txn.finish()
     }
@@ -502,6 +518,7 @@ impl Volume {
         let op = Op::Rmdir { path };
         txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
         self.table().remove_name(parent, name);
+        self.touched(&[parent]);
         txn.finish()
     }
 
@@ -548,6 +565,11 @@ impl Volume {
                 t.renamed(parent, name, new_parent, new_name);
             }
         }
+        let moved = self.table().child(new_parent, new_name);
+        self.touched(&[parent, new_parent]);
+        if let Some(m) = moved {
+            self.touched(&[m]);
+        }
         txn.finish()
     }
 
@@ -568,6 +590,7 @@ impl Volume {
         txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
         let st = self.stat_path(&new_path)?;
         self.table().looked_up(st.st_ino, new_parent, new_name);
+        self.touched(&[new_parent]);
         txn.finish()?;
         Ok(st)
     }
@@ -706,6 +729,7 @@ impl Volume {
             |b| op.encode_into(b),
             || Ok(rustix::fs::fallocate(&*fd, flags, offset, length)?),
         )?;
+        self.touched(&[ino]);
         txn.finish()
     }
 
@@ -742,6 +766,7 @@ impl Volume {
                 )?)
             },
         )?;
+        self.touched(&[ino_out]);
         txn.finish()?;
         Ok(n)
     }
@@ -754,5 +779,54 @@ fn open_access(flags: i32) -> OFlags {
         libc::O_WRONLY => OFlags::WRONLY,
         libc::O_RDWR => OFlags::RDWR,
         _ => OFlags::RDONLY,
+    }
+}
+
+/// The volume's answer to [`crate::mirror::SealTimes`]: the changed inodes, their current paths
+/// and times. Holds the volume weakly (the volume holds the mirror that holds this).
+pub struct ChangedTimes(pub std::sync::Weak<Volume>);
+
+fn ts_of(secs: i64, nanos: i64) -> Timestamp {
+    Timestamp {
+        secs,
+        nanos: nanos as u32,
+    }
+}
+
+impl crate::mirror::SealTimes for ChangedTimes {
+    fn take(&self) -> Vec<(u64, Vec<u8>, Timestamp, Timestamp)> {
+        let Some(v) = self.0.upgrade() else {
+            return Vec::new();
+        };
+        let inodes: Vec<u64> = lock(&v.changed).drain().collect();
+        let mut out = Vec::with_capacity(inodes.len());
+        for ino in inodes {
+            // Gone since (unlinked): nothing to set.
+            let Ok(path) = v.table().path(ino) else {
+                continue;
+            };
+            let Ok(st) = v.tree.stat(&path) else { continue };
+            if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+                // utimensat on a symlink's own times works, but its mtime never changes after
+                // creation; leave it.
+                continue;
+            }
+            out.push((
+                ino,
+                path,
+                ts_of(st.st_atime, st.st_atime_nsec as i64),
+                ts_of(st.st_mtime, st.st_mtime_nsec as i64),
+            ));
+        }
+        // Parents before children is not needed (setting times changes no parent's mtime),
+        // but a stable order keeps logs readable.
+        out.sort_by(|a, b| a.1.cmp(&b.1));
+        out
+    }
+
+    fn give_back(&self, inodes: Vec<u64>) {
+        if let Some(v) = self.0.upgrade() {
+            lock(&v.changed).extend(inodes);
+        }
     }
 }

@@ -1,0 +1,63 @@
+//! Modification times are mirrored: replaying a record stamps the image with the time of the
+//! replay, so the source logs the times of changed files when it seals a partition, and after a
+//! CP every file and directory of the image has the backing volume's mtime.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nvmirror_e2e::{require_mount, workload, Harness, HarnessOptions, Rng};
+
+/// Relative path → (mtime seconds, nanoseconds) of everything under `root` but symlinks.
+fn mtimes(root: &Path) -> BTreeMap<PathBuf, (i64, i64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
+            let e = e.expect("dir entry");
+            let m = fs::symlink_metadata(e.path()).expect("lstat");
+            if m.file_type().is_symlink() {
+                continue;
+            }
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            let rel = e
+                .path()
+                .strip_prefix(root)
+                .expect("under root")
+                .to_path_buf();
+            out.insert(rel, (m.mtime(), m.mtime_nsec()));
+        }
+    }
+    out
+}
+
+#[test]
+fn image_mtimes_equal_backing_mtimes_after_a_cp() {
+    const TEST: &str = "image_mtimes_equal_backing_mtimes_after_a_cp";
+    require_mount!(TEST);
+    // Small partitions: the workload spans many seals, so times logged at one seal are
+    // overtaken by later changes and logged again.
+    let h = Harness::start(HarnessOptions::new(TEST).partition_size_bytes(65536));
+    let seed = Rng::from_env(TEST).next_u64();
+    workload::mixed(h.mnt(), &mut Rng::new(seed));
+    h.cp();
+    let (backing, image) = (mtimes(h.backing()), mtimes(&h.image()));
+    assert_eq!(
+        backing.keys().collect::<Vec<_>>(),
+        image.keys().collect::<Vec<_>>(),
+        "same entries (seed {seed})"
+    );
+    let differing: Vec<String> = backing
+        .iter()
+        .filter(|(p, t)| image.get(*p) != Some(t))
+        .map(|(p, t)| format!("{}: backing {:?} image {:?}", p.display(), t, image.get(p)))
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "mtimes differ (seed {seed}):\n{}",
+        differing.join("\n")
+    );
+}
