@@ -123,12 +123,39 @@ pub fn server_config(tls_dir: &Path) -> Result<quinn::ServerConfig, TlsError> {
     Ok(cfg)
 }
 
+/// Endpoint settings with a stateless-reset key derived from the destination's private key, so
+/// it is the same after a restart: a source still talking to the previous process gets a
+/// stateless reset at its next packet and reconnects at once, instead of waiting for the idle
+/// timeout (30 s) while its writes wait for acknowledgements.
+fn endpoint_config(tls_dir: &Path) -> Result<quinn::EndpointConfig, TlsError> {
+    let path = tls_dir.join("dest.key");
+    let key = std::fs::read(&path).map_err(|e| TlsError::File {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"nvmirror stateless reset key v1\0");
+    ctx.update(&key);
+    let secret = ctx.finish();
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref());
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(hmac));
+    // Connection IDs are checked against a keyed hash before a reset is sent; the key must
+    // survive restarts too.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&secret.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(cfg)
+}
+
 /// The server endpoint listening on `listen`. Must be called inside a tokio runtime.
 pub fn server_endpoint(tls_dir: &Path, listen: SocketAddr) -> Result<quinn::Endpoint, TlsError> {
     let cfg = server_config(tls_dir)?;
     let socket = udp_socket(listen)?;
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config(tls_dir)?,
         Some(cfg),
         socket,
         Arc::new(quinn::TokioRuntime),

@@ -385,6 +385,11 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
 
     let volume = Arc::new(volume::Volume::new(tree, mirror.clone())?);
     mirror.set_seal_times(Box::new(volume::ChangedTimes(Arc::downgrade(&volume))));
+    match volume.remove_leftover_orphans() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("removed {n} orphaned file(s) left by the previous run"),
+        Err(e) => tracing::warn!("removing orphaned files left by the previous run: {e}"),
+    }
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(format!("nvmirror:{}", args.name)),

@@ -173,6 +173,29 @@ impl Volume {
         ))
     }
 
+    /// Remove orphans left by a previous run (files unlinked while open, whose last close never
+    /// came because the process stopped): after a restart nobody holds them open. The removals
+    /// are mirrored like any unlink. Returns how many were removed.
+    pub fn remove_leftover_orphans(&self) -> FsResult<usize> {
+        let fd = self.tree.open_at(b"", OFlags::RDONLY | OFlags::DIRECTORY)?;
+        let mut names = Vec::new();
+        let mut dir = rustix::fs::Dir::read_from(&fd)?;
+        while let Some(e) = dir.read() {
+            let name = e?.file_name().to_bytes().to_vec();
+            if name.starts_with(ORPHAN_PREFIX) {
+                names.push(name);
+            }
+        }
+        for name in &names {
+            let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
+            let op = Op::Unlink { path: name.clone() };
+            txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+            self.touched(&[ROOT]);
+            txn.finish()?;
+        }
+        Ok(names.len())
+    }
+
     /// Look a name up and count the kernel's reference.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Stat> {
         if Self::is_orphan(parent, name) {
@@ -429,12 +452,17 @@ impl Volume {
         let Some((ino, _fd)) = lock(&self.files).remove(&fh) else {
             return Err(FsError::UnknownHandle(fh));
         };
-        let remaining = self.table().opened(ino, -1);
-        if remaining > 0 || !self.has_only_orphan_names(ino) {
-            return Ok(());
-        }
-        let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
-        // Checked again under the sequencer lock: a rename may have given it a name meanwhile.
+        // The open count drops under the sequencer lock: an unlink deciding, under that lock,
+        // whether to orphan this file must see either the count before this close (and then
+        // the orphan is removed below) or after it (and then it unlinks plainly).
+        let mut txn = match self.mirror.begin(RECORD_OVERHEAD) {
+            Ok(t) => t,
+            Err(e) => {
+                self.table().opened(ino, -1);
+                return Err(e);
+            }
+        };
+        self.table().opened(ino, -1);
         if self.has_only_orphan_names(ino) {
             let names: Vec<Vec<u8>> = self
                 .table()
