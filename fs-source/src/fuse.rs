@@ -423,10 +423,12 @@ impl Filesystem for FuseAdapter {
         };
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let dot = e.name == b"." || e.name == b"..";
+            // The kernel counts a lookup for every entry but "." and "..", so those are looked
+            // up (counted) here, and the count is given back if the entry does not fit.
             let st = if dot {
                 self.volume.getattr(e.ino, None)
             } else {
-                self.volume.stat_child(ino.0, &e.name)
+                self.volume.lookup(ino.0, &e.name)
             };
             // An entry removed since the listing was read is skipped.
             let Ok(st) = st else { continue };
@@ -438,11 +440,10 @@ impl Filesystem for FuseAdapter {
                 &attr(&st),
                 Generation(0),
             ) {
+                if !dot {
+                    self.volume.forget(st.st_ino, 1);
+                }
                 break;
-            }
-            // The kernel counts a lookup for every entry but "." and "..".
-            if !dot {
-                self.volume.count_lookup(st.st_ino, ino.0, &e.name);
             }
         }
         reply.ok();

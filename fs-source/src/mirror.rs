@@ -155,6 +155,9 @@ pub struct Mirror {
     /// Bytes of every partition kept for the times records logged when it is sealed.
     times_reserve: usize,
     seal_times: std::sync::OnceLock<Box<dyn SealTimes>>,
+    /// Odd while a transaction holds the sequencer, bumped at its start and end: lets readers
+    /// (lookup) check that no change ran while they looked, without taking the lock.
+    txn_gen: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -251,6 +254,7 @@ impl Mirror {
             max_record,
             times_reserve: capacity / 8,
             seal_times: std::sync::OnceLock::new(),
+            txn_gen: std::sync::atomic::AtomicU64::new(0),
         });
         Ok((mirror, cp_rx, replay))
     }
@@ -303,6 +307,8 @@ impl Mirror {
                 }
             }
         }
+        self.txn_gen
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(Txn {
             mirror: self,
             seq,
@@ -570,6 +576,17 @@ impl Mirror {
         }
     }
 
+    /// The transaction generation: even when no transaction runs. A reader that sees the same
+    /// even value before and after its work saw no change of the namespace.
+    pub fn txn_generation(&self) -> u64 {
+        self.txn_gen.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Hold the sequencer without logging anything (a reader that must not race changes).
+    pub fn quiesce(&self) -> MutexGuard<'_, Sequencer> {
+        lock(&self.seq)
+    }
+
     /// Install the source of times logged at each seal (see [`SealTimes`]).
     pub fn set_seal_times(&self, source: Box<dyn SealTimes>) {
         let _ = self.seal_times.set(source);
@@ -799,15 +816,20 @@ impl Txn<'_> {
     /// Release the lock and wait until every record of this transaction is durable on both
     /// sides (per policy). A transaction that logged nothing returns at once.
     pub fn finish(self) -> Result<(), FsError> {
-        let Txn {
-            mirror,
-            seq,
-            last_seq,
-        } = self;
-        drop(seq);
+        let (mirror, last_seq) = (self.mirror, self.last_seq);
+        drop(self);
         match last_seq {
             Some(s) => mirror.wait_durable(s),
             None => Ok(()),
         }
+    }
+}
+
+impl Drop for Txn<'_> {
+    fn drop(&mut self) {
+        // Still under the sequencer lock (the guard field drops after this).
+        self.mirror
+            .txn_gen
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

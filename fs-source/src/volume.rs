@@ -201,27 +201,35 @@ impl Volume {
         if Self::is_orphan(parent, name) {
             return Err(Errno::NOENT.into());
         }
+        // Optimistic: look without the sequencer lock, and register the name only if no
+        // transaction ran meanwhile (a rename or unlink + create between our stat and our
+        // registration would otherwise bind the name to the wrong inode).
+        for _ in 0..3 {
+            let before = self.mirror.txn_generation();
+            if before % 2 == 1 {
+                std::thread::yield_now();
+                continue;
+            }
+            let path = self.table().child_path(parent, name)?;
+            let st = self.tree.stat(&path);
+            let mut t = self.table();
+            if self.mirror.txn_generation() != before {
+                continue;
+            }
+            return Ok(Self::register(&mut t, st?, parent, name));
+        }
+        // Busy namespace: look under the sequencer lock, where nothing can change.
+        let _quiet = self.mirror.quiesce();
         let path = self.table().child_path(parent, name)?;
         let st = self.tree.stat(&path)?;
-        let mut t = self.table();
+        Ok(Self::register(&mut self.table(), st, parent, name))
+    }
+
+    fn register(t: &mut InodeTable, mut st: Stat, parent: u64, name: &[u8]) -> Stat {
         let ino = t.fuse_ino(st.st_ino);
         t.looked_up(ino, parent, name);
-        drop(t);
-        let mut st = st;
         st.st_ino = ino;
-        Ok(st)
-    }
-
-    /// Attributes of a directory entry without counting a lookup (readdirplus counts it with
-    /// [`Volume::count_lookup`] once the entry is really sent).
-    pub fn stat_child(&self, parent: u64, name: &[u8]) -> FsResult<Stat> {
-        let path = self.table().child_path(parent, name)?;
-        self.stat_path(&path)
-    }
-
-    /// The kernel now holds a reference to `ino` under (parent, name).
-    pub fn count_lookup(&self, ino: u64, parent: u64, name: &[u8]) {
-        self.table().looked_up(ino, parent, name);
+        st
     }
 
     /// The kernel forgets `n` references.
