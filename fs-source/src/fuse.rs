@@ -18,11 +18,12 @@ use rustix::fs::Stat;
 use crate::error::FsError;
 use crate::volume::{AttrChange, Caller, SetTime, Volume};
 
-/// Attributes may be cached for a second. Every change passes through this daemon and its reply
-/// carries the new attributes; FUSE inode numbers are the backing inode numbers, so all names of
-/// a hard-linked file share one kernel inode and see one link count (the stale link counts
-/// machine-facts warns about come from passthroughs that give each name its own inode).
-const ATTR_TTL: Duration = Duration::from_secs(1);
+/// Attributes are not cached by the kernel. FUSE inode numbers are the backing inode numbers,
+/// and the backing filesystem reuses them: with cached attributes the kernel could apply a
+/// removed inode's attributes to a new file of the same number (the crash torture test failed
+/// with a spurious EEXIST on mkdir about one run in eight with a 1 s attribute TTL).
+/// Making this cacheable needs generation numbers (FS_IOC_GETVERSION) in every entry first.
+const ATTR_TTL: Duration = Duration::ZERO;
 /// Names may be cached briefly: every change to them passes through this daemon, and the
 /// kernel updates its dentry cache for the operations it sends.
 const ENTRY_TTL: Duration = Duration::from_secs(1);
@@ -122,8 +123,11 @@ impl Filesystem for FuseAdapter {
         let _ = config.set_max_readahead(1 << 20);
         // readdirplus: a listing brings the attributes along (ls -l, find) when the kernel
         // thinks it helps.
-        let _ = config
-            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        if std::env::var_os("NVMIRROR_NO_READDIRPLUS").is_none() {
+            let _ = config.add_capabilities(
+                InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
+            );
+        }
         Ok(())
     }
 

@@ -289,7 +289,18 @@ impl Volume {
         let (uid, gid, setgid) = self.new_owner(caller, &ppath)?;
         let path = proto::path::join(&ppath, name);
         let op = make(path.clone(), uid, gid, setgid);
-        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        if let Err(e) = txn.record(|b| op.encode_into(b), || applied(&self.tree, &op)) {
+            if matches!(e, FsError::Backing(Errno::EXIST)) {
+                let t = self.table();
+                tracing::debug!(
+                    parent,
+                    path = %String::from_utf8_lossy(&path),
+                    names = ?t.node(parent).map(|n| n.names.iter().map(|(p, n)| (*p, String::from_utf8_lossy(n).into_owned())).collect::<Vec<_>>()),
+                    "create: name exists"
+                );
+            }
+            return Err(e);
+        }
         let st = self.stat_path(&path)?;
         self.table().looked_up(st.st_ino, parent, name);
         self.touched(&[st.st_ino, parent]);
