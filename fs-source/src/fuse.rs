@@ -34,6 +34,10 @@ pub struct FuseAdapter {
 }
 
 impl FuseAdapter {
+    fn generation(&self, st: &Stat) -> Generation {
+        Generation(self.volume.generation(st.st_ino))
+    }
+
     /// Wrap a volume.
     pub fn new(volume: Arc<Volume>) -> Self {
         FuseAdapter { volume }
@@ -133,7 +137,9 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.volume.lookup(parent.0, name.as_bytes()) {
-            Ok(st) => reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), Generation(0)),
+            Ok(st) => {
+                reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), self.generation(&st))
+            }
             Err(e) => reply.error(errno(&e, "lookup")),
         }
     }
@@ -206,7 +212,9 @@ impl Filesystem for FuseAdapter {
             umask,
             rdev as u64,
         ) {
-            Ok(st) => reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), Generation(0)),
+            Ok(st) => {
+                reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), self.generation(&st))
+            }
             Err(e) => reply.error(errno(&e, "mknod")),
         }
     }
@@ -224,7 +232,9 @@ impl Filesystem for FuseAdapter {
             .volume
             .mkdir(caller(req), parent.0, name.as_bytes(), mode, umask)
         {
-            Ok(st) => reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), Generation(0)),
+            Ok(st) => {
+                reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), self.generation(&st))
+            }
             Err(e) => reply.error(errno(&e, "mkdir")),
         }
     }
@@ -257,7 +267,9 @@ impl Filesystem for FuseAdapter {
             link_name.as_bytes(),
             target.as_os_str().as_bytes(),
         ) {
-            Ok(st) => reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), Generation(0)),
+            Ok(st) => {
+                reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), self.generation(&st))
+            }
             Err(e) => reply.error(errno(&e, "symlink")),
         }
     }
@@ -293,7 +305,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         match self.volume.link(ino.0, newparent.0, newname.as_bytes()) {
-            Ok(st) => reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), Generation(0)),
+            Ok(st) => {
+                reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), self.generation(&st))
+            }
             Err(e) => reply.error(errno(&e, "link")),
         }
     }
@@ -442,7 +456,7 @@ impl Filesystem for FuseAdapter {
                 OsStr::from_bytes(&e.name),
                 &ENTRY_TTL,
                 &attr(&st),
-                Generation(0),
+                self.generation(&st),
             ) {
                 if !dot {
                     self.volume.forget(st.st_ino, 1);
@@ -553,7 +567,7 @@ impl Filesystem for FuseAdapter {
             Ok((st, fh)) => reply.created(
                 &ATTR_TTL,
                 &attr(&st),
-                Generation(0),
+                self.generation(&st),
                 FileHandle(fh),
                 FopenFlags::empty(),
             ),

@@ -20,6 +20,10 @@ pub struct Node {
     pub lookups: u64,
     /// Open file handles.
     pub opens: u32,
+    /// FUSE generation: the backing filesystem reuses inode numbers, and the kernel may still
+    /// hold the old inode when a new file gets its number; a new generation makes the kernel
+    /// treat it as a different inode instead of aliasing the two.
+    pub generation: u64,
 }
 
 /// inode → names, and (parent, name) → inode.
@@ -180,6 +184,29 @@ impl InodeTable {
         }
     }
 
+    /// A new file got inode number `ino` (create, mkdir, mknod, symlink): if the number is still
+    /// known from an earlier file, start a new generation and forget the old file's names.
+    /// Returns the generation to give the kernel.
+    pub fn created(&mut self, ino: u64) -> u64 {
+        match self.nodes.get_mut(&ino) {
+            Some(node) => {
+                node.generation += 1;
+                for k in std::mem::take(&mut node.names) {
+                    if self.by_name.get(&k) == Some(&ino) {
+                        self.by_name.remove(&k);
+                    }
+                }
+                node.generation
+            }
+            None => 0,
+        }
+    }
+
+    /// The generation of `ino` (0 when unknown).
+    pub fn generation(&self, ino: u64) -> u64 {
+        self.nodes.get(&ino).map(|n| n.generation).unwrap_or(0)
+    }
+
     /// The kernel dropped `n` lookups of `ino`; forget it when nothing refers to it any more.
     pub fn forget(&mut self, ino: u64, n: u64) {
         if ino == ROOT {
@@ -246,6 +273,18 @@ mod tests {
         t.renamed(ROOT, b"a", ROOT, b"b");
         assert_eq!(t.child(ROOT, b"b"), Some(10));
         assert!(t.path(11).is_err());
+    }
+
+    #[test]
+    fn a_reused_inode_number_gets_a_new_generation_and_loses_old_names() {
+        let mut t = InodeTable::new(100);
+        t.looked_up(10, ROOT, b"old");
+        t.remove_name(ROOT, b"old");
+        assert_eq!(t.created(10), 1);
+        t.looked_up(10, ROOT, b"new");
+        assert_eq!(t.path(10).unwrap(), b"new");
+        assert_eq!(t.generation(10), 1);
+        assert_eq!(t.created(11), 0, "an unknown number starts at generation 0");
     }
 
     #[test]

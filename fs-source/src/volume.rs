@@ -196,6 +196,11 @@ impl Volume {
         Ok(names.len())
     }
 
+    /// The FUSE generation to report with `ino` (see `inodes::Node::generation`).
+    pub fn generation(&self, ino: u64) -> u64 {
+        self.table().generation(ino)
+    }
+
     /// Look a name up and count the kernel's reference.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Stat> {
         if Self::is_orphan(parent, name) {
@@ -302,7 +307,11 @@ impl Volume {
             return Err(e);
         }
         let st = self.stat_path(&path)?;
-        self.table().looked_up(st.st_ino, parent, name);
+        {
+            let mut t = self.table();
+            t.created(st.st_ino);
+            t.looked_up(st.st_ino, parent, name);
+        }
         self.touched(&[st.st_ino, parent]);
         txn.finish()?;
         Ok(st)
@@ -406,6 +415,7 @@ impl Volume {
         let st = self.with_ino(rustix::fs::fstat(&fd)?);
         {
             let mut t = self.table();
+            t.created(st.st_ino);
             t.looked_up(st.st_ino, parent, name);
             t.opened(st.st_ino, 1);
             drop(t);
@@ -514,20 +524,20 @@ impl Volume {
         txn: &mut crate::mirror::Txn<'_>,
         parent: u64,
         name: &[u8],
-    ) -> FsResult<bool> {
+    ) -> FsResult<Option<Vec<u8>>> {
         let (ino, path) = {
             let t = self.table();
             let Some(ino) = t.child(parent, name) else {
-                return Ok(false);
+                return Ok(None);
             };
             match t.node(ino) {
                 Some(n) if n.opens > 0 && n.names.len() == 1 => (ino, t.child_path(parent, name)?),
-                _ => return Ok(false),
+                _ => return Ok(None),
             }
         };
         let st = self.tree.stat(&path)?;
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-            return Ok(false);
+            return Ok(None);
         }
         let orphan = [
             ORPHAN_PREFIX,
@@ -542,13 +552,13 @@ impl Volume {
         txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
         self.table().renamed(parent, name, ROOT, &orphan);
         self.touched(&[ROOT, parent]);
-        Ok(true)
+        Ok(Some(orphan))
     }
 
     /// unlink.
     pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         let mut txn = self.mirror.begin(2 * RECORD_OVERHEAD)?;
-        if !self.orphan_if_open(&mut txn, parent, name)? {
+        if self.orphan_if_open(&mut txn, parent, name)?.is_none() {
             let path = self.table().child_path(parent, name)?;
             let op = Op::Unlink { path };
             txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
@@ -598,12 +608,31 @@ impl Volume {
             if noreplace && target.is_ok() {
                 return Err(Errno::EXIST.into());
             }
-            if from != to && target.is_ok() {
-                self.orphan_if_open(&mut txn, new_parent, new_name)?;
-            }
         }
-        let op = Op::Rename { from, to, flags };
-        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        let orphaned = if !exchange && from != to && self.tree.stat(&to).is_ok() {
+            self.orphan_if_open(&mut txn, new_parent, new_name)?
+        } else {
+            None
+        };
+        let op = Op::Rename {
+            from,
+            to: to.clone(),
+            flags,
+        };
+        if let Err(e) = txn.record(|b| op.encode_into(b), || applied(&self.tree, &op)) {
+            // The rename failed (EISDIR, ENOTEMPTY...): give the open target its name back.
+            if let Some(orphan) = orphaned {
+                let back = Op::Rename {
+                    from: orphan.clone(),
+                    to,
+                    flags: 0,
+                };
+                txn.record(|b| back.encode_into(b), || applied(&self.tree, &back))?;
+                self.table().renamed(ROOT, &orphan, new_parent, new_name);
+            }
+            txn.finish()?;
+            return Err(e);
+        }
         {
             let mut t = self.table();
             if exchange {
