@@ -44,15 +44,14 @@ use std::time::{Duration, Instant};
 const TEST: &str = "torture";
 const CLIENTS: usize = 2;
 
-/// Client threads of the torture run: `NVMIRROR_TORTURE_CLIENTS`, default 1. Two concurrent
-/// clients expose an open bug (issue 3's note: a mkdir of a fresh name sometimes fails with
-/// EEXIST, about one run in eight, also before any kill); one client keeps the CI run about
-/// crash safety until it is fixed.
+/// Client threads of the torture run: `NVMIRROR_TORTURE_CLIENTS`, default [`CLIENTS`]. Two
+/// concurrent clients found the inode-number reuse bug (a fresh mkdir failing with EEXIST,
+/// fixed by FUSE generations), so the default keeps them concurrent.
 fn torture_clients() -> usize {
     std::env::var("NVMIRROR_TORTURE_CLIENTS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1)
+        .unwrap_or(CLIENTS)
 }
 const DEFAULT_KILLS: u64 = 24;
 const SMALL_PARTITION_BYTES: u64 = 65536;
