@@ -153,27 +153,36 @@ pub struct LocalEngine {
     _root_lock: OwnedFd,
 }
 
+/// Start the engine's flusher and destager threads.
+fn spawn_workers(
+    engine: &Arc<Engine>,
+    nvram: &Path,
+) -> Result<(std::thread::JoinHandle<()>, std::thread::JoinHandle<()>), ServeError> {
+    let spawn_err = |source| ServeError::Io {
+        what: "cannot start a worker thread for",
+        path: nvram.to_path_buf(),
+        source,
+    };
+    let e = engine.clone();
+    let flusher = std::thread::Builder::new()
+        .name("nvlog-flusher".into())
+        .spawn(move || e.run_flusher())
+        .map_err(spawn_err)?;
+    let e = engine.clone();
+    let destager = std::thread::Builder::new()
+        .name("destager".into())
+        .spawn(move || destage::run(e))
+        .map_err(spawn_err)?;
+    Ok((flusher, destager))
+}
+
 impl LocalEngine {
     /// Open (inside a tokio runtime). Fails with [`ServeError::AlreadyRunning`] when a server
     /// holds the root.
     pub fn open(root: &Path, nvram: &Path, geometry: Geometry) -> Result<LocalEngine, ServeError> {
         let root_lock = lock_root(root)?;
         let engine = Engine::open(root, nvram, geometry)?;
-        let spawn_err = |source| ServeError::Io {
-            what: "cannot start a worker thread for",
-            path: nvram.to_path_buf(),
-            source,
-        };
-        let e = engine.clone();
-        let flusher = std::thread::Builder::new()
-            .name("nvlog-flusher".into())
-            .spawn(move || e.run_flusher())
-            .map_err(spawn_err)?;
-        let e = engine.clone();
-        let destager = std::thread::Builder::new()
-            .name("destager".into())
-            .spawn(move || destage::run(e))
-            .map_err(spawn_err)?;
+        let (flusher, destager) = spawn_workers(&engine, nvram)?;
         Ok(LocalEngine {
             engine,
             flusher,
@@ -233,21 +242,7 @@ impl Server {
         let root_lock = lock_root(&opts.root)?;
         let engine = Engine::open(&opts.root, &opts.nvram, opts.geometry)?;
         write_nvram_config(&opts.root, &opts.nvram, opts.geometry);
-        let spawn_err = |source| ServeError::Io {
-            what: "cannot start a worker thread for",
-            path: opts.nvram.clone(),
-            source,
-        };
-        let e = engine.clone();
-        let flusher = std::thread::Builder::new()
-            .name("nvlog-flusher".into())
-            .spawn(move || e.run_flusher())
-            .map_err(spawn_err)?;
-        let e = engine.clone();
-        let destager = std::thread::Builder::new()
-            .name("destager".into())
-            .spawn(move || destage::run(e))
-            .map_err(spawn_err)?;
+        let (flusher, destager) = spawn_workers(&engine, &opts.nvram)?;
         let endpoint = crate::tls::server_endpoint(&opts.tls_dir, opts.listen)?;
         let local = endpoint.local_addr().map_err(|source| ServeError::Io {
             what: "cannot read the local address of the endpoint configured from",

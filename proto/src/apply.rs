@@ -399,19 +399,7 @@ impl Tree {
             Err(Errno::EXIST) if replay => {}
             Err(e) => return Err(e),
         }
-        rustix::fs::chownat(
-            &dir,
-            os(name),
-            Some(uid_of(uid)),
-            Some(gid_of(gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?;
-        rustix::fs::chmodat(
-            &dir,
-            os(name),
-            Mode::from_raw_mode(mode & 0o7777),
-            AtFlags::empty(),
-        )
+        owner_mode_at(&dir, name, uid, gid, mode)
     }
 
     fn mkdir(&self, path: &[u8], mode: u32, uid: u32, gid: u32, replay: bool) -> IoResult<()> {
@@ -426,19 +414,7 @@ impl Tree {
         if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
             return Err(Errno::EXIST);
         }
-        rustix::fs::chownat(
-            &dir,
-            os(name),
-            Some(uid_of(uid)),
-            Some(gid_of(gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?;
-        rustix::fs::chmodat(
-            &dir,
-            os(name),
-            Mode::from_raw_mode(mode & 0o7777),
-            AtFlags::empty(),
-        )
+        owner_mode_at(&dir, name, uid, gid, mode)
     }
 
     fn symlink(
@@ -544,6 +520,23 @@ fn uid_of(u: u32) -> Uid {
 
 fn gid_of(g: u32) -> Gid {
     Gid::from_raw(g)
+}
+
+/// [`finish_owner_mode`] for a new non-symlink entry `name` of `dir`.
+fn owner_mode_at(dir: &OwnedFd, name: &[u8], uid: u32, gid: u32, mode: u32) -> IoResult<()> {
+    rustix::fs::chownat(
+        dir,
+        os(name),
+        Some(uid_of(uid)),
+        Some(gid_of(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    rustix::fs::chmodat(
+        dir,
+        os(name),
+        Mode::from_raw_mode(mode & 0o7777),
+        AtFlags::empty(),
+    )
 }
 
 /// chown then chmod (chown clears setuid/setgid, so the mode goes last).
