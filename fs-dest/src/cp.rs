@@ -45,11 +45,25 @@ pub async fn worker(
 ) {
     while let Some(job) = rx.recv().await {
         let out = match run_cp(&engine, &source, job.last_seq).await {
-            Ok(applied_seq) => {
-                tracing::debug!(source = %source.name, id = job.id, partition = job.partition, applied_seq, "CP done");
+            Ok(outcome) => {
+                let (out_of_sync, out_of_sync_total) = {
+                    let d = lock(&source.divergences);
+                    (d.listed(), d.len() as u64)
+                };
+                if outcome.failed > 0 || out_of_sync_total > 0 {
+                    tracing::warn!(source = %source.name, id = job.id, applied_seq = outcome.applied_seq,
+                        failed = outcome.failed, out_of_sync = out_of_sync_total,
+                        "CP done, but the image is out of sync with the source at {out_of_sync_total} path(s); the source resends them");
+                } else {
+                    tracing::debug!(source = %source.name, id = job.id, partition = job.partition,
+                        applied_seq = outcome.applied_seq, "CP done");
+                }
                 Out::Control(Control::CpDone {
                     id: job.id,
-                    applied_seq,
+                    applied_seq: outcome.applied_seq,
+                    failed: outcome.failed,
+                    out_of_sync,
+                    out_of_sync_total,
                 })
             }
             Err(e) => {
@@ -65,12 +79,21 @@ pub async fn worker(
     }
 }
 
-/// Run one CP up to `last_seq`; returns the applied sequence number.
+/// What a CP did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpOutcome {
+    /// Highest sequence number now applied to the image.
+    pub applied_seq: u64,
+    /// Records of this CP that could not be applied (their paths are now out of sync).
+    pub failed: u64,
+}
+
+/// Run one CP up to `last_seq`.
 pub async fn run_cp(
     engine: &Arc<Engine>,
     source: &Arc<Source>,
     last_seq: u64,
-) -> Result<u64, CpError> {
+) -> Result<CpOutcome, CpError> {
     let accepted = source.accepted_seq.load(Ordering::Acquire);
     if last_seq > accepted {
         return Err(CpError::Ahead {
@@ -115,7 +138,16 @@ fn tree_of(source: &Source) -> Result<Arc<Tree>, CpError> {
 }
 
 /// Apply the journaled records of `source` up to `last_seq` to its image (blocking).
-pub fn apply_through(engine: &Engine, source: &Source, last_seq: u64) -> Result<u64, CpError> {
+///
+/// A record that fails to apply is never counted as mirrored silently: its paths join the
+/// image's out-of-sync set (persisted beside the image before the CP is answered), which the
+/// source reads from `CpDone` and heals by resending those paths; a `Replace` that applies
+/// removes its path (and what lies beneath) from the set.
+pub fn apply_through(
+    engine: &Engine,
+    source: &Source,
+    last_seq: u64,
+) -> Result<CpOutcome, CpError> {
     // Browse readers never see half a CP, and a CP and a promote never apply at once.
     let source_dir = source.image_dir.parent().unwrap_or(&source.image_dir);
     let _cp_lock = crate::browse::CpLock::exclusive(source_dir).map_err(|e| CpError::Image {
@@ -124,7 +156,10 @@ pub fn apply_through(engine: &Engine, source: &Source, last_seq: u64) -> Result<
     })?;
     let floor = source.applied_seq.load(Ordering::Acquire);
     if last_seq <= floor {
-        return Ok(floor);
+        return Ok(CpOutcome {
+            applied_seq: floor,
+            failed: 0,
+        });
     }
     let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
     {
@@ -154,21 +189,34 @@ pub fn apply_through(engine: &Engine, source: &Source, last_seq: u64) -> Result<
         });
     }
     let tree = tree_of(source)?;
+    let mut failed = 0u64;
+    let before = lock(&source.divergences).clone();
     for (seq, bytes) in &records {
         let op = frame::decode(bytes)
             .map_err(|e| e.to_string())
             .and_then(|f| Op::decode(f.payload).map_err(|e| e.to_string()));
         match op {
-            Ok(op) => {
-                if let Err(e) = tree.apply(&op, ApplyMode::Replay) {
-                    tracing::error!(source = %source.name, seq, op = op.kind(), error = %e,
-                        "CP: a record could not be applied to the image");
-                    source.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
+            Ok(op) => match tree.apply(&op, ApplyMode::Replay) {
+                Ok(()) => {
+                    if let Op::Replace { path, .. } = &op {
+                        lock(&source.divergences).heal_under(path);
+                    }
                 }
-            }
+                Err(e) => {
+                    tracing::error!(source = %source.name, seq, op = op.kind(), error = %e,
+                        "CP: a record could not be applied to the image; its paths are out of sync");
+                    source.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
+                    failed += 1;
+                    lock(&source.divergences).add(&op.paths(), *seq, &e.to_string());
+                }
+            },
             Err(e) => {
+                // Checked at intake, so this is damage after the fact: nothing says which
+                // path it touched, so the whole image is out of sync.
                 tracing::error!(source = %source.name, seq, error = %e, "CP: undecodable journal record");
                 source.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
+                failed += 1;
+                lock(&source.divergences).add(&[b""], *seq, &format!("undecodable record: {e}"));
             }
         }
         engine.slots.set_applied(source.slot, *seq);
@@ -187,6 +235,14 @@ pub fn apply_through(engine: &Engine, source: &Source, last_seq: u64) -> Result<
     )
     .map_err(|e| sync_err(e.into()))?;
     rustix::fs::syncfs(&image).map_err(|e| sync_err(e.into()))?;
+    // The out-of-sync set is durable before the applied cursor moves past the failures.
+    {
+        let d = lock(&source.divergences);
+        if *d != before {
+            d.save(source_dir)
+                .map_err(|e| sync_err(std::io::Error::other(e.to_string())))?;
+        }
+    }
     engine.slots.flush(source.slot).map_err(|e| match e {
         crate::error::SlotError::Flush(io) => sync_err(io),
         other => sync_err(std::io::Error::other(other.to_string())),
@@ -198,5 +254,8 @@ pub fn apply_through(engine: &Engine, source: &Source, last_seq: u64) -> Result<
         }
     }
     source.stats.cp_count.fetch_add(1, Ordering::Relaxed);
-    Ok(last_seq)
+    Ok(CpOutcome {
+        applied_seq: last_seq,
+        failed,
+    })
 }

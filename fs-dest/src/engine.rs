@@ -128,6 +128,11 @@ pub struct Source {
     pub cp_tx: mpsc::UnboundedSender<CpJob>,
     /// The image tree, opened at the first CP.
     pub tree: Mutex<Option<Arc<proto::apply::Tree>>>,
+    /// Paths of the image known to differ from the source (`ROOT/NAME/out-of-sync`).
+    pub divergences: Mutex<crate::image_state::Divergences>,
+    /// What the source presented at its last handshake: its volume and whether it runs a
+    /// baseline (for status).
+    pub baseline_needed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Source {
@@ -184,6 +189,9 @@ pub enum EngineError {
     /// The server is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// An image's state file could not be read.
+    #[error(transparent)]
+    ImageState(#[from] crate::image_state::StateError),
 }
 
 /// The NVLOG and what the flusher needs to know about it.
@@ -524,6 +532,10 @@ impl Engine {
                 "records after {accepted} are held but record {} is missing (a torn journal tail?); \
                  the source will be asked to resend from it", accepted + 1);
         }
+        let divergences = crate::image_state::Divergences::load(&base)?;
+        let baseline_needed = crate::image_state::read_volume(&base)?
+            .map(|r| !r.baseline_complete)
+            .unwrap_or(false);
         let (cp_tx, cp_rx) = mpsc::unbounded_channel();
         let source = Arc::new(Source {
             name: slot.name.clone(),
@@ -543,6 +555,8 @@ impl Engine {
             connection: Mutex::new(None),
             cp_tx,
             tree: Mutex::new(None),
+            divergences: Mutex::new(divergences),
+            baseline_needed: std::sync::atomic::AtomicBool::new(baseline_needed),
         });
         lock(&self.sources).insert(slot.name.clone(), source.clone());
         lock(&self.by_slot).insert(index, source.clone());

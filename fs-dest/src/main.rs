@@ -14,6 +14,7 @@ mod cp;
 mod destage;
 mod engine;
 mod error;
+mod image_state;
 mod journal;
 mod promote;
 mod reseed;

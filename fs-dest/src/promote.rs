@@ -347,7 +347,9 @@ pub async fn promote(
     let total = target.saturating_sub(floor);
     progress(Progress { done: 0, total });
     let (e, s) = (engine.clone(), source.clone());
-    let mut task = tokio::task::spawn_blocking(move || crate::cp::apply_through(&e, &s, target));
+    let mut task = tokio::task::spawn_blocking(move || {
+        crate::cp::apply_through(&e, &s, target).map(|o| o.applied_seq)
+    });
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let applied = loop {
         tokio::select! {

@@ -114,13 +114,22 @@ async fn serve(
         .await
         .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))??;
     let refuse = |reason: String| Control::Refused { reason };
-    let (protocol, claimed, generation, last_logged_seq) = match first {
+    let (protocol, claimed, generation, last_logged_seq, volume, take_over) = match first {
         Some(Message::Control(Control::Hello {
             protocol,
             source,
             generation,
             last_logged_seq,
-        })) => (protocol, source, generation, last_logged_seq),
+            volume,
+            take_over,
+        })) => (
+            protocol,
+            source,
+            generation,
+            last_logged_seq,
+            volume,
+            take_over,
+        ),
         _ => {
             let r = refuse("the first message must be Hello".into());
             last_word(conn, &mut send, &r, close_code::ERROR).await;
@@ -179,6 +188,16 @@ async fn serve(
         source.generation.store(generation, Ordering::Release);
     }
 
+    // The volume: an image that holds data mirrors only the volume it was built from.
+    let baseline_needed = match check_volume(&source, name, &volume, take_over) {
+        Ok(needed) => needed,
+        Err(reason) => {
+            tracing::warn!(source = %name, volume = %volume, reason = %reason, "refused a source");
+            last_word(conn, &mut send, &refuse(reason), close_code::ERROR).await;
+            return Ok(());
+        }
+    };
+
     // Take the source over from an older connection.
     let conn_id = engine.next_conn_id();
     if let Some((_, old)) = lock(&source.connection).replace((conn_id, conn.clone())) {
@@ -205,16 +224,24 @@ async fn serve(
         ingest.next_seq
     };
     engine.wait_flushed().await;
+    let (out_of_sync, out_of_sync_total) = {
+        let d = lock(&source.divergences);
+        (d.listed(), d.len() as u64)
+    };
     let welcome = Control::Welcome {
         durable_seq: next_seq - 1,
         applied_seq: source.applied_seq.load(Ordering::Acquire),
         generation: source.generation.load(Ordering::Acquire),
+        baseline_needed,
+        out_of_sync,
+        out_of_sync_total,
     };
     if last_logged_seq < next_seq - 1 {
         tracing::warn!(source = %name, last_logged_seq, durable_seq = next_seq - 1,
             "the source has logged fewer records than this destination holds for it");
     }
-    tracing::debug!(source = %name, durable_seq = next_seq - 1, last_logged_seq, "welcome");
+    tracing::info!(source = %name, durable_seq = next_seq - 1, last_logged_seq, baseline_needed,
+        out_of_sync = out_of_sync_total, "source connected");
     let result = match send.write_all(&wire::encode_control(&welcome)).await {
         Ok(()) => {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -325,6 +352,22 @@ async fn reader(
                     return Ok(());
                 }
             }
+            Message::Control(Control::BaselineDone { last_seq }) => {
+                let applied = source.applied_seq.load(Ordering::Acquire);
+                if last_seq > applied {
+                    let reason = format!(
+                        "BaselineDone up to record {last_seq}, but the image is applied only up to {applied}"
+                    );
+                    tracing::warn!(source = %source.name, reason = %reason, "closing the connection");
+                    let _ = tx.send(Out::Fatal(Control::Error { seq: None, reason }));
+                    return Ok(());
+                }
+                if let Err(e) = mark_baseline_complete(source) {
+                    tracing::error!(source = %source.name, error = %e, "cannot record the completed baseline");
+                } else {
+                    tracing::info!(source = %source.name, last_seq, "baseline complete: the image mirrors the whole volume");
+                }
+            }
             Message::Control(other) => {
                 let reason = format!("unexpected message from a source: {other:?}");
                 tracing::warn!(source = %source.name, reason = %reason, "closing the connection");
@@ -333,6 +376,60 @@ async fn reader(
             }
         }
     }
+}
+
+/// Check the volume a source presents against its image's record (see
+/// [`crate::image_state::decide`]); returns whether the source must run a baseline.
+fn check_volume(
+    source: &Source,
+    name: &str,
+    volume: &str,
+    take_over: bool,
+) -> Result<bool, String> {
+    use crate::image_state::{self, VolumeDecision};
+    let dir = source.image_dir.parent().unwrap_or(&source.image_dir);
+    let record = image_state::read_volume(dir).map_err(|e| e.to_string())?;
+    let empty = image_state::image_is_empty(&source.image_dir).map_err(|e| e.to_string())?;
+    match image_state::decide(
+        name,
+        &source.image_dir,
+        record.as_ref(),
+        volume,
+        take_over,
+        empty,
+    ) {
+        VolumeDecision::Refuse(why) => Err(why),
+        VolumeDecision::Accept {
+            baseline_needed,
+            write,
+        } => {
+            if let Some(r) = write {
+                if record.is_some() {
+                    tracing::warn!(source = %name, old = ?record.as_ref().map(|r| &r.volume), new = %volume,
+                        "the image is taken over by another volume (--force-baseline): it will be replaced");
+                }
+                image_state::write_volume(dir, &r).map_err(|e| e.to_string())?;
+            }
+            source
+                .baseline_needed
+                .store(baseline_needed, Ordering::Release);
+            Ok(baseline_needed)
+        }
+    }
+}
+
+/// Record that the image holds a complete baseline of the volume it mirrors.
+fn mark_baseline_complete(source: &Source) -> Result<(), crate::image_state::StateError> {
+    use crate::image_state;
+    let dir = source.image_dir.parent().unwrap_or(&source.image_dir);
+    if let Some(mut r) = image_state::read_volume(dir)? {
+        if !r.baseline_complete {
+            r.baseline_complete = true;
+            image_state::write_volume(dir, &r)?;
+        }
+    }
+    source.baseline_needed.store(false, Ordering::Release);
+    Ok(())
 }
 
 async fn writer(

@@ -46,6 +46,53 @@ pub struct SourceStatus {
     pub apply_errors: u64,
     /// Bytes in its journal files.
     pub journal_bytes: u64,
+    /// "in-sync", "out-of-sync" (some paths of the image differ from the source: records
+    /// failed to apply; the source resends them) or "baseline" (the image does not yet hold
+    /// the whole volume).
+    pub sync: String,
+    /// How many paths of the image are known to differ from the source.
+    pub out_of_sync: u64,
+    /// The first of them, with the error that made them differ.
+    pub out_of_sync_paths: Vec<OutOfSyncPath>,
+}
+
+/// One path of an image that differs from its source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OutOfSyncPath {
+    /// The path (lossy UTF-8).
+    pub path: String,
+    /// The first record that failed for it.
+    pub seq: u64,
+    /// What failed.
+    pub error: String,
+}
+
+/// Most out-of-sync paths a status report lists.
+const LISTED_PATHS: usize = 20;
+
+/// The sync state of an image from its state files.
+fn sync_state(
+    divergences: &crate::image_state::Divergences,
+    baseline_needed: bool,
+) -> (String, u64, Vec<OutOfSyncPath>) {
+    let state = if baseline_needed {
+        "baseline"
+    } else if divergences.is_empty() {
+        "in-sync"
+    } else {
+        "out-of-sync"
+    };
+    let listed = divergences
+        .listed()
+        .into_iter()
+        .take(LISTED_PATHS)
+        .map(|d| OutOfSyncPath {
+            path: String::from_utf8_lossy(&d.path).into_owned(),
+            seq: d.seq,
+            error: d.error,
+        })
+        .collect();
+    (state.to_string(), divergences.len() as u64, listed)
 }
 
 /// NVLOG fill.
@@ -73,17 +120,26 @@ pub fn snapshot(engine: &Engine) -> StatusReport {
     let sources = engine
         .sources()
         .iter()
-        .map(|s| SourceStatus {
-            name: s.name.clone(),
-            connected: s.connected(),
-            generation: Some(s.generation.load(Ordering::Relaxed)),
-            durable_seq: Some(s.accepted_seq.load(Ordering::Relaxed)),
-            applied_seq: Some(s.applied_seq.load(Ordering::Relaxed)),
-            records_received: s.stats.records_received.load(Ordering::Relaxed),
-            bytes_received: s.stats.bytes_received.load(Ordering::Relaxed),
-            cp_count: s.stats.cp_count.load(Ordering::Relaxed),
-            apply_errors: s.stats.apply_errors.load(Ordering::Relaxed),
-            journal_bytes: s.journal_bytes(),
+        .map(|s| {
+            let (sync, out_of_sync, out_of_sync_paths) = sync_state(
+                &crate::engine::lock(&s.divergences),
+                s.baseline_needed.load(Ordering::Relaxed),
+            );
+            SourceStatus {
+                sync,
+                out_of_sync,
+                out_of_sync_paths,
+                name: s.name.clone(),
+                connected: s.connected(),
+                generation: Some(s.generation.load(Ordering::Relaxed)),
+                durable_seq: Some(s.accepted_seq.load(Ordering::Relaxed)),
+                applied_seq: Some(s.applied_seq.load(Ordering::Relaxed)),
+                records_received: s.stats.records_received.load(Ordering::Relaxed),
+                bytes_received: s.stats.bytes_received.load(Ordering::Relaxed),
+                cp_count: s.stats.cp_count.load(Ordering::Relaxed),
+                apply_errors: s.stats.apply_errors.load(Ordering::Relaxed),
+                journal_bytes: s.journal_bytes(),
+            }
         })
         .collect();
     StatusReport {
@@ -121,7 +177,16 @@ pub fn offline(root: &Path) -> StatusReport {
                     }
                 }
             }
+            let divergences = crate::image_state::Divergences::load(&dir).unwrap_or_default();
+            let baseline_needed = crate::image_state::read_volume(&dir)
+                .ok()
+                .flatten()
+                .is_some_and(|r| !r.baseline_complete);
+            let (sync, out_of_sync, out_of_sync_paths) = sync_state(&divergences, baseline_needed);
             sources.push(SourceStatus {
+                sync,
+                out_of_sync,
+                out_of_sync_paths,
                 name,
                 connected: false,
                 generation: None,
@@ -282,14 +347,30 @@ pub fn render(r: &StatusReport) -> String {
     }
     let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
     s.push_str(&format!(
-        "{:<20} {:<9} {:>5} {:>10} {:>10} {:>10} {:>12} {:>6} {:>6} {:>12}\n",
-        "SOURCE", "LINK", "GEN", "DURABLE", "APPLIED", "RECORDS", "BYTES", "CPS", "ERRS", "JOURNAL"
+        "{:<20} {:<9} {:<16} {:>5} {:>10} {:>10} {:>10} {:>12} {:>6} {:>6} {:>12}\n",
+        "SOURCE",
+        "LINK",
+        "SYNC",
+        "GEN",
+        "DURABLE",
+        "APPLIED",
+        "RECORDS",
+        "BYTES",
+        "CPS",
+        "ERRS",
+        "JOURNAL"
     ));
     for x in &r.sources {
+        let sync = if x.out_of_sync > 0 {
+            format!("out-of-sync({})", x.out_of_sync)
+        } else {
+            x.sync.clone()
+        };
         s.push_str(&format!(
-            "{:<20} {:<9} {:>5} {:>10} {:>10} {:>10} {:>12} {:>6} {:>6} {:>12}\n",
+            "{:<20} {:<9} {:<16} {:>5} {:>10} {:>10} {:>10} {:>12} {:>6} {:>6} {:>12}\n",
             x.name,
             if x.connected { "connected" } else { "-" },
+            sync,
             opt(x.generation),
             opt(x.durable_seq),
             opt(x.applied_seq),
@@ -299,6 +380,21 @@ pub fn render(r: &StatusReport) -> String {
             x.apply_errors,
             x.journal_bytes
         ));
+    }
+    for x in &r.sources {
+        for p in &x.out_of_sync_paths {
+            s.push_str(&format!(
+                "{}: OUT OF SYNC {} (record {}: {})\n",
+                x.name, p.path, p.seq, p.error
+            ));
+        }
+        if x.out_of_sync > x.out_of_sync_paths.len() as u64 {
+            s.push_str(&format!(
+                "{}: ... and {} more path(s) out of sync\n",
+                x.name,
+                x.out_of_sync - x.out_of_sync_paths.len() as u64
+            ));
+        }
     }
     if !r.nvlog.partitions.is_empty() {
         s.push_str("NVLOG partitions:\n");

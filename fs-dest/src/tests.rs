@@ -159,11 +159,17 @@ impl Client {
     }
 
     async fn hello(&mut self, name: &str, generation: u64) -> Control {
+        self.hello_volume(name, generation, "v-test").await
+    }
+
+    async fn hello_volume(&mut self, name: &str, generation: u64, volume: &str) -> Control {
         self.control(&Control::Hello {
             protocol: PROTOCOL_VERSION,
             source: name.into(),
             generation,
             last_logged_seq: 0,
+            volume: volume.into(),
+            take_over: false,
         })
         .await;
         self.next().await.expect("an answer to Hello")
@@ -311,7 +317,10 @@ async fn records_are_acked_destaged_and_applied_at_a_cp() {
         Control::Welcome {
             durable_seq: 0,
             applied_seq: 0,
-            generation: 0
+            generation: 0,
+            baseline_needed: true,
+            out_of_sync: vec![],
+            out_of_sync_total: 0,
         }
     );
     let mut batch = record(1, &mkdir("d"));
@@ -332,7 +341,10 @@ async fn records_are_acked_destaged_and_applied_at_a_cp() {
         c.next().await,
         Some(Control::CpDone {
             id: 7,
-            applied_seq: 4
+            applied_seq: 4,
+            failed: 0,
+            out_of_sync: vec![],
+            out_of_sync_total: 0,
         })
     );
     let image = h.root.join("alpha/image");
@@ -371,7 +383,10 @@ async fn records_are_acked_destaged_and_applied_at_a_cp() {
         Control::Welcome {
             durable_seq: 4,
             applied_seq: 4,
-            generation: 0
+            generation: 0,
+            baseline_needed: true,
+            out_of_sync: vec![],
+            out_of_sync_total: 0,
         }
     );
     h.stop().await;
@@ -502,7 +517,10 @@ async fn a_full_nvlog_applies_back_pressure_and_loses_nothing() {
         c.next().await,
         Some(Control::CpDone {
             id: 1,
-            applied_seq: n + 1
+            applied_seq: n + 1,
+            failed: 0,
+            out_of_sync: vec![],
+            out_of_sync_total: 0,
         })
     );
     let data = std::fs::read(h.root.join("alpha/image/big")).unwrap();
@@ -544,5 +562,105 @@ async fn ingest_rate() {
         "ingest: {n} MiB in {secs:.2} s = {:.0} MiB/s",
         n as f64 / secs
     );
+    h.stop().await;
+}
+
+/// A record that fails to apply is reported in `CpDone` (and persisted) as an out-of-sync
+/// path; a later `Replace` of that path heals it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_record_is_reported_out_of_sync_until_a_replace_heals_it() {
+    let mut h = Harness::new(&["alpha"]).await;
+    let mut c = h.connect("alpha").await;
+    assert!(matches!(c.hello("alpha", 0).await, Control::Welcome { .. }));
+    // A write to a file the image does not have.
+    let mut batch = record(1, &mkdir("d"));
+    batch.extend(record(2, &write("d/missing", 0, b"lost")));
+    c.frames(&batch).await;
+    c.wait_ack(2).await;
+    c.control(&Control::CpRequest {
+        id: 1,
+        partition: 0,
+        last_seq: 2,
+    })
+    .await;
+    match c.next().await {
+        Some(Control::CpDone {
+            applied_seq: 2,
+            failed: 1,
+            out_of_sync,
+            out_of_sync_total: 1,
+            ..
+        }) => {
+            assert_eq!(out_of_sync[0].path, b"d/missing");
+            assert_eq!(out_of_sync[0].seq, 2);
+            assert!(out_of_sync[0].error.contains("write"), "{out_of_sync:?}");
+        }
+        other => panic!("expected a CpDone reporting one failure, got {other:?}"),
+    }
+    assert!(h.root.join("alpha/out-of-sync").exists(), "persisted");
+    let replace = Op::Replace {
+        path: b"d/missing".to_vec(),
+        entry: proto::Entry::File {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        },
+    };
+    let mut batch = record(3, &replace);
+    batch.extend(record(4, &write("d/missing", 0, b"found")));
+    c.frames(&batch).await;
+    c.wait_ack(4).await;
+    c.control(&Control::CpRequest {
+        id: 2,
+        partition: 0,
+        last_seq: 4,
+    })
+    .await;
+    assert_eq!(
+        c.next().await,
+        Some(Control::CpDone {
+            id: 2,
+            applied_seq: 4,
+            failed: 0,
+            out_of_sync: vec![],
+            out_of_sync_total: 0,
+        })
+    );
+    assert_eq!(
+        std::fs::read(h.root.join("alpha/image/d/missing")).unwrap(),
+        b"found"
+    );
+    assert!(!h.root.join("alpha/out-of-sync").exists());
+    h.stop().await;
+}
+
+/// An image that holds data mirrors only its own volume: another one is refused, naming the
+/// way out, and nothing is changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_with_data_refuses_another_volume() {
+    let mut h = Harness::new(&["alpha"]).await;
+    let mut c = h.connect("alpha").await;
+    assert!(matches!(c.hello("alpha", 0).await, Control::Welcome { .. }));
+    c.frames(&record(1, &mkdir("d"))).await;
+    c.wait_ack(1).await;
+    c.control(&Control::CpRequest {
+        id: 1,
+        partition: 0,
+        last_seq: 1,
+    })
+    .await;
+    assert!(matches!(c.next().await, Some(Control::CpDone { .. })));
+    drop(c);
+    let mut c = h.connect("alpha").await;
+    match c.hello_volume("alpha", 0, "v-other").await {
+        Control::Refused { reason } => {
+            assert!(
+                reason.contains("--force-baseline") && reason.contains("v-test"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(h.root.join("alpha/image/d").is_dir());
     h.stop().await;
 }

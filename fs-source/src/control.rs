@@ -85,6 +85,27 @@ pub struct Status {
     pub bytes_mirrored: u64,
     /// NVLOG partitions.
     pub partitions: Vec<PartitionStatus>,
+    /// "in-sync", "out-of-sync" (paths of the image differ: records failed to apply; they are
+    /// being resent), "baseline" (the image does not hold the whole volume yet) or "none"
+    /// (unmirrored).
+    pub sync: &'static str,
+    /// How many paths of the image are known to differ from this volume.
+    pub out_of_sync: u64,
+    /// The first of them, with the error that made them differ.
+    pub out_of_sync_paths: Vec<OutOfSyncPath>,
+    /// The initial transfer of the volume.
+    pub baseline: crate::mirror::BaselineProgress,
+}
+
+/// One path of the image that differs from the volume.
+#[derive(Debug, Serialize)]
+pub struct OutOfSyncPath {
+    /// The path (lossy UTF-8).
+    pub path: String,
+    /// The first record that failed for it.
+    pub seq: u64,
+    /// What failed.
+    pub error: String,
 }
 
 /// Identity facts for status.
@@ -155,6 +176,27 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
         records_mirrored: p.records_mirrored,
         bytes_mirrored: p.bytes_mirrored,
         partitions,
+        sync: if standalone {
+            "none"
+        } else if p.baseline.incomplete() {
+            "baseline"
+        } else if p.out_of_sync_total > 0 {
+            "out-of-sync"
+        } else {
+            "in-sync"
+        },
+        out_of_sync: p.out_of_sync_total,
+        out_of_sync_paths: p
+            .out_of_sync
+            .iter()
+            .take(20)
+            .map(|d| OutOfSyncPath {
+                path: String::from_utf8_lossy(&d.path).into_owned(),
+                seq: d.seq,
+                error: d.error.clone(),
+            })
+            .collect(),
+        baseline: p.baseline.clone(),
     })
 }
 

@@ -69,8 +69,10 @@ pub async fn run(
                 mirror.progress(|p| (p.applied_remote, p.link_up, p.degraded));
             for (w, target) in waiters.drain(..) {
                 let answer =
-                    if applied >= target || mirror.standalone() {
+                    if mirror.standalone() {
                         Ok(applied)
+                    } else if applied >= target {
+                        not_in_sync(&mirror, applied).map_or(Ok(applied), Err)
                     } else {
                         // Committed locally only (policy sync, destination away): not a mirrored CP.
                         Err(format!(
@@ -95,6 +97,43 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Why the image, although every record up to `applied` is applied, is not a mirror of the
+/// volume: paths out of sync, or a baseline still running. `None` when it is.
+fn not_in_sync(mirror: &Mirror, applied: u64) -> Option<String> {
+    use std::fmt::Write as _;
+    mirror.progress(|p| {
+        if p.out_of_sync_total > 0 {
+            let mut m = format!(
+                "the destination applied records up to {applied}, but {} path(s) of the image are \
+                 out of sync with this volume (records that failed to apply; they are being resent):",
+                p.out_of_sync_total
+            );
+            for d in p.out_of_sync.iter().take(20) {
+                let _ = write!(
+                    m,
+                    "\n  {} (record {}: {})",
+                    String::from_utf8_lossy(&d.path),
+                    d.seq,
+                    d.error
+                );
+            }
+            if p.out_of_sync_total > 20 {
+                let _ = write!(m, "\n  ... and {} more", p.out_of_sync_total - 20);
+            }
+            return Some(m);
+        }
+        let b = &p.baseline;
+        if b.incomplete() && !(b.state == "committing" && applied >= b.last_seq) {
+            return Some(format!(
+                "the destination applied records up to {applied}, but the baseline is still {}: \
+                 {} of {} entries ({} of {} bytes) transferred; the image is not yet a mirror of this volume",
+                b.state, b.files_done, b.files_total, b.bytes_done, b.bytes_total
+            ));
+        }
+        None
+    })
 }
 
 fn handle(
@@ -160,6 +199,9 @@ async fn commit(
     let applied = remote_cp(link, p, last, backing, next_id).await?;
     mirror.free_partition(p).map_err(|e| e.to_string())?;
     mirror.on_cp_done(applied);
+    if let Some(why) = not_in_sync(mirror, applied) {
+        tracing::debug!(partition = p, "{why}");
+    }
     tracing::debug!(partition = p, last, applied, "consistency point done");
     Ok(())
 }
@@ -190,7 +232,17 @@ async fn remote_cp(
         epoch.borrow_and_update();
         tokio::select! {
             r = done => match r {
-                Ok(applied) => return Ok(applied),
+                Ok(answer) => {
+                    if answer.failed > 0 {
+                        tracing::warn!(
+                            applied = answer.applied_seq,
+                            failed = answer.failed,
+                            "consistency point: {} record(s) could not be applied to the image",
+                            answer.failed
+                        );
+                    }
+                    return Ok(answer.applied_seq);
+                }
                 Err(_) => continue,
             },
             // Reconnected: the request may have been lost with the old connection.

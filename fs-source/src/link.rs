@@ -14,7 +14,7 @@ use proto::wire::{self, Control, Message};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::mirror::Mirror;
+use crate::mirror::{CpAnswer, Mirror};
 
 /// Where and how to reach the destination.
 #[derive(Debug, Clone)]
@@ -25,19 +25,33 @@ pub struct LinkSettings {
     pub tls_dir: PathBuf,
     /// This source's name.
     pub name: String,
+    /// The backing volume's identity (see `identity.rs`).
+    pub volume: String,
+    /// `--force-baseline`: replace an image that mirrors another volume.
+    pub take_over: bool,
 }
 
 /// What the CP driver and the control socket share with the link task.
 pub struct LinkShared {
     control_tx: mpsc::UnboundedSender<Control>,
-    pending_cps: Mutex<HashMap<u64, oneshot::Sender<u64>>>,
+    pending_cps: Mutex<HashMap<u64, oneshot::Sender<CpAnswer>>>,
     /// Bumped on every successful (re)connect, so waiters can resend requests.
     pub epoch: watch::Sender<u64>,
 }
 
 impl LinkShared {
-    /// Queue a CP request and get a receiver for its answer (the applied sequence number).
-    pub fn request_cp(&self, id: u64, partition: u16, last_seq: u64) -> oneshot::Receiver<u64> {
+    /// Queue a control message for the current (or next) connection.
+    pub fn send_control(&self, c: Control) {
+        let _ = self.control_tx.send(c);
+    }
+
+    /// Queue a CP request and get a receiver for its answer.
+    pub fn request_cp(
+        &self,
+        id: u64,
+        partition: u16,
+        last_seq: u64,
+    ) -> oneshot::Receiver<CpAnswer> {
         let (tx, rx) = oneshot::channel();
         self.pending_cps
             .lock()
@@ -202,15 +216,28 @@ async fn session(
         source: settings.name.clone(),
         generation: mirror.generation(),
         last_logged_seq: logged,
+        volume: settings.volume.clone(),
+        take_over: settings.take_over,
     }))
     .await?;
     let durable = match read_message(&mut recv).await? {
         Message::Control(Control::Welcome {
             durable_seq,
             applied_seq,
+            baseline_needed,
+            out_of_sync,
+            out_of_sync_total,
             ..
         }) => {
             mirror.note_applied(applied_seq);
+            mirror.note_out_of_sync(out_of_sync, out_of_sync_total);
+            mirror.update_baseline(|b| {
+                if baseline_needed && !b.incomplete() {
+                    b.state = "pending";
+                } else if !baseline_needed && b.state != "done" {
+                    b.state = if b.incomplete() { "done" } else { "none" };
+                }
+            });
             durable_seq
         }
         Message::Control(Control::Refused { reason }) => return Err(LinkError::Refused(reason)),
@@ -251,14 +278,24 @@ async fn session(
                         mirror.on_ack(durable_seq, records, bytes);
                         mirror.trim_backlog();
                     }
-                    Message::Control(Control::CpDone { id, applied_seq }) => {
+                    Message::Control(Control::CpDone {
+                        id,
+                        applied_seq,
+                        failed,
+                        out_of_sync,
+                        out_of_sync_total,
+                    }) => {
+                        mirror.note_out_of_sync(out_of_sync, out_of_sync_total);
                         if let Some(tx) = shared
                             .pending_cps
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .remove(&id)
                         {
-                            let _ = tx.send(applied_seq);
+                            let _ = tx.send(CpAnswer {
+                                applied_seq,
+                                failed,
+                            });
                         }
                     }
                     Message::Control(Control::Error { seq, reason }) => {

@@ -5,13 +5,16 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod backlog;
+mod baseline;
 mod control;
 mod cp;
 mod error;
 mod fuse;
+mod identity;
 mod inodes;
 mod link;
 mod mirror;
+mod resync;
 mod tls;
 mod volume;
 
@@ -112,13 +115,19 @@ struct MountArgs {
     /// FUSE worker threads (operations in flight at once).
     #[arg(long, default_value_t = 16)]
     threads: usize,
+    /// Replace the destination's image with this backing directory's content even if the
+    /// image mirrors another volume (or holds data of unknown origin). Without it, such a
+    /// mount is refused, so that a wrong --backing never wipes an image.
+    #[arg(long)]
+    force_baseline: bool,
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser::mnt=error")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,fuser=warn,fuser::mnt=error")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -208,6 +217,42 @@ fn print_status(s: &serde_json::Value) {
         g("bytes_mirrored"),
         g("cp_count")
     );
+    let _ = writeln!(
+        out,
+        "sync        {}{}",
+        g("sync"),
+        match s.get("out_of_sync").and_then(|v| v.as_u64()) {
+            Some(n) if n > 0 => format!(" ({n} path(s) differ; being resent)"),
+            _ => String::new(),
+        }
+    );
+    if let Some(paths) = s.get("out_of_sync_paths").and_then(|p| p.as_array()) {
+        for p in paths {
+            let _ = writeln!(
+                out,
+                "  OUT OF SYNC {} (record {}: {})",
+                p["path"].as_str().unwrap_or_default(),
+                p["seq"],
+                p["error"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    if let Some(b) = s.get("baseline") {
+        let state = b["state"].as_str().unwrap_or_default();
+        if !matches!(state, "none" | "done" | "") {
+            let mib = |k: &str| b[k].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+            let _ = writeln!(
+                out,
+                "baseline    {state}: {} / {} entries, {:.1} / {:.1} MiB, {:.1} MiB/s, ETA {:.0} s",
+                b["files_done"],
+                b["files_total"],
+                mib("bytes_done"),
+                mib("bytes_total"),
+                b["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+                b["eta_seconds"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
     if let Some(parts) = s.get("partitions").and_then(|p| p.as_array()) {
         for p in parts {
             let _ = writeln!(
@@ -290,6 +335,16 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     }
     let tree = Tree::open(&args.backing)?;
     recover(&mirror, &tree, replay)?;
+    let (volume_id, created) = identity::volume_id(&args.backing)?;
+    if created {
+        tracing::info!(volume = %volume_id, "{} is a new volume", args.backing.display());
+    }
+    let baseline_file = {
+        let mut p = args.nvram.clone().into_os_string();
+        p.push(".baseline");
+        PathBuf::from(p)
+    };
+    let baseline = Arc::new(baseline::Baseline::new(baseline_file, volume_id.clone()));
 
     // The network, CP and control tasks share one single-threaded runtime on its own thread:
     // a request/ack round trip then crosses no scheduler between tokio workers (measured
@@ -327,6 +382,8 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
                 dest,
                 tls_dir,
                 name: args.name.clone(),
+                volume: volume_id.clone(),
+                take_over: args.force_baseline,
             },
             link_shared.clone(),
             control_rx,
@@ -334,7 +391,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     }
     rt.spawn(cp::run(
         mirror.clone(),
-        link_shared,
+        link_shared.clone(),
         cp_rx,
         backing_fd,
         Duration::from_millis(args.cp_interval_ms.max(100)),
@@ -384,7 +441,32 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     }
 
     let volume = Arc::new(volume::Volume::new(tree, mirror.clone())?);
+    volume.set_baseline(baseline.clone());
     mirror.set_seal_times(Box::new(volume::ChangedTimes(Arc::downgrade(&volume))));
+    if args.dest.is_some() {
+        // An empty volume's baseline is two records: done before serving, so the first `cp`
+        // already finds a complete mirror. A volume with data is transferred while it serves.
+        let empty = std::fs::read_dir(&args.backing)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if empty && mirror.progress(|p| p.baseline.state == "pending") {
+            let last = baseline::run(&baseline, volume.tree(), &mirror)
+                .map_err(|e| anyhow::anyhow!("baseline of the empty volume: {e}"))?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            mirror.cp_command(mirror::CpCommand::Demand(tx));
+            let _ = rx.blocking_recv();
+            if mirror.progress(|p| p.applied_remote >= last) {
+                link_shared.send_control(proto::wire::Control::BaselineDone { last_seq: last });
+                baseline.remove();
+                mirror.update_baseline(|b| b.state = "done");
+            }
+        }
+        let (b, v, l) = (baseline.clone(), volume.clone(), link_shared.clone());
+        std::thread::Builder::new()
+            .name("nvmirror-resync".into())
+            .spawn(move || baseline::resync_task(b, v, l))
+            .context("starting the resync thread")?;
+    }
     match volume.remove_leftover_orphans() {
         Ok(0) => {}
         Ok(n) => tracing::info!("removed {n} orphaned file(s) left by the previous run"),
@@ -452,6 +534,11 @@ fn recover(mirror: &Mirror, tree: &Tree, replay: Vec<Vec<u8>>) -> anyhow::Result
         let frame = proto::frame::decode(f).context("a frame changed after the recovery scan")?;
         let op = proto::Op::decode(frame.payload)
             .with_context(|| format!("record {} in NVRAM does not decode", frame.header.seq))?;
+        if matches!(op, proto::Op::Replace { .. }) {
+            // A resync record: the backing volume already is that state.
+            last = Some(frame.header.seq);
+            continue;
+        }
         if let Err(e) = tree.apply(&op, ApplyMode::Replay) {
             tracing::warn!(
                 seq = frame.header.seq,

@@ -91,6 +91,68 @@ pub struct Progress {
     pub lagging_since: Option<Instant>,
     /// Set when the destination refused us for good (fenced...).
     pub stopped: Option<String>,
+    /// Paths of the image that differ from this volume (records that failed to apply), as
+    /// the destination last reported them; the resync task resends them.
+    pub out_of_sync: Vec<proto::wire::Divergence>,
+    /// How many paths differ in all.
+    pub out_of_sync_total: u64,
+    /// The initial transfer of the volume's tree.
+    pub baseline: BaselineProgress,
+}
+
+/// Where the baseline (initial transfer of the whole tree) stands, for status and `cp`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BaselineProgress {
+    /// "none" (not needed), "pending" (needed, not started), "running", "committing" (every
+    /// entry sent, waiting for the CP that applies them) or "done".
+    pub state: &'static str,
+    /// Entries (files, directories, links...) sent.
+    pub files_done: u64,
+    /// Entries in the tree when the baseline started.
+    pub files_total: u64,
+    /// Bytes of file content sent.
+    pub bytes_done: u64,
+    /// Bytes of file content in the tree when the baseline started.
+    pub bytes_total: u64,
+    /// Content bytes per second since this run of the baseline started.
+    pub rate_bytes_per_sec: f64,
+    /// Seconds left at that rate (0 when unknown).
+    pub eta_seconds: f64,
+    /// The last record of the baseline (when every entry is sent).
+    #[serde(skip)]
+    pub last_seq: u64,
+}
+
+impl Default for BaselineProgress {
+    fn default() -> Self {
+        BaselineProgress {
+            state: "none",
+            files_done: 0,
+            files_total: 0,
+            bytes_done: 0,
+            bytes_total: 0,
+            rate_bytes_per_sec: 0.0,
+            eta_seconds: 0.0,
+            last_seq: 0,
+        }
+    }
+}
+
+impl BaselineProgress {
+    /// True while the image does not yet hold the whole volume.
+    pub fn incomplete(&self) -> bool {
+        matches!(self.state, "pending" | "running" | "committing")
+    }
+}
+
+/// The destination's answer to a CP request.
+#[derive(Debug, Clone, Default)]
+pub struct CpAnswer {
+    /// Highest sequence number applied to the image.
+    pub applied_seq: u64,
+    /// Records of this CP that could not be applied (their paths are out of sync; the
+    /// destination's list is in [`Progress::out_of_sync`]).
+    pub failed: u64,
 }
 
 /// Frames waiting for the sender, in sequence order.
@@ -545,6 +607,36 @@ impl Mirror {
         let mut p = lock(&self.progress);
         p.applied_remote = p.applied_remote.max(applied_seq);
         p.cp_count += 1;
+        self.progress_changed.notify_all();
+    }
+
+    /// Record what the destination says of the image's divergences (at a handshake or a CP).
+    pub fn note_out_of_sync(&self, listed: Vec<proto::wire::Divergence>, total: u64) {
+        let mut p = lock(&self.progress);
+        if total > 0 && p.out_of_sync_total == 0 {
+            tracing::warn!(
+                paths = total,
+                "the image is out of sync with this volume at {total} path(s) (records failed to apply); resending them"
+            );
+        } else if total == 0 && p.out_of_sync_total > 0 {
+            tracing::info!("the image is in sync with this volume again");
+        }
+        p.out_of_sync = listed;
+        p.out_of_sync_total = total;
+        self.progress_changed.notify_all();
+    }
+
+    /// Change the baseline's progress.
+    pub fn update_baseline(&self, f: impl FnOnce(&mut BaselineProgress)) {
+        let mut p = lock(&self.progress);
+        f(&mut p.baseline);
+        self.progress_changed.notify_all();
+    }
+
+    /// Wait up to `timeout` for any change of progress (for the resync task).
+    pub fn wait_progress(&self, timeout: Duration) {
+        let p = lock(&self.progress);
+        let _ = self.progress_changed.wait_timeout(p, timeout);
     }
 
     /// A snapshot of the counters.

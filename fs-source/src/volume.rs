@@ -114,6 +114,8 @@ pub struct Volume {
     next_orphan: AtomicU64,
     /// Inodes whose times changed since the last seal.
     changed: Mutex<std::collections::HashSet<u64>>,
+    /// The baseline, told about renames that move entries it has not sent yet.
+    baseline: std::sync::OnceLock<Arc<crate::baseline::Baseline>>,
 }
 
 impl Volume {
@@ -129,7 +131,34 @@ impl Volume {
             next_fh: AtomicU64::new(1),
             next_orphan: AtomicU64::new(1),
             changed: Mutex::new(std::collections::HashSet::new()),
+            baseline: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Install the baseline (see [`crate::baseline`]).
+    pub fn set_baseline(&self, b: Arc<crate::baseline::Baseline>) {
+        let _ = self.baseline.set(b);
+    }
+
+    /// The backing volume.
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    /// The mirror core.
+    pub fn mirror(&self) -> &Arc<Mirror> {
+        &self.mirror
+    }
+
+    /// A rename or link moved `from` to `to` (under the sequencer lock).
+    fn moved(&self, from: &[u8], to: &[u8]) {
+        if let Some(b) = self.baseline.get() {
+            b.moved(from, to);
+        }
+    }
+
+    fn reserved_xattr(name: &[u8]) -> bool {
+        name.starts_with(crate::identity::RESERVED_PREFIX)
     }
 
     /// These inodes' times changed: log their times at the next seal (see `SealTimes`).
@@ -246,7 +275,12 @@ impl Volume {
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Stat> {
         if let Some(fh) = fh {
             if let Ok(fd) = self.file(fh) {
-                return Ok(self.with_ino(rustix::fs::fstat(&*fd)?));
+                let mut st = self.with_ino(rustix::fs::fstat(&*fd)?);
+                // Unlinked while open: only a hidden orphan name is left, which is no name.
+                if self.has_only_orphan_names_open(ino) {
+                    st.st_nlink = 0;
+                }
+                return Ok(st);
             }
         }
         let path = self.table().path(ino)?;
@@ -508,6 +542,14 @@ impl Volume {
         txn.finish()
     }
 
+    /// Every name left of `ino` is an orphan name (open or not).
+    fn has_only_orphan_names_open(&self, ino: u64) -> bool {
+        let t = self.table();
+        t.node(ino).is_some_and(|n| {
+            !n.names.is_empty() && n.names.iter().all(|(p, name)| Self::is_orphan(*p, name))
+        })
+    }
+
     fn has_only_orphan_names(&self, ino: u64) -> bool {
         let t = self.table();
         t.node(ino).is_some_and(|n| {
@@ -615,7 +657,7 @@ impl Volume {
             None
         };
         let op = Op::Rename {
-            from,
+            from: from.clone(),
             to: to.clone(),
             flags,
         };
@@ -632,6 +674,10 @@ impl Volume {
             }
             txn.finish()?;
             return Err(e);
+        }
+        self.moved(&from, &to);
+        if exchange {
+            self.moved(&to, &from);
         }
         {
             let mut t = self.table();
@@ -660,10 +706,11 @@ impl Volume {
             (t.path(ino)?, t.child_path(new_parent, new_name)?)
         };
         let op = Op::Link {
-            existing,
+            existing: existing.clone(),
             new_path: new_path.clone(),
         };
         txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        self.moved(&existing, &new_path);
         let st = self.stat_path(&new_path)?;
         self.table().looked_up(st.st_ino, new_parent, new_name);
         self.touched(&[new_parent]);
@@ -735,6 +782,9 @@ impl Volume {
 
     /// setxattr.
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        if Self::reserved_xattr(name) {
+            return Err(Errno::PERM.into());
+        }
         let mut txn = self
             .mirror
             .begin(RECORD_OVERHEAD + name.len() + value.len())?;
@@ -751,6 +801,9 @@ impl Volume {
 
     /// removexattr.
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
+        if Self::reserved_xattr(name) {
+            return Err(Errno::PERM.into());
+        }
         let mut txn = self.mirror.begin(RECORD_OVERHEAD + name.len())?;
         let path = self.table().path(ino)?;
         let op = Op::RemoveXattr {
@@ -763,6 +816,9 @@ impl Volume {
 
     /// getxattr: the value, or its size when `size` is 0.
     pub fn getxattr(&self, ino: u64, name: &[u8], size: u32) -> FsResult<Vec<u8>> {
+        if Self::reserved_xattr(name) {
+            return Err(Errno::NODATA.into());
+        }
         let path = self.table().path(ino)?;
         let (_keep, p) = self.tree.proc_path(&path)?;
         let name = OsStr::from_bytes(name);
@@ -776,10 +832,19 @@ impl Volume {
     pub fn listxattr(&self, ino: u64, size: u32) -> FsResult<Vec<u8>> {
         let path = self.table().path(ino)?;
         let (_keep, p) = self.tree.proc_path(&path)?;
-        let mut buf = vec![0u8; if size == 0 { 65536 } else { size as usize }];
+        let mut buf = vec![0u8; 65536];
         let n = rustix::fs::llistxattr(&p, &mut buf[..])?;
-        buf.truncate(n);
-        Ok(buf)
+        let mut out = Vec::with_capacity(n);
+        for name in buf[..n].split(|c| *c == 0).filter(|n| !n.is_empty()) {
+            if !Self::reserved_xattr(name) {
+                out.extend_from_slice(name);
+                out.push(0);
+            }
+        }
+        if size != 0 && out.len() > size as usize {
+            return Err(Errno::RANGE.into());
+        }
+        Ok(out)
     }
 
     /// fallocate (allocate, keep size, punch hole, zero range).
@@ -882,11 +947,6 @@ impl crate::mirror::SealTimes for ChangedTimes {
                 continue;
             };
             let Ok(st) = v.tree.stat(&path) else { continue };
-            if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
-                // utimensat on a symlink's own times works, but its mtime never changes after
-                // creation; leave it.
-                continue;
-            }
             out.push((
                 ino,
                 path,

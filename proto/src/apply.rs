@@ -25,7 +25,7 @@ use rustix::io::Errno;
 use thiserror::Error;
 
 use crate::path::{self, PathError};
-use crate::record::{Op, Timestamp};
+use crate::record::{Entry, Op, Timestamp};
 
 /// How tolerant [`Tree::apply`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,6 +367,96 @@ impl Tree {
                     .map(drop)
                     .map_err(|e| fail(e, dst_path))
             }
+            Op::Replace { path, entry } => self.replace(path, entry).map_err(|e| fail(e, path)),
+        }
+    }
+
+    /// Make `path` exactly `entry` (see [`Op::Replace`]). Idempotent: applying it twice gives
+    /// the same tree, so it replays safely.
+    fn replace(&self, path: &[u8], entry: &Entry) -> IoResult<()> {
+        self.forget_cached();
+        let Some(_) = path::split_last(path) else {
+            // The root: only a directory, never removed.
+            return match entry {
+                Entry::Dir {
+                    mode,
+                    uid,
+                    gid,
+                    clear,
+                } => {
+                    if *clear {
+                        clear_dir(&self.root)?;
+                    }
+                    let dir = self.dir(b"")?;
+                    owner_mode_at(&dir, b".", *uid, *gid, *mode)
+                }
+                _ => Err(Errno::INVAL),
+            };
+        };
+        let (dir, name) = self.parent(path)?;
+        let existing = rustix::fs::statat(&dir, os(name), AtFlags::SYMLINK_NOFOLLOW)
+            .map(|st| FileType::from_raw_mode(st.st_mode));
+        let existing = match existing {
+            Ok(t) => Some(t),
+            Err(Errno::NOENT) => None,
+            Err(e) => return Err(e),
+        };
+        let keep_dir = matches!(entry, Entry::Dir { .. }) && existing == Some(FileType::Directory);
+        if existing.is_some() && !keep_dir {
+            remove_all(&dir, name)?;
+        }
+        match entry {
+            Entry::Absent => Ok(()),
+            Entry::Dir {
+                mode,
+                uid,
+                gid,
+                clear,
+            } => {
+                if keep_dir {
+                    if *clear {
+                        let d = rustix::fs::openat(
+                            &dir,
+                            os(name),
+                            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                            Mode::empty(),
+                        )?;
+                        clear_dir(&d)?;
+                    }
+                } else {
+                    rustix::fs::mkdirat(&dir, os(name), Mode::from_raw_mode(mode & 0o7777))?;
+                }
+                owner_mode_at(&dir, name, *uid, *gid, *mode)
+            }
+            Entry::File { mode, uid, gid } => {
+                let fd = rustix::fs::openat(
+                    &dir,
+                    os(name),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(mode & 0o7777),
+                )?;
+                finish_owner_mode(&fd, *uid, *gid, *mode)
+            }
+            Entry::Symlink { target, uid, gid } => {
+                rustix::fs::symlinkat(os(target), &dir, os(name))?;
+                rustix::fs::chownat(
+                    &dir,
+                    os(name),
+                    Some(uid_of(*uid)),
+                    Some(gid_of(*gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+            }
+            Entry::Special {
+                mode,
+                rdev,
+                uid,
+                gid,
+            } => self.mknod(path, *mode, *rdev, *uid, *gid, false),
         }
     }
 
@@ -543,6 +633,52 @@ fn owner_mode_at(dir: &OwnedFd, name: &[u8], uid: u32, gid: u32, mode: u32) -> I
 fn finish_owner_mode(fd: &OwnedFd, uid: u32, gid: u32, mode: u32) -> IoResult<()> {
     rustix::fs::fchown(fd, Some(uid_of(uid)), Some(gid_of(gid)))?;
     rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o7777))
+}
+
+/// Remove `name` in `dir` whatever it is, a directory with everything in it. Never follows a
+/// symlink (a symlink is removed, not what it points to).
+pub fn remove_all(dir: &OwnedFd, name: &[u8]) -> IoResult<()> {
+    let st = match rustix::fs::statat(dir, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+        let d = rustix::fs::openat(
+            dir,
+            os(name),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        clear_dir(&d)?;
+        rustix::fs::unlinkat(dir, os(name), AtFlags::REMOVEDIR)
+    } else {
+        rustix::fs::unlinkat(dir, os(name), AtFlags::empty())
+    }
+}
+
+/// Remove every entry of the directory `dir` (any descriptor of it, `O_PATH` included: it is
+/// reopened for reading).
+fn clear_dir(dir: &OwnedFd) -> IoResult<()> {
+    let readable = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut names = Vec::new();
+    let mut entries = rustix::fs::Dir::read_from(&readable)?;
+    while let Some(e) = entries.read() {
+        let e = e?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(n.to_vec());
+        }
+    }
+    for n in names {
+        remove_all(&readable, &n)?;
+    }
+    Ok(())
 }
 
 /// `pwrite` until every byte is written.

@@ -24,4 +24,4 @@ pub mod wire;
 
 pub use frame::{Frame, FrameError, FrameHeader};
 pub use nvlog::{NvLog, NvLogError};
-pub use record::{Op, Timestamp};
+pub use record::{Entry, Op, Timestamp};

@@ -187,6 +187,69 @@ pub enum Op {
         /// Number of bytes the source copied.
         length: u64,
     },
+    /// Make `path` exactly `entry`, whatever is there now (a directory recursively): the first
+    /// record of a resync of one path (baseline, healing of a divergence, `verify --repair`).
+    /// Content, xattrs and times of the entry follow as ordinary `Write`, `SetXattr` and
+    /// `SetAttr` records. The source's backing volume already is that state, so only the image
+    /// applies it.
+    Replace {
+        /// The path (empty: the root, which can only be a directory).
+        #[serde(with = "serde_bytes")]
+        path: RelPath,
+        /// What it must be.
+        entry: Entry,
+    },
+}
+
+/// What [`Op::Replace`] makes a path: an entry as it is on the source, without content, xattrs
+/// or times (those follow in their own records).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// Nothing: whatever is at the path is removed.
+    Absent,
+    /// A directory. An existing directory is kept (its children too, unless `clear`); any
+    /// other entry is replaced.
+    Dir {
+        /// Permission bits.
+        mode: u32,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+        /// Remove every child first (a baseline starting over an image it must own).
+        clear: bool,
+    },
+    /// A new, empty regular file (a new inode: hard links of whatever was there keep their
+    /// content).
+    File {
+        /// Permission bits.
+        mode: u32,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+    /// A symbolic link.
+    Symlink {
+        /// Its target, verbatim.
+        #[serde(with = "serde_bytes")]
+        target: Vec<u8>,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+    /// A FIFO, socket or device node (`mode` holds the type).
+    Special {
+        /// File type and permission bits.
+        mode: u32,
+        /// Device number.
+        rdev: u64,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
 }
 
 impl Op {
@@ -207,6 +270,7 @@ impl Op {
             Op::SetXattr { .. } => "setxattr",
             Op::RemoveXattr { .. } => "removexattr",
             Op::CopyFileRange { .. } => "copy_file_range",
+            Op::Replace { .. } => "replace",
         }
     }
 
@@ -223,7 +287,8 @@ impl Op {
             | Op::Write { path, .. }
             | Op::Fallocate { path, .. }
             | Op::SetXattr { path, .. }
-            | Op::RemoveXattr { path, .. } => vec![path],
+            | Op::RemoveXattr { path, .. }
+            | Op::Replace { path, .. } => vec![path],
             Op::Link { existing, new_path } => vec![existing, new_path],
             Op::Rename { from, to, .. } => vec![from, to],
             Op::CopyFileRange {
@@ -304,6 +369,38 @@ mod tests {
 
     fn ts() -> impl Strategy<Value = Timestamp> {
         (any::<i64>(), 0u32..1_000_000_000).prop_map(|(secs, nanos)| Timestamp { secs, nanos })
+    }
+
+    fn any_entry() -> impl Strategy<Value = Entry> {
+        prop_oneof![
+            Just(Entry::Absent),
+            (any::<u32>(), any::<u32>(), any::<u32>(), any::<bool>()).prop_map(
+                |(mode, uid, gid, clear)| Entry::Dir {
+                    mode,
+                    uid,
+                    gid,
+                    clear
+                }
+            ),
+            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(mode, uid, gid)| Entry::File {
+                mode,
+                uid,
+                gid
+            }),
+            (bytes(), any::<u32>(), any::<u32>()).prop_map(|(target, uid, gid)| Entry::Symlink {
+                target,
+                uid,
+                gid
+            }),
+            (any::<u32>(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
+                |(mode, rdev, uid, gid)| Entry::Special {
+                    mode,
+                    rdev,
+                    uid,
+                    gid
+                }
+            ),
+        ]
     }
 
     pub(crate) fn any_op() -> impl Strategy<Value = Op> {
@@ -395,6 +492,7 @@ mod tests {
                 }
             }),
             (bytes(), bytes()).prop_map(|(path, name)| Op::RemoveXattr { path, name }),
+            (bytes(), any_entry()).prop_map(|(path, entry)| Op::Replace { path, entry }),
             (bytes(), any::<u64>(), bytes(), any::<u64>(), any::<u64>()).prop_map(
                 |(src_path, src_offset, dst_path, dst_offset, length)| Op::CopyFileRange {
                     src_path,

@@ -16,7 +16,9 @@ pub const HEADER_LEN: usize = 5;
 /// Largest message body accepted.
 pub const MAX_MESSAGE_LEN: usize = 64 << 20;
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Most out-of-sync paths listed in one message (the total is always given).
+pub const MAX_DIVERGENCES_LISTED: usize = 1000;
 /// Kind byte of a batch of frames.
 pub const KIND_FRAMES: u8 = 1;
 /// Kind byte of a control message.
@@ -35,6 +37,11 @@ pub enum Control {
         generation: u64,
         /// Highest sequence number the source has logged.
         last_logged_seq: u64,
+        /// Identity of the backing volume (kept on its root); the destination refuses a
+        /// volume other than the one its image mirrors unless `take_over`.
+        volume: String,
+        /// The operator asked to replace the image with this volume (`--force-baseline`).
+        take_over: bool,
     },
     /// Destination → source: accepted; resend everything after `durable_seq`.
     Welcome {
@@ -44,6 +51,14 @@ pub enum Control {
         applied_seq: u64,
         /// The destination's generation for this source.
         generation: u64,
+        /// The image has no complete baseline of this volume: the source must transfer its
+        /// tree (resuming where it stopped, if it knows).
+        baseline_needed: bool,
+        /// Paths of the image known to differ from the source (records that failed to apply),
+        /// at most [`MAX_DIVERGENCES_LISTED`].
+        out_of_sync: Vec<Divergence>,
+        /// How many paths differ in all.
+        out_of_sync_total: u64,
     },
     /// Destination → source: the connection is refused (bad name, fenced, bad version...).
     Refused {
@@ -71,6 +86,18 @@ pub enum Control {
         id: u64,
         /// Highest sequence number now applied to the image.
         applied_seq: u64,
+        /// Records of this CP that could not be applied to the image.
+        failed: u64,
+        /// Paths of the image that differ from the source after this CP (see `Welcome`).
+        out_of_sync: Vec<Divergence>,
+        /// How many paths differ in all.
+        out_of_sync_total: u64,
+    },
+    /// Source → destination: every record of the baseline, up to `last_seq`, is applied to the
+    /// image (a CP said so): the image is a complete mirror of the volume from now on.
+    BaselineDone {
+        /// The last record of the baseline.
+        last_seq: u64,
     },
     /// Destination → source: a record or request was refused. Nothing was changed; the
     /// destination closes this connection after sending it.
@@ -80,6 +107,18 @@ pub enum Control {
         /// What was wrong.
         reason: String,
     },
+}
+
+/// A path of the image that does not hold what the source has, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Divergence {
+    /// The path, relative to the volume root.
+    #[serde(with = "serde_bytes")]
+    pub path: Vec<u8>,
+    /// The first record that failed for it.
+    pub seq: u64,
+    /// What failed (operation and OS error).
+    pub error: String,
 }
 
 /// A decoded message.
@@ -163,6 +202,19 @@ mod tests {
                 source: "alpha".into(),
                 generation: 3,
                 last_logged_seq: 99,
+                volume: "v1".into(),
+                take_over: false,
+            },
+            Control::CpDone {
+                id: 2,
+                applied_seq: 40,
+                failed: 1,
+                out_of_sync: vec![Divergence {
+                    path: b"a/b".to_vec(),
+                    seq: 39,
+                    error: "write: EPERM".into(),
+                }],
+                out_of_sync_total: 1,
             },
             Control::Ack { durable_seq: 7 },
             Control::CpRequest {

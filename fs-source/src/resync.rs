@@ -1,0 +1,374 @@
+//! Resync: sending the *current state* of a path of the backing volume to the image, as
+//! ordinary records in sequence with every other operation.
+//!
+//! One entry is sent as an `Op::Replace` (the entry's type, owner and mode; whatever the image
+//! has there is replaced), then its xattrs (`SetXattr`), its content in chunks (`Write`, all-
+//! zero chunks skipped) and finally its size and times (`SetAttr`). Each record is built under
+//! the sequencer lock from what the backing volume holds at that moment, so a client's
+//! operation on the same file is ordered before or after it like any other record, and the
+//! image ends up equal to the backing volume. None of these records changes the backing volume
+//! (its apply is a no-op; start-up recovery skips `Replace`).
+//!
+//! The baseline (`baseline.rs`), the healing of paths whose records failed to apply, and
+//! `verify --repair` all go through [`Sender`].
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+
+use proto::apply::Tree;
+use proto::record::{Entry, Timestamp};
+use proto::Op;
+use rustix::fs::{FileType, OFlags, Stat};
+use rustix::io::Errno;
+
+use crate::error::{FsError, FsResult};
+use crate::mirror::{Mirror, RECORD_OVERHEAD};
+
+/// Order of a depth-first walk that visits each directory before its children and children
+/// in byte order of their names: component-wise comparison of the paths.
+pub fn dfs_cmp(a: &[u8], b: &[u8]) -> Ordering {
+    if a.is_empty() || b.is_empty() {
+        return a.len().cmp(&b.len());
+    }
+    a.split(|c| *c == b'/').cmp(b.split(|c| *c == b'/'))
+}
+
+/// True when `path` is `ancestor` or lies beneath it (the empty path is the root).
+pub fn is_under(path: &[u8], ancestor: &[u8]) -> bool {
+    ancestor.is_empty()
+        || path == ancestor
+        || (path.len() > ancestor.len()
+            && path.starts_with(ancestor)
+            && path[ancestor.len()] == b'/')
+}
+
+/// What [`Sender::entry`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// A directory: its children are the caller's to send (then [`Sender::dir_times`]).
+    Dir,
+    /// Anything else, sent whole.
+    Other,
+    /// Nothing there (an `Absent` was sent).
+    Gone,
+    /// The file was renamed or replaced while its content was being sent; the rest was not
+    /// sent (the rename is mirrored, and whoever renamed it queued the new name).
+    Moved,
+}
+
+fn ts(secs: i64, nanos: i64) -> Timestamp {
+    Timestamp {
+        secs,
+        nanos: nanos as u32,
+    }
+}
+
+fn times_of(path: &[u8], st: &Stat) -> Op {
+    Op::SetAttr {
+        path: path.to_vec(),
+        mode: None,
+        uid: None,
+        gid: None,
+        size: None,
+        atime: Some(ts(st.st_atime, st.st_atime_nsec as i64)),
+        mtime: Some(ts(st.st_mtime, st.st_mtime_nsec as i64)),
+    }
+}
+
+/// Sends entries of the backing volume as records.
+pub struct Sender<'a> {
+    tree: &'a Tree,
+    mirror: &'a Mirror,
+    /// Backing inode → a path already sent with its content, for hard links.
+    links: HashMap<u64, Vec<u8>>,
+    buf: Vec<u8>,
+    /// Entries sent.
+    pub entries: u64,
+    /// Content bytes sent (including skipped zero chunks, which the image gets as holes).
+    pub bytes: u64,
+    /// The last record logged.
+    pub last_seq: Option<u64>,
+}
+
+impl<'a> Sender<'a> {
+    /// A sender over `tree` (the backing volume) logging through `mirror`.
+    pub fn new(tree: &'a Tree, mirror: &'a Mirror) -> Sender<'a> {
+        Sender {
+            tree,
+            mirror,
+            links: HashMap::new(),
+            buf: Vec::new(),
+            entries: 0,
+            bytes: 0,
+            last_seq: None,
+        }
+    }
+
+    /// Log `ops` in one transaction (the caller read what they say under the same lock).
+    fn log_in(&mut self, txn: &mut crate::mirror::Txn<'_>, op: &Op) -> FsResult<()> {
+        txn.record(|b| op.encode_into(b), || Ok(()))
+    }
+
+    fn finish(&mut self, txn: crate::mirror::Txn<'_>) {
+        if let Some(s) = txn.release() {
+            self.last_seq = Some(s);
+        }
+    }
+
+    /// Send one entry: `Replace` and, for anything but a directory, everything it holds. A
+    /// directory's children are not sent (see [`Sent::Dir`]); `clear` removes the image
+    /// directory's children first (a baseline that starts over).
+    pub fn entry(&mut self, path: &[u8], clear: bool) -> FsResult<Sent> {
+        let mut txn = self.mirror.begin(2 * RECORD_OVERHEAD + 4096)?;
+        let st = match self.tree.stat(path) {
+            Ok(st) => st,
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) => {
+                let op = Op::Replace {
+                    path: path.to_vec(),
+                    entry: Entry::Absent,
+                };
+                self.log_in(&mut txn, &op)?;
+                self.finish(txn);
+                return Ok(Sent::Gone);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.entries += 1;
+        let (mode, uid, gid) = (st.st_mode & 0o7777, st.st_uid, st.st_gid);
+        let replace = |entry| Op::Replace {
+            path: path.to_vec(),
+            entry,
+        };
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                self.log_in(
+                    &mut txn,
+                    &replace(Entry::Dir {
+                        mode,
+                        uid,
+                        gid,
+                        clear,
+                    }),
+                )?;
+                self.finish(txn);
+                self.xattrs(path)?;
+                Ok(Sent::Dir)
+            }
+            FileType::Symlink => {
+                let (dir, name) = self.tree.parent(path)?;
+                let target =
+                    rustix::fs::readlinkat(&dir, OsStr::from_bytes(name), Vec::new())?.into_bytes();
+                self.log_in(&mut txn, &replace(Entry::Symlink { target, uid, gid }))?;
+                self.log_in(&mut txn, &times_of(path, &st))?;
+                self.finish(txn);
+                Ok(Sent::Other)
+            }
+            FileType::RegularFile => {
+                if st.st_nlink > 1 {
+                    if let Some(first) = self.links.get(&st.st_ino).cloned() {
+                        let same = self
+                            .tree
+                            .stat(&first)
+                            .is_ok_and(|f| f.st_ino == st.st_ino && first != path);
+                        if same {
+                            self.log_in(&mut txn, &replace(Entry::Absent))?;
+                            let link = Op::Link {
+                                existing: first,
+                                new_path: path.to_vec(),
+                            };
+                            self.log_in(&mut txn, &link)?;
+                            self.finish(txn);
+                            return Ok(Sent::Other);
+                        }
+                    }
+                    self.links.insert(st.st_ino, path.to_vec());
+                }
+                let fd = self
+                    .tree
+                    .open_at(path, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOATIME)
+                    .or_else(|_| self.tree.open_at(path, OFlags::RDONLY | OFlags::NONBLOCK))?;
+                let opened = rustix::fs::fstat(&fd)?;
+                if opened.st_ino != st.st_ino {
+                    return Err(FsError::Backing(Errno::AGAIN));
+                }
+                self.log_in(&mut txn, &replace(Entry::File { mode, uid, gid }))?;
+                self.finish(txn);
+                self.xattrs(path)?;
+                self.content(path, &fd, st.st_ino)
+            }
+            _ => {
+                let entry = Entry::Special {
+                    mode: st.st_mode,
+                    rdev: st.st_rdev,
+                    uid,
+                    gid,
+                };
+                self.log_in(&mut txn, &replace(entry))?;
+                self.finish(txn);
+                self.xattrs(path)?;
+                let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
+                if let Ok(st) = self.tree.stat(path) {
+                    self.log_in(&mut txn, &times_of(path, &st))?;
+                }
+                self.finish(txn);
+                Ok(Sent::Other)
+            }
+        }
+    }
+
+    /// The content of a regular file, chunk by chunk, then its size and times.
+    fn content(&mut self, path: &[u8], fd: &OwnedFd, ino: u64) -> FsResult<Sent> {
+        let chunk = self.mirror.max_record_data().max(4096);
+        self.buf.resize(chunk, 0);
+        let mut offset = 0u64;
+        loop {
+            let mut txn = self.mirror.begin(RECORD_OVERHEAD + chunk)?;
+            if !self.tree.stat(path).is_ok_and(|s| s.st_ino == ino) {
+                return Ok(Sent::Moved);
+            }
+            let mut n = 0;
+            while n < chunk {
+                let got = rustix::io::pread(fd, &mut self.buf[n..], offset + n as u64)?;
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            let data = &self.buf[..n];
+            if n > 0 && data.iter().any(|b| *b != 0) {
+                txn.record(|b| Op::encode_write_into(b, path, offset, data), || Ok(()))?;
+            }
+            self.bytes += n as u64;
+            offset += n as u64;
+            if n < chunk {
+                let st = rustix::fs::fstat(fd)?;
+                let mut op = times_of(path, &st);
+                if let Op::SetAttr { size, .. } = &mut op {
+                    *size = Some(st.st_size as u64);
+                }
+                self.log_in(&mut txn, &op)?;
+                self.finish(txn);
+                return Ok(Sent::Other);
+            }
+            self.finish(txn);
+        }
+    }
+
+    /// Every xattr of `path`, each read and logged under the sequencer lock.
+    fn xattrs(&mut self, path: &[u8]) -> FsResult<()> {
+        let names = {
+            let (_keep, p) = self.tree.proc_path(path)?;
+            let mut buf = vec![0u8; 65536];
+            match rustix::fs::llistxattr(&p, &mut buf[..]) {
+                Ok(n) => buf[..n]
+                    .split(|c| *c == 0)
+                    .filter(|n| !n.is_empty())
+                    .map(<[u8]>::to_vec)
+                    .collect::<Vec<_>>(),
+                Err(Errno::OPNOTSUPP) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        for name in names {
+            let hint = {
+                let (_keep, p) = self.tree.proc_path(path)?;
+                let mut none: [u8; 0] = [];
+                match rustix::fs::lgetxattr(&p, OsStr::from_bytes(&name), &mut none[..]) {
+                    Ok(n) => n,
+                    Err(Errno::NODATA) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let mut txn = self
+                .mirror
+                .begin(RECORD_OVERHEAD + name.len() + hint + 256)?;
+            let (_keep, p) = self.tree.proc_path(path)?;
+            let mut value = vec![0u8; hint + 256];
+            match rustix::fs::lgetxattr(&p, OsStr::from_bytes(&name), &mut value[..]) {
+                Ok(n) => value.truncate(n),
+                // Removed meanwhile (its removal is mirrored), or grown past the reservation
+                // (its change is mirrored: the record that grew it follows ours).
+                Err(Errno::NODATA) | Err(Errno::RANGE) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let op = Op::SetXattr {
+                path: path.to_vec(),
+                name,
+                value,
+                flags: 0,
+            };
+            self.log_in(&mut txn, &op)?;
+            self.finish(txn);
+        }
+        Ok(())
+    }
+
+    /// The times of a directory, sent after its children (adding them changed its mtime).
+    pub fn dir_times(&mut self, path: &[u8]) -> FsResult<()> {
+        let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
+        match self.tree.stat(path) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                self.log_in(&mut txn, &times_of(path, &st))?;
+            }
+            _ => {}
+        }
+        self.finish(txn);
+        Ok(())
+    }
+
+    /// The names in directory `path`, sorted (the walk's order).
+    pub fn children(&self, path: &[u8]) -> FsResult<Vec<Vec<u8>>> {
+        let fd = self
+            .tree
+            .open_at(path, OFlags::RDONLY | OFlags::DIRECTORY)?;
+        let mut names = Vec::new();
+        let mut dir = rustix::fs::Dir::read_from(&fd)?;
+        while let Some(e) = dir.read() {
+            let e = e?;
+            let n = e.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                names.push(n.to_vec());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Send `path` and, for a directory, everything beneath it.
+    pub fn tree(&mut self, path: &[u8]) -> FsResult<()> {
+        if self.entry(path, false)? == Sent::Dir {
+            let names = match self.children(path) {
+                Ok(n) => n,
+                Err(FsError::Backing(Errno::NOENT)) | Err(FsError::Backing(Errno::NOTDIR)) => {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            };
+            for name in names {
+                self.tree(&proto::path::join(path, &name))?;
+            }
+            self.dir_times(path)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walk_order_is_depth_first_by_name() {
+        let mut paths: Vec<&[u8]> = vec![b"b", b"a/c", b"a", b"", b"a/b/z", b"a-b", b"a/b"];
+        paths.sort_by(|a, b| dfs_cmp(a, b));
+        assert_eq!(
+            paths,
+            vec![&b""[..], b"a", b"a/b", b"a/b/z", b"a/c", b"a-b", b"b"]
+        );
+        assert!(is_under(b"a/b", b"a") && is_under(b"a", b"a") && is_under(b"x", b""));
+        assert!(!is_under(b"ab", b"a") && !is_under(b"a", b"a/b"));
+    }
+}
