@@ -86,15 +86,18 @@ pub struct Baseline {
     file: PathBuf,
     volume: String,
     walk: Mutex<Walk>,
+    rate_bytes_per_sec: Option<f64>,
 }
 
 impl Baseline {
-    /// The baseline state of `volume`, kept in `file` (`NVRAM.baseline`).
-    pub fn new(file: PathBuf, volume: String) -> Baseline {
+    /// The baseline state of `volume`, kept in `file` (`NVRAM.baseline`); content is sent at
+    /// most at `rate_bytes_per_sec`.
+    pub fn new(file: PathBuf, volume: String, rate_bytes_per_sec: Option<f64>) -> Baseline {
         Baseline {
             file,
             volume,
             walk: Mutex::new(Walk::default()),
+            rate_bytes_per_sec,
         }
     }
 
@@ -235,7 +238,7 @@ impl Run<'_> {
         });
         self.bar.set_position(bytes);
         self.bar.set_message(format!("{files}/{ftotal} entries"));
-        if self.last_save.elapsed() >= Duration::from_secs(1) {
+        if self.last_save.elapsed() >= Duration::from_millis(200) {
             // The cursor may only be saved once the records up to it are durable.
             if let Some(seq) = self.sender.last_seq {
                 self.mirror.wait_durable(seq)?;
@@ -305,7 +308,7 @@ impl Run<'_> {
 /// Returns the last record of the baseline.
 pub fn run(baseline: &Baseline, tree: &Tree, mirror: &Mirror) -> FsResult<u64> {
     let saved = baseline.load();
-    let sender = Sender::new(tree, mirror);
+    let sender = Sender::new(tree, mirror).with_rate(baseline.rate_bytes_per_sec);
     let (resume, walk_done, queue, files_before, bytes_before, mut totals) = match &saved {
         Some(s) => (
             s.cursor.as_deref().and_then(unhex),
@@ -389,7 +392,7 @@ pub fn run(baseline: &Baseline, tree: &Tree, mirror: &Mirror) -> FsResult<u64> {
         loop {
             let next = lock(&baseline.walk).queue.pop_first();
             let Some(path) = next else { break };
-            run.sender.tree(&path)?;
+            run.sender.path(&path)?;
             let w = lock(&baseline.walk);
             baseline.save(&w, run.counts());
         }
@@ -509,7 +512,7 @@ pub fn resync_task(
                 continue;
             }
             tracing::info!(path = %String::from_utf8_lossy(&target), "resync: resending a path that is out of sync");
-            if let Err(e) = sender.tree(&target) {
+            if let Err(e) = sender.path(&target) {
                 failed = Some(e);
                 break;
             }

@@ -120,6 +120,10 @@ struct MountArgs {
     /// mount is refused, so that a wrong --backing never wipes an image.
     #[arg(long)]
     force_baseline: bool,
+    /// Limit the baseline (and resyncs) to this many MiB/s of file content, so that clients'
+    /// writes keep most of the link (0: no limit).
+    #[arg(long, default_value_t = 0.0)]
+    baseline_rate_mib: f64,
 }
 
 fn main() -> ExitCode {
@@ -130,6 +134,7 @@ fn main() -> ExitCode {
             }),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -344,7 +349,11 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         p.push(".baseline");
         PathBuf::from(p)
     };
-    let baseline = Arc::new(baseline::Baseline::new(baseline_file, volume_id.clone()));
+    let baseline = Arc::new(baseline::Baseline::new(
+        baseline_file,
+        volume_id.clone(),
+        Some(args.baseline_rate_mib * (1 << 20) as f64),
+    ));
 
     // The network, CP and control tasks share one single-threaded runtime on its own thread:
     // a request/ack round trip then crosses no scheduler between tokio workers (measured

@@ -91,6 +91,9 @@ pub struct Sender<'a> {
     pub bytes: u64,
     /// The last record logged.
     pub last_seq: Option<u64>,
+    /// Content bytes per second not to exceed (production traffic goes first).
+    rate_bytes_per_sec: Option<f64>,
+    started: std::time::Instant,
 }
 
 impl<'a> Sender<'a> {
@@ -104,6 +107,25 @@ impl<'a> Sender<'a> {
             entries: 0,
             bytes: 0,
             last_seq: None,
+            rate_bytes_per_sec: None,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Send content at most at `bytes_per_sec` (None: as fast as the mirror takes it).
+    pub fn with_rate(mut self, bytes_per_sec: Option<f64>) -> Self {
+        self.rate_bytes_per_sec = bytes_per_sec.filter(|r| *r > 0.0);
+        self
+    }
+
+    /// Pace content to the rate limit (outside any transaction).
+    fn pace(&self) {
+        if let Some(rate) = self.rate_bytes_per_sec {
+            let due = std::time::Duration::from_secs_f64(self.bytes as f64 / rate);
+            let elapsed = self.started.elapsed();
+            if due > elapsed {
+                std::thread::sleep((due - elapsed).min(std::time::Duration::from_secs(5)));
+            }
         }
     }
 
@@ -251,9 +273,11 @@ impl<'a> Sender<'a> {
                 }
                 self.log_in(&mut txn, &op)?;
                 self.finish(txn);
+                self.pace();
                 return Ok(Sent::Other);
             }
             self.finish(txn);
+            self.pace();
         }
     }
 
@@ -335,6 +359,17 @@ impl<'a> Sender<'a> {
         }
         names.sort();
         Ok(names)
+    }
+
+    /// Send `path` (and everything beneath it), then the times of its parent, whose mtime
+    /// the image changed by replacing the entry.
+    pub fn path(&mut self, path: &[u8]) -> FsResult<()> {
+        self.tree(path)?;
+        if let Some((parent, _)) = proto::path::split_last(path) {
+            let parent = parent.to_vec();
+            self.dir_times(&parent)?;
+        }
+        Ok(())
     }
 
     /// Send `path` and, for a directory, everything beneath it.

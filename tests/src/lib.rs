@@ -491,6 +491,10 @@ pub struct SourceOptions {
     pub policy: Option<String>,
     /// TLS dir to use instead of the harness's (for bad-certificate tests).
     pub tls_dir: Option<PathBuf>,
+    /// Backing dir to use instead of `backing-NAME` (a wrong `--backing`).
+    pub backing: Option<PathBuf>,
+    /// More arguments for `fs-source mount`.
+    pub extra_args: Vec<String>,
 }
 
 impl SourceOptions {
@@ -501,6 +505,8 @@ impl SourceOptions {
             partition_size_bytes: None,
             policy: None,
             tls_dir: None,
+            backing: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -559,6 +565,24 @@ pub struct Harness {
 impl Harness {
     /// Certificates, `fs-dest serve`, and `fs-source mount` with `options.source`.
     pub fn start(options: HarnessOptions) -> Harness {
+        let mut h = Harness::start_dest_only(&options);
+        let source = h
+            .mount_source(&options.source)
+            .unwrap_or_else(|e| panic!("fs-source did not mount: {e}"));
+        h.source = Some(source);
+        h
+    }
+
+    /// The backing dir `mount_source` uses for source `name` (to fill it before mounting).
+    pub fn backing_of(&self, name: &str) -> PathBuf {
+        let b = self.dir.join(format!("backing-{name}"));
+        fs::create_dir_all(&b).expect("create backing dir");
+        b
+    }
+
+    /// Certificates and `fs-dest serve`, no source yet (`mount_source` it, then set
+    /// `source`).
+    pub fn start_dest_only(options: &HarnessOptions) -> Harness {
         let base = std::env::var_os("NVMIRROR_TEST_TMPDIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
@@ -587,10 +611,6 @@ impl Harness {
         h.certs_init(&h.tls_dir.clone());
         h.certs_issue(&h.tls_dir.clone(), &options.source.name);
         h.start_dest();
-        let source = h
-            .mount_source(&options.source)
-            .unwrap_or_else(|e| panic!("fs-source did not mount: {e}"));
-        h.source = Some(source);
         h
     }
 
@@ -658,7 +678,10 @@ impl Harness {
         opts: &SourceOptions,
         dir: &Path,
     ) -> Result<SourceMount, MountFailure> {
-        let backing = dir.join(format!("backing-{}", opts.name));
+        let backing = opts
+            .backing
+            .clone()
+            .unwrap_or_else(|| dir.join(format!("backing-{}", opts.name)));
         let mountpoint = dir.join(format!("mnt-{}", opts.name));
         fs::create_dir_all(&backing).expect("create backing dir");
         fs::create_dir_all(&mountpoint).expect("create mount point");
@@ -682,6 +705,7 @@ impl Harness {
         if let Some(policy) = &opts.policy {
             cmd.args(["--policy", policy]);
         }
+        cmd.args(&opts.extra_args);
         let log = self.log_dir.join(format!(
             "fs-source-{}{}.log",
             opts.name,

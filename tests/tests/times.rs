@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use nvmirror_e2e::{require_mount, workload, Harness, HarnessOptions, Rng};
 
-/// Relative path → (mtime seconds, nanoseconds) of everything under `root` but symlinks.
+/// Relative path → (mtime seconds, nanoseconds) of everything under `root`, symlinks included.
 fn mtimes(root: &Path) -> BTreeMap<PathBuf, (i64, i64)> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
@@ -17,9 +17,6 @@ fn mtimes(root: &Path) -> BTreeMap<PathBuf, (i64, i64)> {
         for e in fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
             let e = e.expect("dir entry");
             let m = fs::symlink_metadata(e.path()).expect("lstat");
-            if m.file_type().is_symlink() {
-                continue;
-            }
             if m.is_dir() {
                 stack.push(e.path());
             }
