@@ -273,18 +273,18 @@ impl Volume {
 
     /// Attributes of an inode.
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Stat> {
-        if let Some(fh) = fh {
-            if let Ok(fd) = self.file(fh) {
-                let mut st = self.with_ino(rustix::fs::fstat(&*fd)?);
-                // Unlinked while open: only a hidden orphan name is left, which is no name.
-                if self.has_only_orphan_names_open(ino) {
-                    st.st_nlink = 0;
-                }
-                return Ok(st);
+        let mut st = match fh.map(|fh| self.file(fh)) {
+            Some(Ok(fd)) => self.with_ino(rustix::fs::fstat(&*fd)?),
+            _ => {
+                let path = self.table().path(ino)?;
+                self.stat_path(&path)?
             }
+        };
+        // Unlinked while open: only a hidden orphan name is left, which is no name.
+        if st.st_nlink == 1 && self.has_only_orphan_names_open(ino) {
+            st.st_nlink = 0;
         }
-        let path = self.table().path(ino)?;
-        self.stat_path(&path)
+        Ok(st)
     }
 
     /// Change attributes (chmod, chown, truncate, utimens).
