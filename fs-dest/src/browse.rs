@@ -1,28 +1,10 @@
 //! `fs-dest browse`: a read-only FUSE mount of a source's image that shows the last completed
 //! CP, never a half-applied one, and follows new CPs as they complete.
 //!
-//! # Consistency: the CP lock
+//! # Consistency
 //!
-//! The CP applier (`cp::apply_through`, inside `fs-dest serve`, and `promote`) changes the image
-//! in place. Two lock files in `ROOT/NAME/` make each browse operation see the image either
-//! wholly before or wholly after a CP:
-//!
-//! ```text
-//! applier (exclusive)                 browse, around every FUSE operation (shared)
-//!   flock(cp.gate, EX)                  flock(cp.gate, SH)   -- waits while a CP is pending
-//!   flock(cp.lock, EX)                  flock(cp.lock, SH)
-//!   apply records, syncfs               unlock(cp.gate)
-//!   unlock both                         the operation (stat, read, readdir, ...)
-//!                                       unlock(cp.lock)
-//! ```
-//!
-//! `cp.lock` is the reader/writer lock proper. `cp.gate` keeps a steady stream of browse
-//! operations from starving the applier (Linux `flock` grants a shared lock whenever it is
-//! compatible with the holders, ignoring a waiting exclusive request): readers hold the gate
-//! only between two system calls, so the applier gets it at once, and while it holds it no new
-//! reader starts; the applier then waits only for the operations already running. Each
-//! operation opens its own descriptors (flock belongs to the open file description, and FUSE
-//! threads run operations concurrently).
+//! Every FUSE operation holds the image's CP lock shared (see `cp_lock.rs`), so it sees the
+//! image wholly before or wholly after a CP.
 //!
 //! What is guaranteed is per operation: one `read`, one `stat`, one directory listing (read whole
 //! at `opendir`) shows one CP. A program reading a file in several `read` calls while a CP
@@ -49,60 +31,16 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use proto::apply::Tree;
-use rustix::fs::{FlockOperation, Mode, OFlags, Stat};
+use rustix::fs::{OFlags, Stat};
 
-use crate::engine::lock;
-
-/// The reader/writer lock file in `ROOT/NAME/`.
-pub const LOCK_NAME: &str = "cp.lock";
-/// The turnstile lock file in `ROOT/NAME/`.
-pub const GATE_NAME: &str = "cp.gate";
+use crate::cp_lock::CpLock;
 
 const TTL: Duration = Duration::ZERO;
 /// FUSE's root inode number.
 const ROOT: u64 = 1;
 
-fn open_lock_file(path: &Path) -> std::io::Result<OwnedFd> {
-    Ok(rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::CREATE | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o644),
-    )?)
-}
-
-/// A held CP lock (shared or exclusive); released on drop.
-#[derive(Debug)]
-pub struct CpLock {
-    _lock: OwnedFd,
-    _gate: Option<OwnedFd>,
-}
-
-impl CpLock {
-    /// Take the lock of the source directory `dir` (`ROOT/NAME`) exclusively, as the CP
-    /// applier does; blocks until every running browse operation has finished.
-    pub fn exclusive(dir: &Path) -> std::io::Result<CpLock> {
-        let gate = open_lock_file(&dir.join(GATE_NAME))?;
-        let lk = open_lock_file(&dir.join(LOCK_NAME))?;
-        rustix::fs::flock(&gate, FlockOperation::LockExclusive)?;
-        rustix::fs::flock(&lk, FlockOperation::LockExclusive)?;
-        Ok(CpLock {
-            _lock: lk,
-            _gate: Some(gate),
-        })
-    }
-
-    /// Take the lock of `dir` shared, as one browse operation does; blocks during a CP.
-    pub fn shared(dir: &Path) -> std::io::Result<CpLock> {
-        let gate = open_lock_file(&dir.join(GATE_NAME))?;
-        let lk = open_lock_file(&dir.join(LOCK_NAME))?;
-        rustix::fs::flock(&gate, FlockOperation::LockShared)?;
-        rustix::fs::flock(&lk, FlockOperation::LockShared)?;
-        drop(gate);
-        Ok(CpLock {
-            _lock: lk,
-            _gate: None,
-        })
-    }
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Debug, Default)]
@@ -825,37 +763,4 @@ pub fn run(root: &Path, name: &str, mountpoint: &Path, threads: usize) -> Result
 mod tests {
     use super::*;
     use std::sync::mpsc;
-
-    #[test]
-    fn exclusive_waits_for_shared_and_shared_waits_for_exclusive() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        let reader = CpLock::shared(&d).unwrap();
-        let (tx, rx) = mpsc::channel();
-        let d2 = d.clone();
-        let writer = std::thread::spawn(move || {
-            let w = CpLock::exclusive(&d2).unwrap();
-            tx.send(()).unwrap();
-            w
-        });
-        // The applier cannot start while a browse operation runs.
-        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
-        drop(reader);
-        rx.recv_timeout(Duration::from_secs(10))
-            .expect("exclusive lock after the reader left");
-        let w = writer.join().unwrap();
-        // A browse operation cannot start during the CP.
-        let (tx, rx) = mpsc::channel();
-        let d3 = d.clone();
-        let r2 = std::thread::spawn(move || {
-            let r = CpLock::shared(&d3).unwrap();
-            tx.send(()).unwrap();
-            drop(r);
-        });
-        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
-        drop(w);
-        rx.recv_timeout(Duration::from_secs(10))
-            .expect("shared lock after the CP");
-        r2.join().unwrap();
-    }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::apply::{ApplyMode, Tree};
+use proto::apply::ApplyMode;
 use proto::frame;
 use proto::wire::Control;
 use proto::Op;
@@ -124,19 +124,6 @@ pub async fn run_cp(
         })?
 }
 
-fn tree_of(source: &Source) -> Result<Arc<Tree>, CpError> {
-    let mut t = lock(&source.tree);
-    if let Some(tree) = t.as_ref() {
-        return Ok(tree.clone());
-    }
-    let tree = Arc::new(Tree::open(&source.image_dir).map_err(|e| CpError::Image {
-        source_name: source.name.clone(),
-        reason: format!("{}: {e}", source.image_dir.display()),
-    })?);
-    *t = Some(tree.clone());
-    Ok(tree)
-}
-
 /// Apply the journaled records of `source` up to `last_seq` to its image (blocking).
 ///
 /// A record that fails to apply is never counted as mirrored silently: its paths join the
@@ -150,7 +137,7 @@ pub fn apply_through(
 ) -> Result<CpOutcome, CpError> {
     // Browse readers never see half a CP, and a CP and a promote never apply at once.
     let source_dir = source.image_dir.parent().unwrap_or(&source.image_dir);
-    let _cp_lock = crate::browse::CpLock::exclusive(source_dir).map_err(|e| CpError::Image {
+    let _cp_lock = crate::cp_lock::CpLock::exclusive(source_dir).map_err(|e| CpError::Image {
         source_name: source.name.clone(),
         reason: format!("CP lock in {}: {e}", source_dir.display()),
     })?;
@@ -188,7 +175,7 @@ pub fn apply_through(
             missing: expected,
         });
     }
-    let tree = tree_of(source)?;
+    let tree = source.image_tree()?;
     let mut failed = 0u64;
     let before = lock(&source.divergences).clone();
     for (seq, bytes) in &records {

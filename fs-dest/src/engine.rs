@@ -133,6 +133,8 @@ pub struct Source {
     /// What the source presented at its last handshake: its volume and whether it runs a
     /// baseline (for status).
     pub baseline_needed: std::sync::atomic::AtomicBool,
+    /// Verify listings computed at once (each hashes a directory's files).
+    pub verify_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Source {
@@ -153,6 +155,27 @@ impl Source {
     /// Whether a connection currently serves it.
     pub fn connected(&self) -> bool {
         lock(&self.connection).is_some()
+    }
+
+    /// `ROOT/NAME`, where its image, journals and state files live.
+    pub fn dir(&self) -> &std::path::Path {
+        self.image_dir.parent().unwrap_or(&self.image_dir)
+    }
+
+    /// The image tree (opened once, at first use).
+    pub fn image_tree(&self) -> Result<Arc<proto::apply::Tree>, crate::error::CpError> {
+        let mut t = lock(&self.tree);
+        if let Some(tree) = t.as_ref() {
+            return Ok(tree.clone());
+        }
+        let tree = Arc::new(proto::apply::Tree::open(&self.image_dir).map_err(|e| {
+            crate::error::CpError::Image {
+                source_name: self.name.clone(),
+                reason: format!("{}: {e}", self.image_dir.display()),
+            }
+        })?);
+        *t = Some(tree.clone());
+        Ok(tree)
     }
 }
 
@@ -557,6 +580,9 @@ impl Engine {
             tree: Mutex::new(None),
             divergences: Mutex::new(divergences),
             baseline_needed: std::sync::atomic::AtomicBool::new(baseline_needed),
+            verify_slots: Arc::new(tokio::sync::Semaphore::new(
+                crate::verify::CONCURRENT_LISTINGS,
+            )),
         });
         lock(&self.sources).insert(slot.name.clone(), source.clone());
         lock(&self.by_slot).insert(index, source.clone());

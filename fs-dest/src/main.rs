@@ -11,6 +11,7 @@
 mod browse;
 mod certs;
 mod cp;
+mod cp_lock;
 mod destage;
 mod engine;
 mod error;
@@ -23,6 +24,7 @@ mod session;
 mod slots;
 mod status;
 mod tls;
+mod verify;
 
 #[cfg(test)]
 mod tests;

@@ -352,6 +352,19 @@ async fn reader(
                     return Ok(());
                 }
             }
+            Message::Control(Control::VerifyRequest {
+                id,
+                path,
+                after,
+                single,
+            }) => {
+                let (source, tx) = (source.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let after = after.map(|a| a.into_vec());
+                    let answer = crate::verify::listing(source, id, path, after, single).await;
+                    let _ = tx.send(Out::Control(answer));
+                });
+            }
             Message::Control(Control::BaselineDone { last_seq }) => {
                 let applied = source.applied_seq.load(Ordering::Acquire);
                 if last_seq > applied {

@@ -176,21 +176,26 @@ fn write_private<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Entries and content bytes of the tree under `tree` (for progress).
-fn count(sender: &Sender<'_>, tree: &Tree, path: &[u8], out: &mut (u64, u64)) {
-    let Ok(names) = sender.children(path) else {
-        return;
-    };
-    for name in names {
-        let child = proto::path::join(path, &name);
-        let Ok(st) = tree.stat(&child) else { continue };
-        out.0 += 1;
-        match rustix::fs::FileType::from_raw_mode(st.st_mode) {
-            rustix::fs::FileType::Directory => count(sender, tree, &child, out),
-            rustix::fs::FileType::RegularFile => out.1 += st.st_size as u64,
-            _ => {}
+/// Entries (the root excluded) and content bytes of the tree (for progress).
+pub fn count_tree(tree: &Tree) -> (u64, u64) {
+    fn count(tree: &Tree, path: &[u8], out: &mut (u64, u64)) {
+        let Ok(names) = proto::summary::names(tree, path) else {
+            return;
+        };
+        for name in names {
+            let child = proto::path::join(path, &name);
+            let Ok(st) = tree.stat(&child) else { continue };
+            out.0 += 1;
+            match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+                rustix::fs::FileType::Directory => count(tree, &child, out),
+                rustix::fs::FileType::RegularFile => out.1 += st.st_size as u64,
+                _ => {}
+            }
         }
     }
+    let mut out = (0, 0);
+    count(tree, b"", &mut out);
+    out
 }
 
 /// One run of the walk.
@@ -321,9 +326,7 @@ pub fn run(baseline: &Baseline, tree: &Tree, mirror: &Mirror) -> FsResult<u64> {
         None => (None, false, BTreeSet::new(), 0, 0, (0, 0)),
     };
     if totals == (0, 0) || resume.is_none() {
-        let mut t = (0, 0);
-        count(&sender, tree, b"", &mut t);
-        totals = t;
+        totals = count_tree(tree);
     }
     {
         let mut w = lock(&baseline.walk);
@@ -536,7 +539,7 @@ pub fn resync_task(
 }
 
 /// Run a CP and wait for it; true when the destination applied `last`.
-fn commit(mirror: &Mirror, last: u64) -> bool {
+pub fn commit(mirror: &Mirror, last: u64) -> bool {
     let (tx, rx) = tokio::sync::oneshot::channel();
     mirror.cp_command(CpCommand::Demand(tx));
     let _ = rx.blocking_recv();

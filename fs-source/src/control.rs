@@ -200,28 +200,109 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
     })
 }
 
+/// What `verify` needs, set once the volume serves.
+pub struct VerifyContext {
+    /// The volume.
+    pub volume: Arc<crate::volume::Volume>,
+    /// The link to the destination.
+    pub link: Arc<crate::link::LinkShared>,
+    /// The network runtime (listings are awaited on it).
+    pub rt: tokio::runtime::Handle,
+    /// A verify is running (one at a time).
+    pub running: std::sync::atomic::AtomicBool,
+}
+
+/// Set once the volume serves.
+pub type VerifySlot = Arc<std::sync::OnceLock<Arc<VerifyContext>>>;
+
 /// Serve the control socket until the task is dropped.
-pub async fn serve(listener: UnixListener, mirror: Arc<Mirror>, id: Identity) {
+pub async fn serve(listener: UnixListener, mirror: Arc<Mirror>, id: Identity, verify: VerifySlot) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let mirror = mirror.clone();
         let id = id.clone();
+        let verify = verify.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &mirror, &id).await {
+            if let Err(e) = handle(stream, &mirror, &id, &verify).await {
                 tracing::debug!("control connection: {e}");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, mirror: &Arc<Mirror>, id: &Identity) -> std::io::Result<()> {
+/// Run a verify for a control client: progress lines, then the report.
+async fn verify(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    slot: &VerifySlot,
+    req: &serde_json::Value,
+) -> std::io::Result<serde_json::Value> {
+    let Some(ctx) = slot.get().cloned() else {
+        return Ok(serde_json::json!({"ok": false, "error": "the volume is not serving yet"}));
+    };
+    if ctx.running.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return Ok(
+            serde_json::json!({"ok": false, "error": "a verify of this volume is already running"}),
+        );
+    }
+    let options = crate::verify::VerifyOptions {
+        repair: req.get("repair").and_then(|v| v.as_bool()).unwrap_or(false),
+        rate_bytes_per_sec: req
+            .get("rate_mib")
+            .and_then(|v| v.as_f64())
+            .map(|m| m * (1 << 20) as f64),
+    };
+    let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();
+    let (dtx, mut drx) = tokio::sync::oneshot::channel();
+    let worker = ctx.clone();
+    std::thread::Builder::new()
+        .name("nvmirror-verify".into())
+        .spawn(move || {
+            let r = crate::verify::run(
+                &worker.volume,
+                &worker.link,
+                &worker.rt,
+                options,
+                &mut |p| {
+                    let _ = ptx.send(p.clone());
+                },
+            );
+            worker
+                .running
+                .store(false, std::sync::atomic::Ordering::Release);
+            let _ = dtx.send(r);
+        })?;
+    loop {
+        tokio::select! {
+            Some(p) = prx.recv() => {
+                let line = serde_json::json!({ "progress": p });
+                // A client that went away does not stop the verify.
+                let _ = w.write_all(format!("{line}\n").as_bytes()).await;
+            }
+            r = &mut drx => {
+                return Ok(match r {
+                    Ok(Ok(report)) => serde_json::json!({"ok": true, "report": report}),
+                    Ok(Err(e)) => serde_json::json!({"ok": false, "error": e}),
+                    Err(_) => serde_json::json!({"ok": false, "error": "the verify thread stopped"}),
+                });
+            }
+        }
+    }
+}
+
+async fn handle(
+    stream: UnixStream,
+    mirror: &Arc<Mirror>,
+    id: &Identity,
+    verify_slot: &VerifySlot,
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).await?;
     let req: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_default();
     let reply = match req.get("cmd").and_then(|c| c.as_str()) {
+        Some("verify") => verify(&mut w, verify_slot, &req).await?,
         Some("status") => serde_json::to_value(status(mirror, id)).unwrap_or_default(),
         Some("cp") => {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -242,6 +323,15 @@ async fn handle(stream: UnixStream, mirror: &Arc<Mirror>, id: &Identity) -> std:
 
 /// Client side: send one request to the daemon mounted at `mountpoint`, return its reply.
 pub async fn request(mountpoint: &Path, cmd: &str) -> anyhow::Result<serde_json::Value> {
+    request_with(mountpoint, serde_json::json!({ "cmd": cmd }), &mut |_| {}).await
+}
+
+/// Client side: send `req`, pass every progress line to `progress`, return the final reply.
+pub async fn request_with(
+    mountpoint: &Path,
+    req: serde_json::Value,
+    progress: &mut dyn FnMut(&serde_json::Value),
+) -> anyhow::Result<serde_json::Value> {
     let path = socket_path(mountpoint);
     let stream = UnixStream::connect(&path).await.map_err(|e| {
         anyhow::anyhow!(
@@ -251,9 +341,17 @@ pub async fn request(mountpoint: &Path, cmd: &str) -> anyhow::Result<serde_json:
         )
     })?;
     let (r, mut w) = stream.into_split();
-    w.write_all(format!("{}\n", serde_json::json!({ "cmd": cmd })).as_bytes())
-        .await?;
-    let mut line = String::new();
-    BufReader::new(r).read_line(&mut line).await?;
-    Ok(serde_json::from_str(line.trim())?)
+    w.write_all(format!("{req}\n").as_bytes()).await?;
+    let mut lines = BufReader::new(r);
+    loop {
+        let mut line = String::new();
+        if lines.read_line(&mut line).await? == 0 {
+            anyhow::bail!("fs-source closed the control socket without an answer");
+        }
+        let v: serde_json::Value = serde_json::from_str(line.trim())?;
+        match v.get("progress") {
+            Some(p) => progress(p),
+            None => return Ok(v),
+        }
+    }
 }

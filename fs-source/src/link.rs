@@ -35,6 +35,8 @@ pub struct LinkSettings {
 pub struct LinkShared {
     control_tx: mpsc::UnboundedSender<Control>,
     pending_cps: Mutex<HashMap<u64, oneshot::Sender<CpAnswer>>>,
+    pending_listings: Mutex<HashMap<u64, oneshot::Sender<Listing>>>,
+    next_listing: std::sync::atomic::AtomicU64,
     /// Bumped on every successful (re)connect, so waiters can resend requests.
     pub epoch: watch::Sender<u64>,
 }
@@ -66,6 +68,46 @@ impl LinkShared {
     }
 }
 
+/// The destination's summaries of an image directory (or of one entry), for `verify`.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// The directory's (or the entry's) own summary; `None` when it is not in the image.
+    pub dir: Option<proto::summary::EntrySummary>,
+    /// Entries, by name.
+    pub entries: Vec<proto::summary::EntrySummary>,
+    /// More entries follow.
+    pub more: bool,
+    /// Why the destination could not list it.
+    pub error: Option<String>,
+}
+
+impl LinkShared {
+    /// Ask the destination to summarize the image's directory `path` (entries after `after`),
+    /// or with `single` the entry `path` itself.
+    pub fn request_listing(
+        &self,
+        path: &[u8],
+        after: Option<Vec<u8>>,
+        single: bool,
+    ) -> oneshot::Receiver<Listing> {
+        let id = self
+            .next_listing
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending_listings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let _ = self.control_tx.send(Control::VerifyRequest {
+            id,
+            path: path.to_vec(),
+            after: after.map(serde_bytes::ByteBuf::from),
+            single,
+        });
+        rx
+    }
+}
+
 /// Create the shared part and the receiver the link task consumes.
 pub fn shared() -> (Arc<LinkShared>, mpsc::UnboundedReceiver<Control>) {
     let (control_tx, control_rx) = mpsc::unbounded_channel();
@@ -73,6 +115,8 @@ pub fn shared() -> (Arc<LinkShared>, mpsc::UnboundedReceiver<Control>) {
         Arc::new(LinkShared {
             control_tx,
             pending_cps: Mutex::new(HashMap::new()),
+            pending_listings: Mutex::new(HashMap::new()),
+            next_listing: std::sync::atomic::AtomicU64::new(1),
             epoch: watch::channel(0).0,
         }),
         control_rx,
@@ -295,6 +339,27 @@ async fn session(
                             let _ = tx.send(CpAnswer {
                                 applied_seq,
                                 failed,
+                            });
+                        }
+                    }
+                    Message::Control(Control::VerifyListing {
+                        id,
+                        dir,
+                        entries,
+                        more,
+                        error,
+                    }) => {
+                        if let Some(tx) = shared
+                            .pending_listings
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&id)
+                        {
+                            let _ = tx.send(Listing {
+                                dir,
+                                entries,
+                                more,
+                                error,
                             });
                         }
                     }

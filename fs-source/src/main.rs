@@ -16,6 +16,7 @@ mod link;
 mod mirror;
 mod resync;
 mod tls;
+mod verify;
 mod volume;
 
 use std::net::SocketAddr;
@@ -53,6 +54,22 @@ enum Command {
         /// The mountpoint of a running fs-source.
         #[arg(long)]
         mountpoint: PathBuf,
+    },
+    /// Compare the backing volume with the image (metadata and content hashes; only hashes
+    /// cross the network) while writes go on; exits non-zero when they differ.
+    Verify {
+        /// The mountpoint of a running fs-source.
+        #[arg(long)]
+        mountpoint: PathBuf,
+        /// Resend every path that differs from the backing volume, then check it again.
+        #[arg(long)]
+        repair: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Hash at most this many MiB/s on the source (0: no limit), for production hours.
+        #[arg(long, default_value_t = 0.0)]
+        rate_mib: f64,
     },
     /// Show the mirror's state.
     Status {
@@ -141,6 +158,12 @@ fn main() -> ExitCode {
         Command::Mount(args) => mount(args),
         Command::Cp { mountpoint } => client(&mountpoint, "cp", false),
         Command::Status { mountpoint, json } => client(&mountpoint, "status", json),
+        Command::Verify {
+            mountpoint,
+            repair,
+            json,
+            rate_mib,
+        } => verify_client(&mountpoint, repair, json, rate_mib),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -177,6 +200,100 @@ fn client(mountpoint: &Path, cmd: &str, json: bool) -> anyhow::Result<()> {
         println!("{reply}");
     } else {
         print_status(&reply);
+    }
+    Ok(())
+}
+
+/// `fs-source verify`: ask the daemon, show progress, print the report; an error when the
+/// image differs from the backing volume (after `--repair`: when a difference remains).
+fn verify_client(mountpoint: &Path, repair: bool, json: bool, rate_mib: f64) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "verify {msg} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    let req = serde_json::json!({"cmd": "verify", "repair": repair, "rate_mib": rate_mib});
+    let reply = rt.block_on(control::request_with(mountpoint, req, &mut |p| {
+        bar.set_length(p["bytes_total"].as_u64().unwrap_or(0));
+        bar.set_position(p["bytes_done"].as_u64().unwrap_or(0));
+        bar.set_message(format!(
+            "{} {}/{} entries",
+            p["phase"].as_str().unwrap_or_default(),
+            p["entries_done"],
+            p["entries_total"]
+        ));
+    }))?;
+    bar.finish_and_clear();
+    if reply.get("ok").and_then(|v| v.as_bool()) != Some(true) {
+        bail!(
+            "verify failed: {}",
+            reply
+                .get("error")
+                .and_then(|v| v.as_str())
+                .unwrap_or("unknown error")
+        );
+    }
+    let r = &reply["report"];
+    let list = |k: &str| r[k].as_array().cloned().unwrap_or_default();
+    let (differences, unrepaired, changing) =
+        (list("differences"), list("unrepaired"), list("changing"));
+    if json {
+        println!("{r}");
+    } else {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        for d in &differences {
+            let what: Vec<&str> = d["what"]
+                .as_array()
+                .map(|w| w.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "DIFFERS {}: {}",
+                d["path"].as_str().unwrap_or_default(),
+                what.join(", ")
+            );
+        }
+        for c in &changing {
+            let _ = writeln!(
+                out,
+                "CHANGING {} (written during the whole verify; not compared)",
+                c.as_str().unwrap_or_default()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "verified {} entries, {:.1} MiB in {:.1} s ({:.1} MiB/s) against the image as of record {}: {} difference(s)",
+            r["entries"],
+            r["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+            r["seconds"].as_f64().unwrap_or(0.0),
+            r["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+            r["applied_seq"],
+            differences.len()
+        );
+        if repair && !differences.is_empty() {
+            let _ = writeln!(
+                out,
+                "repaired {} path(s); {} still differ",
+                r["repaired"],
+                unrepaired.len()
+            );
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().write_all(out.as_bytes());
+    }
+    let remaining = if repair {
+        unrepaired.len()
+    } else {
+        differences.len()
+    };
+    if remaining > 0 {
+        bail!("the image differs from the backing volume at {remaining} path(s)");
     }
     Ok(())
 }
@@ -423,7 +540,13 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "none (unmirrored)".into()),
         policy: args.policy,
     };
-    rt.spawn(control::serve(listener, mirror.clone(), identity));
+    let verify_slot: control::VerifySlot = Arc::default();
+    rt.spawn(control::serve(
+        listener,
+        mirror.clone(),
+        identity,
+        verify_slot.clone(),
+    ));
 
     // Signals are handled from here on, so a SIGTERM right after the ready line unmounts cleanly.
     let (mut term, mut int) = rt.block_on(async {
@@ -470,6 +593,12 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
                 mirror.update_baseline(|b| b.state = "done");
             }
         }
+        let _ = verify_slot.set(Arc::new(control::VerifyContext {
+            volume: volume.clone(),
+            link: link_shared.clone(),
+            rt: rt.clone(),
+            running: std::sync::atomic::AtomicBool::new(false),
+        }));
         let (b, v, l) = (baseline.clone(), volume.clone(), link_shared.clone());
         std::thread::Builder::new()
             .name("nvmirror-resync".into())

@@ -8,6 +8,8 @@
 //!   memory for tests).
 //! * [`wire`]: messages between source and destination.
 //! * [`path`]: validation of the relative paths records carry.
+//! * [`summary`]: what `verify` compares of an entry (metadata and a content hash), computed
+//!   the same way on both sides.
 //! * [`apply`]: the one piece of code that applies a record to a directory tree, shared by the
 //!   source (its backing volume, at recovery) and the destination (its image, at a CP).
 //!
@@ -20,6 +22,7 @@ pub mod nvlog;
 pub mod path;
 pub mod record;
 pub mod storage;
+pub mod summary;
 pub mod wire;
 
 pub use frame::{Frame, FrameError, FrameHeader};

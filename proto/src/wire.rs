@@ -17,6 +17,8 @@ pub const HEADER_LEN: usize = 5;
 pub const MAX_MESSAGE_LEN: usize = 64 << 20;
 /// Protocol version spoken by this build.
 pub const PROTOCOL_VERSION: u32 = 2;
+/// Most entry summaries in one `VerifyListing`.
+pub const VERIFY_PAGE: usize = 4096;
 /// Most out-of-sync paths listed in one message (the total is always given).
 pub const MAX_DIVERGENCES_LISTED: usize = 1000;
 /// Kind byte of a batch of frames.
@@ -98,6 +100,32 @@ pub enum Control {
     BaselineDone {
         /// The last record of the baseline.
         last_seq: u64,
+    },
+    /// Source → destination: summarize the image's entries of directory `path` (as of the
+    /// last CP) whose names come after `after`, for `verify`.
+    VerifyRequest {
+        /// Request id, echoed in the answer.
+        id: u64,
+        /// The directory, relative to the image root.
+        #[serde(with = "serde_bytes")]
+        path: Vec<u8>,
+        /// Resume a listing after this name.
+        after: Option<serde_bytes::ByteBuf>,
+        /// Summarize `path` itself only (any type), not the directory's entries.
+        single: bool,
+    },
+    /// Destination → source: the answer to `VerifyRequest`.
+    VerifyListing {
+        /// The request id.
+        id: u64,
+        /// The directory's own summary (in the first page).
+        dir: Option<crate::summary::EntrySummary>,
+        /// At most [`VERIFY_PAGE`] summaries, by name.
+        entries: Vec<crate::summary::EntrySummary>,
+        /// More entries follow (ask again after the last name).
+        more: bool,
+        /// The directory could not be listed (e.g. it is not in the image).
+        error: Option<String>,
     },
     /// Destination → source: a record or request was refused. Nothing was changed; the
     /// destination closes this connection after sending it.

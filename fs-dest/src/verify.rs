@@ -1,0 +1,86 @@
+//! The destination's half of `fs-source verify`: summaries of an image directory's entries
+//! (metadata and content hashes, see `proto::summary`), as of the last CP. Only summaries go
+//! back; the source compares them with its own.
+//!
+//! Each listing holds the image's CP lock shared (it never sees half a CP) and runs on a
+//! blocking thread; a source may have [`CONCURRENT_LISTINGS`] at once, more are answered
+//! "busy", so a flood of requests costs bounded work.
+
+use std::sync::Arc;
+
+use proto::wire::{Control, VERIFY_PAGE};
+
+use crate::cp_lock::CpLock;
+use crate::engine::Source;
+
+/// Listings one source may have in progress at once.
+pub const CONCURRENT_LISTINGS: usize = 2;
+
+/// Answer `VerifyRequest { id, path, after, single }` for `source`.
+pub async fn listing(
+    source: Arc<Source>,
+    id: u64,
+    path: Vec<u8>,
+    after: Option<Vec<u8>>,
+    single: bool,
+) -> Control {
+    let refuse = |error: String| Control::VerifyListing {
+        id,
+        dir: None,
+        entries: Vec::new(),
+        more: false,
+        error: Some(error),
+    };
+    if let Err(e) = proto::path::validate(&path) {
+        return refuse(format!("refused path: {e}"));
+    }
+    if let Some(a) = &after {
+        if a.is_empty() || a.contains(&b'/') || a.contains(&0) {
+            return refuse("refused resume name".into());
+        }
+    }
+    let Ok(permit) = source.verify_slots.clone().try_acquire_owned() else {
+        return refuse(format!(
+            "busy: {CONCURRENT_LISTINGS} verify listings of this source are in progress"
+        ));
+    };
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let tree = source.image_tree().map_err(|e| e.to_string())?;
+        let _lock = CpLock::shared(source.dir())
+            .map_err(|e| format!("CP lock in {}: {e}", source.dir().display()))?;
+        let shown = |e: rustix::io::Errno| {
+            format!(
+                "listing {:?} in the image: {}",
+                String::from_utf8_lossy(&path),
+                std::io::Error::from(e)
+            )
+        };
+        let dir = match after {
+            None => match proto::summary::summarize(&tree, &path, &mut |_| {}) {
+                Ok(s) => Some(s),
+                Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::NOTDIR) if single => None,
+                Err(e) => return Err(shown(e)),
+            },
+            Some(_) => None,
+        };
+        if single {
+            return Ok((dir, Vec::new(), false));
+        }
+        let (entries, more) =
+            proto::summary::summarize_dir(&tree, &path, after.as_deref(), VERIFY_PAGE, &mut |_| {})
+                .map_err(shown)?;
+        Ok((dir, entries, more))
+    });
+    match task.await {
+        Ok(Ok((dir, entries, more))) => Control::VerifyListing {
+            id,
+            dir,
+            entries,
+            more,
+            error: None,
+        },
+        Ok(Err(e)) => refuse(e),
+        Err(e) => refuse(format!("listing task failed: {e}")),
+    }
+}
