@@ -104,6 +104,8 @@ struct Verifier<'a> {
     remote_links: BTreeMap<Vec<u8>, u64>,
     /// Paths found different, for the repair.
     confirmed_paths: Vec<Vec<u8>>,
+    /// Confirmed paths that are directories on both sides.
+    both_dirs: std::collections::BTreeSet<Vec<u8>>,
 }
 
 fn show(p: &[u8]) -> String {
@@ -358,6 +360,11 @@ impl Verifier<'_> {
                     // Written meanwhile: look again next round (or report it as changing).
                     self.suspects.insert(path, (d, local));
                 } else {
+                    let dirs =
+                        |e: &Option<EntrySummary>| e.as_ref().is_some_and(|e| e.kind == Kind::Dir);
+                    if dirs(&local) && dirs(&remote) {
+                        self.both_dirs.insert(path.clone());
+                    }
                     confirmed.push(Difference {
                         path: show(&path),
                         what: d,
@@ -409,6 +416,7 @@ pub fn run(
         local_links: BTreeMap::new(),
         remote_links: BTreeMap::new(),
         confirmed_paths: Vec::new(),
+        both_dirs: Default::default(),
     };
     v.tick(true);
     let applied_seq = v.commit("verify")?;
@@ -438,15 +446,31 @@ pub fn run(
         paths.sort_by(|a, b| dfs_cmp(a, b));
         let mut sender = Sender::new(volume.tree(), mirror);
         let mut sent: Vec<Vec<u8>> = Vec::new();
+        // Directories that exist on both sides get their own metadata only (their differing
+        // children are listed on their own), deepest last so their mtime is set after the
+        // children changed it.
+        let mut dir_metadata = Vec::new();
         for p in &paths {
             if sent.iter().any(|s| is_under(p, s)) {
                 continue;
             }
+            let both_dirs = v.both_dirs.contains(p);
             tracing::info!(path = %show(p), "verify: repairing");
+            if both_dirs {
+                dir_metadata.push(p.clone());
+                continue;
+            }
             sender
                 .path(p)
                 .map_err(|e| format!("repairing {}: {e}", show(p)))?;
             sent.push(p.clone());
+        }
+        dir_metadata.sort_by(|a, b| dfs_cmp(b, a));
+        for p in &dir_metadata {
+            sender
+                .entry(p, false)
+                .and_then(|_| sender.dir_times(p))
+                .map_err(|e| format!("repairing {}: {e}", show(p)))?;
         }
         v.commit("applying the repair")?;
         let mut unrepaired = Vec::new();
