@@ -758,9 +758,3 @@ pub fn run(root: &Path, name: &str, mountpoint: &Path, threads: usize) -> Result
     });
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::mpsc;
-}

@@ -58,7 +58,7 @@ pub async fn listing(
         };
         let dir = match after {
             None => match proto::summary::summarize(&tree, &path, &mut |_| {}) {
-                Ok(s) => Some(s),
+                Ok(s) => Some(Box::new(s)),
                 Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::NOTDIR) if single => None,
                 Err(e) => return Err(shown(e)),
             },

@@ -72,7 +72,7 @@ impl LinkShared {
 #[derive(Debug, Clone)]
 pub struct Listing {
     /// The directory's (or the entry's) own summary; `None` when it is not in the image.
-    pub dir: Option<proto::summary::EntrySummary>,
+    pub dir: Option<Box<proto::summary::EntrySummary>>,
     /// Entries, by name.
     pub entries: Vec<proto::summary::EntrySummary>,
     /// More entries follow.

@@ -163,7 +163,7 @@ impl Verifier<'_> {
     /// The image's directory `path`: its own summary and its entries.
     fn remote_dir(&self, path: &[u8]) -> Result<(Option<EntrySummary>, Vec<EntrySummary>), String> {
         let first = self.ask(path, None, false)?;
-        let (dir, mut entries, mut more) = (first.dir, first.entries, first.more);
+        let (dir, mut entries, mut more) = (first.dir.map(|d| *d), first.entries, first.more);
         while more {
             let after = entries.last().map(|e| e.name.clone());
             let next = self.ask(path, after, false)?;
@@ -175,7 +175,7 @@ impl Verifier<'_> {
 
     /// The image's summary of `path` alone (`None`: not in the image).
     fn remote_entry(&self, path: &[u8]) -> Result<Option<EntrySummary>, String> {
-        Ok(self.ask(path, None, true)?.dir)
+        Ok(self.ask(path, None, true)?.dir.map(|d| *d))
     }
 
     fn local_entry(&mut self, path: &[u8]) -> Result<Option<EntrySummary>, String> {

@@ -140,11 +140,7 @@ pub fn summarize(
             0
         },
         mtime: ts(st.st_mtime, st.st_mtime_nsec as i64),
-        nlink: if kind == Kind::Dir {
-            0
-        } else {
-            st.st_nlink as u64
-        },
+        nlink: if kind == Kind::Dir { 0 } else { st.st_nlink },
         rdev: if matches!(kind, Kind::CharDevice | Kind::BlockDevice) {
             st.st_rdev
         } else {

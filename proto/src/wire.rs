@@ -119,7 +119,7 @@ pub enum Control {
         /// The request id.
         id: u64,
         /// The directory's own summary (in the first page).
-        dir: Option<crate::summary::EntrySummary>,
+        dir: Option<Box<crate::summary::EntrySummary>>,
         /// At most [`VERIFY_PAGE`] summaries, by name.
         entries: Vec<crate::summary::EntrySummary>,
         /// More entries follow (ask again after the last name).

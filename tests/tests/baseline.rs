@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use nvmirror_e2e::{
     assert_trees_equal, poll_until, require_mount, wait_until, Harness, HarnessOptions, Rng,
-    SourceOptions,
 };
 
 const BASELINE_TIMEOUT: Duration = Duration::from_secs(180);
