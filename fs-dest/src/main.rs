@@ -15,6 +15,7 @@ mod cp_lock;
 mod destage;
 mod engine;
 mod error;
+mod fetch;
 mod image_state;
 mod journal;
 mod promote;

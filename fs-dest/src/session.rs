@@ -365,6 +365,13 @@ async fn reader(
                     let _ = tx.send(Out::Control(answer));
                 });
             }
+            Message::Control(Control::FetchRecords { after }) => {
+                let (engine, source, tx) = (engine.clone(), source.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let answer = crate::fetch::fetch(engine, source, after).await;
+                    let _ = tx.send(Out::Control(answer));
+                });
+            }
             Message::Control(Control::BaselineDone { last_seq }) => {
                 let applied = source.applied_seq.load(Ordering::Acquire);
                 if last_seq > applied {

@@ -438,8 +438,13 @@ pub fn resync_task(
     let mut backoff = Duration::from_secs(1);
     let mut next_heal = Instant::now();
     let mut attempts: std::collections::HashMap<Vec<u8>, u32> = Default::default();
+    let mut first = true;
     loop {
-        mirror.wait_progress(Duration::from_millis(500));
+        // The first look needs no wait: the handshake may have asked for a baseline already.
+        if !first {
+            mirror.wait_progress(Duration::from_millis(500));
+        }
+        first = false;
         let (up, stopped, state, out_of_sync) = mirror.progress(|p| {
             (
                 p.link_up,

@@ -60,7 +60,13 @@ pub async fn run(
             // ahead of the image with no partition left to commit: ask for them too.
             let (acked, applied, up) = mirror.progress(|p| (p.acked, p.applied_remote, p.link_up));
             if up && applied < acked && !mirror.standalone() {
-                match remote_cp(&link, 0, acked, &backing, &mut next_id).await {
+                let flushed = flush_through(&mirror, acked).await;
+                match async {
+                    flushed?;
+                    remote_cp(&link, 0, acked, &backing, &mut next_id).await
+                }
+                .await
+                {
                     Ok(a) => mirror.on_cp_done(a),
                     Err(e) => tracing::error!("catch-up consistency point failed: {e}"),
                 }
@@ -196,6 +202,7 @@ async fn commit(
             r = degraded.changed() => r.map_err(|e| format!("policy watch closed: {e}"))?,
         }
     }
+    flush_through(mirror, last).await?;
     let applied = remote_cp(link, p, last, backing, next_id).await?;
     mirror.free_partition(p).map_err(|e| e.to_string())?;
     mirror.on_cp_done(applied);
@@ -204,6 +211,15 @@ async fn commit(
     }
     tracing::debug!(partition = p, last, applied, "consistency point done");
     Ok(())
+}
+
+/// [`Mirror::flush_through`] on a blocking thread.
+async fn flush_through(mirror: &Arc<Mirror>, seq: u64) -> Result<(), String> {
+    let m = mirror.clone();
+    tokio::task::spawn_blocking(move || m.flush_through(seq))
+        .await
+        .map_err(|e| format!("flush task: {e}"))?
+        .map_err(|e| format!("flushing NVRAM before the CP: {e}"))
 }
 
 async fn syncfs(backing: &Arc<OwnedFd>) -> Result<(), String> {

@@ -29,6 +29,8 @@ pub struct LinkSettings {
     pub volume: String,
     /// `--force-baseline`: replace an image that mirrors another volume.
     pub take_over: bool,
+    /// The backing directory (records fetched back from the destination are applied to it).
+    pub backing: PathBuf,
 }
 
 /// What the CP driver and the control socket share with the link task.
@@ -242,6 +244,65 @@ async fn send_frames(send: &mut SendStream, frames: &mut Vec<Bytes>) -> Result<(
     Ok(())
 }
 
+/// The destination holds records after the last one this source logged: a power cut took
+/// them from the NVRAM before its flush (no client got a reply for them). Fetch them back, log
+/// and apply them again, so both sides hold the same history.
+async fn recover_lost_records(
+    mirror: &Arc<Mirror>,
+    settings: &LinkSettings,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    logged: u64,
+    durable: u64,
+) -> Result<(), LinkError> {
+    let refused = |why: String| {
+        LinkError::Refused(format!(
+            "the destination holds records up to {durable} but this source logged only up to {logged}, \
+             and they cannot be recovered: {why}"
+        ))
+    };
+    tracing::warn!(
+        logged,
+        durable,
+        "the destination holds records this source lost from its NVRAM; fetching them back"
+    );
+    let tree =
+        Arc::new(proto::apply::Tree::open(&settings.backing).map_err(|e| refused(e.to_string()))?);
+    let mut after = logged;
+    while after < durable {
+        send.write_all(&wire::encode_control(&Control::FetchRecords { after }))
+            .await?;
+        let (frames, more) = match read_message(recv).await? {
+            Message::Control(Control::FetchedRecords {
+                frames,
+                more,
+                error,
+            }) => match error {
+                Some(e) => return Err(refused(e)),
+                None => (frames.into_vec(), more),
+            },
+            other => return Err(LinkError::Unexpected(format!("{other:?}"))),
+        };
+        let (m, t) = (mirror.clone(), tree.clone());
+        let last = tokio::task::spawn_blocking(move || m.adopt(&frames, &t))
+            .await
+            .map_err(|e| refused(e.to_string()))?
+            .map_err(refused)?;
+        if last <= after || (!more && last < durable) {
+            return Err(refused(format!(
+                "the destination sent records only up to {last}"
+            )));
+        }
+        after = last;
+    }
+    tracing::warn!(
+        records = durable - logged,
+        "recovered {} record(s) from the destination; mirroring resumes",
+        durable - logged
+    );
+    Ok(())
+}
+
 async fn session(
     mirror: &Arc<Mirror>,
     settings: &LinkSettings,
@@ -288,10 +349,7 @@ async fn session(
         other => return Err(LinkError::Unexpected(format!("{other:?}"))),
     };
     if durable > logged {
-        return Err(LinkError::Refused(format!(
-            "the destination holds records up to {durable} but this source logged only up to {logged}: \
-             the source's NVRAM is not the one this mirror was built with"
-        )));
+        recover_lost_records(mirror, settings, &mut send, &mut recv, logged, durable).await?;
     }
     tracing::info!(dest = %settings.dest, durable, logged, "connected to destination");
     mirror.on_ack(durable, 0, 0);

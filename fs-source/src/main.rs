@@ -510,6 +510,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
                 name: args.name.clone(),
                 volume: volume_id.clone(),
                 take_over: args.force_baseline,
+                backing: args.backing.clone(),
             },
             link_shared.clone(),
             control_rx,

@@ -458,6 +458,43 @@ impl Mirror {
             .flush(proto::nvlog::USER_AREA_OFFSET + cursor::APPLIED_SEQ, 8)
     }
 
+    /// Make every record up to `seq` durable in the local NVRAM (leading the flush if no one
+    /// does), without waiting for the destination. A CP asks the destination to apply only
+    /// records the source itself holds durably, so the destination never applies (and then
+    /// discards) a record a power cut could take from the source's NVRAM.
+    pub fn flush_through(&self, seq: u64) -> Result<(), MirrorError> {
+        let mut p = lock(&self.progress);
+        loop {
+            if p.flushed >= seq || p.logged < seq {
+                return Ok(());
+            }
+            if !p.flushing {
+                p.flushing = true;
+                let ranges = std::mem::take(&mut p.dirty);
+                let upto = p.dirty_seq;
+                drop(p);
+                let res = self.flush(&ranges);
+                p = lock(&self.progress);
+                p.flushing = false;
+                match res {
+                    Ok(()) => p.flushed = p.flushed.max(upto),
+                    Err(e) => {
+                        p.dirty.extend(ranges);
+                        self.progress_changed.notify_all();
+                        return Err(MirrorError::Flush(e));
+                    }
+                }
+                self.progress_changed.notify_all();
+                continue;
+            }
+            p = self
+                .progress_changed
+                .wait_timeout(p, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     /// Record an acknowledgement from the destination.
     pub fn on_ack(&self, durable_seq: u64, records: u64, bytes: u64) {
         let mut p = lock(&self.progress);
@@ -845,6 +882,46 @@ impl Mirror {
         let _ = self.cp_tx.send(c);
     }
 
+    /// Take back records this source had sent but lost (a power cut before its own flush),
+    /// as the destination returned them: each must be the next sequence number; it is logged
+    /// again and applied to the backing volume in replay mode. Returns the last one.
+    pub fn adopt(&self, frames: &[u8], tree: &proto::apply::Tree) -> Result<u64, String> {
+        let mut last = lock(&self.progress).logged;
+        for f in frame::split(frames) {
+            let f = f.map_err(|e| format!("a record sent back by the destination: {e}"))?;
+            let op = Op::decode(f.payload)
+                .map_err(|e| format!("record {} sent back does not decode: {e}", f.header.seq))?;
+            let mut txn = self
+                .begin(f.payload.len() + RECORD_OVERHEAD)
+                .map_err(|e| format!("logging record {} again: {e}", f.header.seq))?;
+            if txn.next_seq() != f.header.seq {
+                return Err(format!(
+                    "the destination sent back record {} but this source expects {}",
+                    f.header.seq,
+                    txn.next_seq()
+                ));
+            }
+            txn.record(
+                |b| b.extend_from_slice(f.payload),
+                || {
+                    if !matches!(op, Op::Replace { .. }) {
+                        if let Err(e) = tree.apply(&op, proto::apply::ApplyMode::Replay) {
+                            tracing::warn!(
+                                seq = f.header.seq,
+                                "re-applying a record sent back: {e}"
+                            );
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .map_err(|e| format!("logging record {} again: {e}", f.header.seq))?;
+            last = f.header.seq;
+        }
+        self.flush_through(last).map_err(|e| e.to_string())?;
+        Ok(last)
+    }
+
     /// Mark every replayed record as applied (after start-up recovery).
     pub fn set_applied(&self, seq: u64) -> std::io::Result<()> {
         let s = lock(&self.seq);
@@ -897,6 +974,11 @@ impl Txn<'_> {
                 Err(e)
             }
         }
+    }
+
+    /// The sequence number the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.seq.next_seq
     }
 
     /// Release the lock without waiting; returns the last sequence number logged, for a later

@@ -127,6 +127,21 @@ pub enum Control {
         /// The directory could not be listed (e.g. it is not in the image).
         error: Option<String>,
     },
+    /// Source → destination: send back this source's records after `after` (a power cut took
+    /// them from the source's NVRAM before its flush, but the destination holds them).
+    FetchRecords {
+        /// The last record the source still holds.
+        after: u64,
+    },
+    /// Destination → source: records asked for by `FetchRecords`, as the source sent them.
+    FetchedRecords {
+        /// Back-to-back frames in sequence order, starting at `after + 1`.
+        frames: serde_bytes::ByteBuf,
+        /// More follow (ask again after the last one).
+        more: bool,
+        /// Why they cannot be sent (e.g. already applied and discarded).
+        error: Option<String>,
+    },
     /// Destination → source: a record or request was refused. Nothing was changed; the
     /// destination closes this connection after sending it.
     Error {

@@ -510,3 +510,61 @@ fn dest_nvram_of_wrong_size_or_format_is_refused() {
         assert_eq!(names_in(&image), image_before, "{what}: image changed");
     }
 }
+
+/// A power cut of the source can take records from its NVRAM that the destination already
+/// holds (it acknowledged them before the source's own flush completed, so no client got a
+/// reply). The restarted source fetches them back from the destination and goes on instead of
+/// being refused.
+#[test]
+fn records_lost_from_source_nvram_are_fetched_back_from_the_destination() {
+    const TEST: &str = "damage_source_behind";
+    require_mount!(TEST);
+    let mut h = start(TEST);
+    fs::write(h.mnt().join("a"), "alpha\n").expect("write a");
+    let before = h.status().last_logged_seq;
+    fs::write(h.mnt().join("z"), "zulu\n").expect("write z");
+    let status = h.status();
+    assert_eq!(
+        status.last_acked_seq, status.last_logged_seq,
+        "z is mirrored"
+    );
+    let (backing, mnt, nvram) = (
+        h.backing().to_path_buf(),
+        h.mnt().to_path_buf(),
+        h.source_nvram("alpha"),
+    );
+    h.kill_source();
+    h.detach_source();
+    // The records of z never reached the source's NVRAM, nor its backing volume.
+    let lost: Vec<Found> = nvram_records(&nvram)
+        .into_iter()
+        .filter(|r| r.seq > before)
+        .collect();
+    assert!(!lost.is_empty(), "z was logged after record {before}");
+    for r in &lost {
+        write_at(&nvram, r.offset, &vec![0u8; r.len as usize]);
+    }
+    set_applied_cursor(&nvram, before);
+    fs::remove_file(backing.join("z")).expect("z was in the backing volume");
+
+    h.restart_source(&small_source("alpha"))
+        .unwrap_or_else(|e| panic!("the source must start and recover from the destination: {e}"));
+    let log = log_text(&h.log_dir.join("fs-source-alpha.log"));
+    assert!(
+        log.contains("recovered") && log.contains("from the destination"),
+        "the source says it recovered records:\n{log}"
+    );
+    assert_eq!(
+        fs::read_to_string(mnt.join("z")).expect("z is back"),
+        "zulu\n"
+    );
+    let status = h.status();
+    assert!(
+        status.last_logged_seq >= before + lost.len() as u64,
+        "the recovered records are logged again: {:?}",
+        status.raw
+    );
+    fs::write(mnt.join("after"), "mirrored after the recovery\n").expect("write after");
+    h.cp();
+    nvmirror_e2e::assert_trees_equal(h.backing(), &h.image());
+}
