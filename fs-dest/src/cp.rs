@@ -177,32 +177,61 @@ pub fn apply_through(
     }
     let tree = source.image_tree()?;
     let mut failed = 0u64;
-    let before = lock(&source.divergences).clone();
+    let mut changed = false;
     for (seq, bytes) in &records {
         let op = frame::decode(bytes)
             .map_err(|e| e.to_string())
             .and_then(|f| Op::decode(f.payload).map_err(|e| e.to_string()));
+        // Only the first record after the applied cursor may have been applied already (it
+        // straddled a crash): it replays tolerantly. Every later one must apply as it did on
+        // the source; an error there means the image differs, and is reported.
+        let mode = if *seq == floor + 1 {
+            ApplyMode::Replay
+        } else {
+            ApplyMode::Live
+        };
         match op {
-            Ok(op) => match tree.apply(&op, ApplyMode::Replay) {
-                Ok(()) => {
-                    if let Op::Replace { path, .. } = &op {
-                        lock(&source.divergences).heal_under(path);
+            Ok(op) => {
+                let kept_dir = matches!(&op, Op::Replace { path, entry: proto::Entry::Dir { .. } }
+                    if tree.stat(path).is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory));
+                match tree.apply(&op, mode) {
+                    Ok(()) => {
+                        let mut d = lock(&source.divergences);
+                        if d.is_empty() {
+                            // Nothing to carry along.
+                        } else {
+                            changed = true;
+                            match &op {
+                                Op::Replace { path, entry } => {
+                                    let cleared =
+                                        matches!(entry, proto::Entry::Dir { clear: true, .. });
+                                    d.heal(path, kept_dir, cleared);
+                                }
+                                Op::Rename { from, to, flags } => {
+                                    d.renamed(from, to, flags & libc::RENAME_EXCHANGE != 0)
+                                }
+                                Op::Link { existing, new_path } => d.linked(existing, new_path),
+                                _ => {}
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(source = %source.name, seq, op = op.kind(), error = %e,
+                            "CP: a record could not be applied to the image; its paths are out of sync");
+                        source.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
+                        failed += 1;
+                        changed = true;
+                        lock(&source.divergences).add(&op.paths(), *seq, &e.to_string());
                     }
                 }
-                Err(e) => {
-                    tracing::error!(source = %source.name, seq, op = op.kind(), error = %e,
-                        "CP: a record could not be applied to the image; its paths are out of sync");
-                    source.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
-                    failed += 1;
-                    lock(&source.divergences).add(&op.paths(), *seq, &e.to_string());
-                }
-            },
+            }
             Err(e) => {
                 // Checked at intake, so this is damage after the fact: nothing says which
                 // path it touched, so the whole image is out of sync.
                 tracing::error!(source = %source.name, seq, error = %e, "CP: undecodable journal record");
                 source.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
                 failed += 1;
+                changed = true;
                 lock(&source.divergences).add(&[b""], *seq, &format!("undecodable record: {e}"));
             }
         }
@@ -223,9 +252,9 @@ pub fn apply_through(
     .map_err(|e| sync_err(e.into()))?;
     rustix::fs::syncfs(&image).map_err(|e| sync_err(e.into()))?;
     // The out-of-sync set is durable before the applied cursor moves past the failures.
-    {
+    if changed {
         let d = lock(&source.divergences);
-        if *d != before {
+        {
             d.save(source_dir)
                 .map_err(|e| sync_err(std::io::Error::other(e.to_string())))?;
         }

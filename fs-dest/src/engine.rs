@@ -555,10 +555,22 @@ impl Engine {
                 "records after {accepted} are held but record {} is missing (a torn journal tail?); \
                  the source will be asked to resend from it", accepted + 1);
         }
-        let divergences = crate::image_state::Divergences::load(&base)?;
-        let baseline_needed = crate::image_state::read_volume(&base)?
-            .map(|r| !r.baseline_complete)
-            .unwrap_or(false);
+        // A damaged state file of one image must not stop the others: the image is then
+        // taken as wholly out of sync (the source resends it) and its volume as unknown (the
+        // handshake refuses the source, naming the file).
+        let divergences = crate::image_state::Divergences::load(&base).unwrap_or_else(|e| {
+            tracing::error!(source = %slot.name, "{e}; the whole image is taken as out of sync");
+            let mut d = crate::image_state::Divergences::default();
+            d.add(&[b""], 0, &format!("state file unreadable: {e}"));
+            d
+        });
+        let baseline_needed = match crate::image_state::read_volume(&base) {
+            Ok(r) => r.map(|r| !r.baseline_complete).unwrap_or(false),
+            Err(e) => {
+                tracing::error!(source = %slot.name, "{e}");
+                false
+            }
+        };
         let (cp_tx, cp_rx) = mpsc::unbounded_channel();
         let source = Arc::new(Source {
             name: slot.name.clone(),

@@ -183,15 +183,6 @@ pub fn divergence_path(source_dir: &Path) -> PathBuf {
     source_dir.join("out-of-sync")
 }
 
-/// True when `path` is `ancestor` or lies beneath it.
-fn is_under(path: &[u8], ancestor: &[u8]) -> bool {
-    ancestor.is_empty()
-        || path == ancestor
-        || (path.len() > ancestor.len()
-            && path.starts_with(ancestor)
-            && path[ancestor.len()] == b'/')
-}
-
 impl Divergences {
     /// Load the set of an image (empty when the file does not exist).
     pub fn load(source_dir: &Path) -> Result<Divergences, StateError> {
@@ -235,11 +226,78 @@ impl Divergences {
         }
     }
 
-    /// A `Replace` of `path` applied: `path` and everything beneath it are being resent from
-    /// the source's current state, so earlier failures there no longer count (a failure of a
-    /// later record of the resync adds the path again).
+    /// Paths at or beneath `path`, in the set.
+    fn under(&self, path: &[u8]) -> Vec<Vec<u8>> {
+        if path.is_empty() {
+            return self.by_path.keys().cloned().collect();
+        }
+        // Byte order puts "p/..." between "p/" and "p0" ('/' + 1 = '0').
+        let mut lo = path.to_vec();
+        lo.push(b'/');
+        let mut hi = path.to_vec();
+        hi.push(b'0');
+        let mut out: Vec<Vec<u8>> = self.by_path.range(lo..hi).map(|(k, _)| k.clone()).collect();
+        if self.by_path.contains_key(path) {
+            out.push(path.to_vec());
+        }
+        out
+    }
+
+    /// A `Replace` of `path` applied. For a new entry (the old one and everything beneath it
+    /// are gone) `path` and what was beneath it no longer differ; for a directory kept in
+    /// place only the directory itself is resent, so its children keep their state (a child
+    /// that failed stays listed until its own resend applies); a directory emptied (`clear`)
+    /// drops everything beneath it.
+    pub fn heal(&mut self, path: &[u8], kept_dir: bool, cleared: bool) {
+        if kept_dir && !cleared {
+            self.by_path.remove(path);
+            return;
+        }
+        for p in self.under(path) {
+            self.by_path.remove(&p);
+        }
+    }
+
+    /// Heal `path` and everything beneath it.
+    #[cfg(test)]
     pub fn heal_under(&mut self, path: &[u8]) {
-        self.by_path.retain(|p, _| !is_under(p, path));
+        self.heal(path, false, true);
+    }
+
+    /// A rename applied: what differed under `from` now differs under `to` (and with
+    /// `exchange`, the other way round too).
+    pub fn renamed(&mut self, from: &[u8], to: &[u8], exchange: bool) {
+        let take = |d: &mut Self, p: &[u8]| -> Vec<(Vec<u8>, Divergence)> {
+            d.under(p)
+                .into_iter()
+                .filter_map(|k| d.by_path.remove(&k).map(|v| (k, v)))
+                .collect()
+        };
+        let moving = take(self, from);
+        let back = if exchange { take(self, to) } else { Vec::new() };
+        let mut put = |old_root: &[u8], new_root: &[u8], items: Vec<(Vec<u8>, Divergence)>| {
+            for (k, mut v) in items {
+                let mut p = new_root.to_vec();
+                p.extend_from_slice(&k[old_root.len()..]);
+                v.path = p.clone();
+                self.by_path.insert(p, v);
+            }
+        };
+        put(from, to, moving);
+        put(to, from, back);
+    }
+
+    /// A link applied: if the file differed under `existing`, it differs under `new` too.
+    pub fn linked(&mut self, existing: &[u8], new: &[u8]) {
+        if let Some(v) = self.by_path.get(existing).cloned() {
+            self.by_path.insert(
+                new.to_vec(),
+                Divergence {
+                    path: new.to_vec(),
+                    ..v
+                },
+            );
+        }
     }
 
     /// How many paths differ.
@@ -328,15 +386,29 @@ mod tests {
         assert_eq!(d.listed()[0].seq, 5, "the first failure is kept");
         d.save(dir.path()).unwrap();
         assert_eq!(Divergences::load(dir.path()).unwrap(), d);
+        d.renamed(b"ab", b"x/ab", false);
+        d.renamed(b"x", b"ab", false);
         d.heal_under(b"a");
         assert_eq!(
             d.listed()
                 .iter()
                 .map(|v| v.path.clone())
                 .collect::<Vec<_>>(),
-            vec![b"ab".to_vec(), b"c".to_vec()],
-            "a prefix that is not a parent heals nothing"
+            vec![b"ab/ab".to_vec(), b"c".to_vec()],
+            "a rename carries the divergence along; a prefix that is not a parent heals nothing"
         );
+        d.add(&[b"c/x"], 9, "y");
+        d.heal(b"c", true, false);
+        assert_eq!(
+            d.listed()
+                .iter()
+                .map(|v| v.path.clone())
+                .collect::<Vec<_>>(),
+            vec![b"ab/ab".to_vec(), b"c/x".to_vec()],
+            "a directory kept in place heals only itself"
+        );
+        d.linked(b"c/x", b"c/y");
+        assert_eq!(d.len(), 3);
         d.heal_under(b"");
         assert!(d.is_empty());
         d.save(dir.path()).unwrap();

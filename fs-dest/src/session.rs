@@ -386,6 +386,7 @@ async fn reader(
                     tracing::error!(source = %source.name, error = %e, "cannot record the completed baseline");
                 } else {
                     tracing::info!(source = %source.name, last_seq, "baseline complete: the image mirrors the whole volume");
+                    let _ = tx.send(Out::Control(Control::BaselineRecorded { last_seq }));
                 }
             }
             Message::Control(other) => {

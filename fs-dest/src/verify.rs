@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use proto::summary::EntrySummary;
 use proto::wire::{Control, VERIFY_PAGE};
 
 use crate::cp_lock::CpLock;
@@ -47,8 +48,6 @@ pub async fn listing(
     let task = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let tree = source.image_tree().map_err(|e| e.to_string())?;
-        let _lock = CpLock::shared(source.dir())
-            .map_err(|e| format!("CP lock in {}: {e}", source.dir().display()))?;
         let shown = |e: rustix::io::Errno| {
             format!(
                 "listing {:?} in the image: {}",
@@ -56,21 +55,50 @@ pub async fn listing(
                 std::io::Error::from(e)
             )
         };
+        // The CP lock is held per entry, not for the whole page: a CP waits at most for one
+        // file's hash (each summary shows one CP; the source re-checks what differs).
+        let locked = || {
+            CpLock::shared(source.dir())
+                .map_err(|e| format!("CP lock in {}: {e}", source.dir().display()))
+        };
+        let summarize = |p: &[u8]| -> Result<Option<EntrySummary>, String> {
+            let _lock = locked()?;
+            match proto::summary::summarize(&tree, p, &mut |_| {}) {
+                Ok(s) => Ok(Some(s)),
+                Err(rustix::io::Errno::NOENT)
+                | Err(rustix::io::Errno::NOTDIR)
+                | Err(rustix::io::Errno::AGAIN) => Ok(None),
+                Err(e) => Err(shown(e)),
+            }
+        };
         let dir = match after {
-            None => match proto::summary::summarize(&tree, &path, &mut |_| {}) {
-                Ok(s) => Some(Box::new(s)),
-                Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::NOTDIR) if single => None,
-                Err(e) => return Err(shown(e)),
-            },
+            None => summarize(&path)?.map(Box::new),
             Some(_) => None,
         };
         if single {
             return Ok((dir, Vec::new(), false));
         }
-        let (entries, more) =
-            proto::summary::summarize_dir(&tree, &path, after.as_deref(), VERIFY_PAGE, &mut |_| {})
-                .map_err(shown)?;
-        Ok((dir, entries, more))
+        if dir.is_none() && after.is_none() {
+            return Err(shown(rustix::io::Errno::NOENT));
+        }
+        let names = {
+            let _lock = locked()?;
+            proto::summary::names(&tree, &path).map_err(shown)?
+        };
+        let start = match &after {
+            Some(a) => names.partition_point(|n| n.as_slice() <= a.as_slice()),
+            None => 0,
+        };
+        let mut entries = Vec::new();
+        for name in &names[start..] {
+            if entries.len() == VERIFY_PAGE {
+                return Ok((dir, entries, true));
+            }
+            if let Some(s) = summarize(&proto::path::join(&path, name))? {
+                entries.push(s);
+            }
+        }
+        Ok((dir, entries, false))
     });
     match task.await {
         Ok(Ok((dir, entries, more))) => Control::VerifyListing {

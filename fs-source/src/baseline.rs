@@ -20,7 +20,7 @@
 //! The destination decides whether a baseline is needed (its `volume` record) and learns it is
 //! complete from `BaselineDone`, sent once a CP has applied the baseline's last record.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -71,14 +71,20 @@ struct Saved {
     bytes_total: u64,
 }
 
-/// Where the walk stands; shared by the walk and by the operations that must tell it about
-/// renames (under the sequencer lock).
+/// Where the walk stands; shared by the walk, by every [`Sender`] and by the operations that
+/// must tell it about renames and links (under the sequencer lock).
 #[derive(Debug, Default)]
 struct Walk {
-    running: bool,
+    /// A baseline of this volume is under way, from its start (or from the mount, when a saved
+    /// one exists) until the destination confirms it complete.
+    active: bool,
     cursor: Option<Vec<u8>>,
     queue: BTreeSet<Vec<u8>>,
     walk_done: bool,
+    /// Paths a `Sender` is sending right now (their whole subtree), outside the walk's order.
+    inflight: Vec<Vec<u8>>,
+    /// Backing inode → a path sent with its content, for the other names of hard links.
+    links: HashMap<u64, Vec<u8>>,
 }
 
 /// The baseline of one mount.
@@ -87,18 +93,34 @@ pub struct Baseline {
     volume: String,
     walk: Mutex<Walk>,
     rate_bytes_per_sec: Option<f64>,
+    mirror: Arc<Mirror>,
 }
 
 impl Baseline {
     /// The baseline state of `volume`, kept in `file` (`NVRAM.baseline`); content is sent at
-    /// most at `rate_bytes_per_sec`.
-    pub fn new(file: PathBuf, volume: String, rate_bytes_per_sec: Option<f64>) -> Baseline {
-        Baseline {
+    /// most at `rate_bytes_per_sec`. A saved baseline makes the rename hook active at once,
+    /// before the mount serves.
+    pub fn new(
+        file: PathBuf,
+        volume: String,
+        rate_bytes_per_sec: Option<f64>,
+        mirror: Arc<Mirror>,
+    ) -> Baseline {
+        let b = Baseline {
             file,
             volume,
             walk: Mutex::new(Walk::default()),
             rate_bytes_per_sec,
+            mirror,
+        };
+        if let Some(saved) = b.load() {
+            let mut w = lock(&b.walk);
+            w.active = true;
+            w.cursor = saved.cursor.as_deref().and_then(unhex);
+            w.queue = saved.queue.iter().filter_map(|q| unhex(q)).collect();
+            w.walk_done = saved.walk_done;
         }
+        b
     }
 
     fn load(&self) -> Option<Saved> {
@@ -129,33 +151,105 @@ impl Baseline {
         }
     }
 
-    /// Forget the saved progress (the baseline is complete).
-    pub fn remove(&self) {
-        let _ = std::fs::remove_file(&self.file);
+    /// The destination recorded the baseline as complete: forget the saved progress and stop
+    /// watching renames.
+    pub fn finish(&self) {
+        let mut w = lock(&self.walk);
+        if w.active {
+            w.active = false;
+            w.cursor = None;
+            w.links.clear();
+            let _ = std::fs::remove_file(&self.file);
+        }
     }
 
-    /// A rename or link moved `from` to `to` (called under the sequencer lock, after the
-    /// record is logged): if `from` still held entries the walk had not sent, queue `to`.
-    pub fn moved(&self, from: &[u8], to: &[u8]) {
-        let mut w = lock(&self.walk);
-        if !w.running {
-            return;
-        }
-        let unsent = match &w.cursor {
-            None => true,
-            Some(c) => dfs_cmp(from, c) == std::cmp::Ordering::Greater || is_under(c, from),
-        };
-        if unsent && w.queue.insert(to.to_vec()) {
-            tracing::debug!(from = %String::from_utf8_lossy(from), to = %String::from_utf8_lossy(to),
-                "baseline: a rename carried entries not yet sent; its new name is queued");
-            // Saved at once: the queue must survive a crash of this process.
+    fn is_active(&self) -> bool {
+        lock(&self.walk).active
+    }
+
+    /// Queue `to` for a resend (saved at once: the queue must survive a crash).
+    fn enqueue(&self, w: &mut Walk, to: &[u8]) {
+        if w.queue.insert(to.to_vec()) {
             let mut saved = self.load().unwrap_or_default();
             saved.volume = self.volume.clone();
+            saved.cursor = w.cursor.as_deref().map(hex);
+            saved.walk_done = w.walk_done;
             saved.queue = w.queue.iter().map(|p| hex(p)).collect();
             if let Err(e) = write_private(&self.file, &saved) {
                 tracing::warn!(file = %self.file.display(), "cannot save the baseline's queue: {e}");
             }
         }
+    }
+
+    /// A rename or link moved `from` to `to` (called under the sequencer lock, after the
+    /// record is logged): if `from` still held entries not yet sent — the walk has not reached
+    /// them, or a `Sender` is sending them right now — queue `to`.
+    pub fn moved(&self, from: &[u8], to: &[u8]) {
+        // Before the walk's lock: sequencer, then progress, then walk is never reversed.
+        let asked = self.mirror.progress(|p| p.baseline.incomplete());
+        let mut w = lock(&self.walk);
+        let walking = w.active || asked;
+        let unsent = walking
+            && match &w.cursor {
+                None => true,
+                Some(c) => dfs_cmp(from, c) == std::cmp::Ordering::Greater || is_under(c, from),
+            };
+        let inflight = w
+            .inflight
+            .iter()
+            .any(|p| is_under(p, from) || is_under(from, p));
+        if walking {
+            // Names of hard links already sent follow the rename.
+            for path in w.links.values_mut() {
+                if is_under(path, from) {
+                    let mut moved = to.to_vec();
+                    moved.extend_from_slice(&path[from.len()..]);
+                    *path = moved;
+                }
+            }
+        }
+        if unsent || inflight {
+            tracing::debug!(from = %String::from_utf8_lossy(from), to = %String::from_utf8_lossy(to),
+                "a rename carried entries not yet sent; its new name is queued");
+            self.enqueue(&mut w, to);
+        }
+    }
+
+    /// A link named backing inode `ino` also `new` (under the sequencer lock): if `existing`
+    /// was sent, the walk links `new` to it when it gets there; if not, `new` is queued.
+    pub fn linked(&self, existing: &[u8], new: &[u8], ino: u64) {
+        self.moved(existing, new);
+        let mut w = lock(&self.walk);
+        if w.active {
+            w.links.entry(ino).or_insert_with(|| existing.to_vec());
+        }
+    }
+
+    /// A path sent with its content, for later names of the same inode.
+    pub(crate) fn link_target(&self, ino: u64) -> Option<Vec<u8>> {
+        lock(&self.walk).links.get(&ino).cloned()
+    }
+
+    pub(crate) fn note_link(&self, ino: u64, path: &[u8]) {
+        let mut w = lock(&self.walk);
+        if w.active {
+            w.links.insert(ino, path.to_vec());
+        }
+    }
+
+    /// A `Sender` starts (`Some`) or ends sending `path` and its subtree.
+    pub(crate) fn inflight(&self, path: &[u8], sending: bool) {
+        let mut w = lock(&self.walk);
+        if sending {
+            w.inflight.push(path.to_vec());
+        } else if let Some(i) = w.inflight.iter().position(|p| p == path) {
+            w.inflight.remove(i);
+        }
+    }
+
+    /// Take the next queued path.
+    fn next_queued(&self) -> Option<Vec<u8>> {
+        lock(&self.walk).queue.pop_first()
     }
 }
 
@@ -196,6 +290,29 @@ pub fn count_tree(tree: &Tree) -> (u64, u64) {
     let mut out = (0, 0);
     count(tree, b"", &mut out);
     out
+}
+
+/// Note the hard-linked files at or before `cursor` in walk order (sent by an earlier run).
+fn scan_links(baseline: &Baseline, tree: &Tree, dir: &[u8], cursor: &[u8]) {
+    let Ok(names) = proto::summary::names(tree, dir) else {
+        return;
+    };
+    for name in names {
+        let child = proto::path::join(dir, &name);
+        if dfs_cmp(&child, cursor) == std::cmp::Ordering::Greater && !is_under(cursor, &child) {
+            return;
+        }
+        let Ok(st) = tree.stat(&child) else { continue };
+        match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+            rustix::fs::FileType::Directory => scan_links(baseline, tree, &child, cursor),
+            rustix::fs::FileType::RegularFile
+                if st.st_nlink > 1 && baseline.link_target(st.st_ino).is_none() =>
+            {
+                baseline.note_link(st.st_ino, &child);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// One run of the walk.
@@ -313,7 +430,9 @@ impl Run<'_> {
 /// Returns the last record of the baseline.
 pub fn run(baseline: &Baseline, tree: &Tree, mirror: &Mirror) -> FsResult<u64> {
     let saved = baseline.load();
-    let sender = Sender::new(tree, mirror).with_rate(baseline.rate_bytes_per_sec);
+    let sender = Sender::new(tree, mirror)
+        .with_rate(baseline.rate_bytes_per_sec)
+        .with_baseline(baseline);
     let (resume, walk_done, queue, files_before, bytes_before, mut totals) = match &saved {
         Some(s) => (
             s.cursor.as_deref().and_then(unhex),
@@ -330,10 +449,15 @@ pub fn run(baseline: &Baseline, tree: &Tree, mirror: &Mirror) -> FsResult<u64> {
     }
     {
         let mut w = lock(&baseline.walk);
-        w.running = true;
+        w.active = true;
+        // Back to the saved cursor: what was sent after it is sent again.
         w.cursor = resume.clone();
-        w.queue = queue;
+        w.queue.extend(queue);
         w.walk_done = walk_done;
+    }
+    if let Some(cursor) = &resume {
+        // Hard links whose first name was sent before the interruption.
+        scan_links(baseline, tree, b"", cursor);
     }
     match &resume {
         Some(c) => tracing::info!(
@@ -392,9 +516,7 @@ pub fn run(baseline: &Baseline, tree: &Tree, mirror: &Mirror) -> FsResult<u64> {
             w.walk_done = true;
             baseline.save(&w, run.counts());
         }
-        loop {
-            let next = lock(&baseline.walk).queue.pop_first();
-            let Some(path) = next else { break };
+        while let Some(path) = baseline.next_queued() {
             run.sender.path(&path)?;
             let w = lock(&baseline.walk);
             baseline.save(&w, run.counts());
@@ -402,7 +524,6 @@ pub fn run(baseline: &Baseline, tree: &Tree, mirror: &Mirror) -> FsResult<u64> {
         Ok(())
     })();
     run.bar.finish_and_clear();
-    lock(&baseline.walk).running = false;
     result?;
     let last = match run.sender.last_seq {
         Some(s) => s,
@@ -439,22 +560,36 @@ pub fn resync_task(
     let mut next_heal = Instant::now();
     let mut attempts: std::collections::HashMap<Vec<u8>, u32> = Default::default();
     let mut first = true;
+    // Once every entry is sent and a CP applied them: tell the destination (again after a
+    // reconnect, until it confirms: `BaselineRecorded`, or a `Welcome` that needs none).
+    let done = |last: u64| {
+        link.send_control(Control::BaselineDone { last_seq: last });
+        mirror.update_baseline(|b| b.state = "done");
+        tracing::info!(
+            last_seq = last,
+            "baseline complete: the image mirrors the whole volume"
+        );
+    };
     loop {
         // The first look needs no wait: the handshake may have asked for a baseline already.
         if !first {
             mirror.wait_progress(Duration::from_millis(500));
         }
         first = false;
-        let (up, stopped, state, out_of_sync) = mirror.progress(|p| {
+        let (up, stopped, state, confirmed, out_of_sync) = mirror.progress(|p| {
             (
                 p.link_up,
                 p.stopped.is_some(),
                 p.baseline.state,
+                p.baseline.confirmed,
                 p.out_of_sync.clone(),
             )
         });
         if stopped {
             return;
+        }
+        if confirmed && baseline.is_active() {
+            baseline.finish();
         }
         if !up {
             continue;
@@ -463,13 +598,7 @@ pub fn resync_task(
             match run(&baseline, volume.tree(), &mirror) {
                 Ok(last) => {
                     if commit(&mirror, last) {
-                        link.send_control(Control::BaselineDone { last_seq: last });
-                        baseline.remove();
-                        mirror.update_baseline(|b| b.state = "done");
-                        tracing::info!(
-                            last_seq = last,
-                            "baseline complete: the image mirrors the whole volume"
-                        );
+                        done(last);
                     } else {
                         mirror.update_baseline(|b| b.state = "pending");
                     }
@@ -485,9 +614,25 @@ pub fn resync_task(
         if state == "committing" {
             let last = mirror.progress(|p| p.baseline.last_seq);
             if commit(&mirror, last) {
-                link.send_control(Control::BaselineDone { last_seq: last });
-                baseline.remove();
-                mirror.update_baseline(|b| b.state = "done");
+                done(last);
+            }
+            continue;
+        }
+        // Renames of entries a resend was carrying: resend their new names.
+        if let Some(path) = baseline.next_queued() {
+            let mut sender = Sender::new(volume.tree(), &mirror).with_baseline(&baseline);
+            let mut next = Some(path);
+            let mut failed = false;
+            while let Some(p) = next {
+                if let Err(e) = sender.path(&p) {
+                    tracing::warn!(path = %String::from_utf8_lossy(&p), "resync of a renamed path: {e}");
+                    failed = true;
+                    break;
+                }
+                next = baseline.next_queued();
+            }
+            if let (false, Some(last)) = (failed, sender.last_seq) {
+                let _ = commit(&mirror, last);
             }
             continue;
         }
@@ -499,24 +644,24 @@ pub fn resync_task(
             continue;
         }
         // Heal: resend each path (sorted, so a directory covers what lies beneath it). A path
-        // that stays out of sync after two tries is resent from its parent (its parent may be
-        // what is missing in the image).
+        // that stays out of sync after two tries is resent from its parent once (its parent
+        // may be what is missing in the image), then again by itself.
         let mut paths: Vec<Vec<u8>> = out_of_sync.iter().map(|d| d.path.clone()).collect();
         paths.sort_by(|a, b| dfs_cmp(a, b));
-        let mut done: Vec<Vec<u8>> = Vec::new();
-        let mut sender = Sender::new(volume.tree(), &mirror);
+        let mut sent: Vec<Vec<u8>> = Vec::new();
+        let mut sender = Sender::new(volume.tree(), &mirror).with_baseline(&baseline);
         let mut failed = None;
         for p in paths {
             let n = attempts.entry(p.clone()).or_insert(0);
             *n += 1;
-            let target = if *n > 2 {
+            let target = if *n == 3 {
                 proto::path::split_last(&p)
                     .map(|(parent, _)| parent.to_vec())
                     .unwrap_or_default()
             } else {
                 p.clone()
             };
-            if done.iter().any(|d| is_under(&target, d)) {
+            if sent.iter().any(|d| is_under(&target, d)) {
                 continue;
             }
             tracing::info!(path = %String::from_utf8_lossy(&target), "resync: resending a path that is out of sync");
@@ -524,7 +669,7 @@ pub fn resync_task(
                 failed = Some(e);
                 break;
             }
-            done.push(target);
+            sent.push(target);
         }
         if let Some(e) = failed {
             tracing::warn!("resync interrupted: {e}");

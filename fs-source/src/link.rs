@@ -339,8 +339,12 @@ async fn session(
             mirror.update_baseline(|b| {
                 if baseline_needed && !b.incomplete() {
                     b.state = "pending";
-                } else if !baseline_needed && b.state != "done" {
-                    b.state = if b.incomplete() { "done" } else { "none" };
+                    b.confirmed = false;
+                } else if !baseline_needed {
+                    if b.state != "done" {
+                        b.state = if b.incomplete() { "done" } else { "none" };
+                    }
+                    b.confirmed = true;
                 }
             });
             durable_seq
@@ -399,6 +403,13 @@ async fn session(
                                 failed,
                             });
                         }
+                    }
+                    Message::Control(Control::BaselineRecorded { last_seq }) => {
+                        mirror.update_baseline(|b| {
+                            if b.state == "done" && b.last_seq == last_seq {
+                                b.confirmed = true;
+                            }
+                        });
                     }
                     Message::Control(Control::VerifyListing {
                         id,

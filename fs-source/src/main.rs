@@ -470,6 +470,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         baseline_file,
         volume_id.clone(),
         Some(args.baseline_rate_mib * (1 << 20) as f64),
+        mirror.clone(),
     ));
 
     // The network, CP and control tasks share one single-threaded runtime on its own thread:
@@ -590,7 +591,6 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
             let _ = rx.blocking_recv();
             if mirror.progress(|p| p.applied_remote >= last) {
                 link_shared.send_control(proto::wire::Control::BaselineDone { last_seq: last });
-                baseline.remove();
                 mirror.update_baseline(|b| b.state = "done");
             }
         }

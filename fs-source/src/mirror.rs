@@ -121,6 +121,9 @@ pub struct BaselineProgress {
     /// The last record of the baseline (when every entry is sent).
     #[serde(skip)]
     pub last_seq: u64,
+    /// The destination says the image holds a complete baseline.
+    #[serde(skip)]
+    pub confirmed: bool,
 }
 
 impl Default for BaselineProgress {
@@ -134,6 +137,7 @@ impl Default for BaselineProgress {
             rate_bytes_per_sec: 0.0,
             eta_seconds: 0.0,
             last_seq: 0,
+            confirmed: false,
         }
     }
 }

@@ -94,6 +94,8 @@ pub struct Sender<'a> {
     /// Content bytes per second not to exceed (production traffic goes first).
     rate_bytes_per_sec: Option<f64>,
     started: std::time::Instant,
+    /// Told what is being sent (renames meanwhile) and which names carry a hard link's content.
+    baseline: Option<&'a crate::baseline::Baseline>,
 }
 
 impl<'a> Sender<'a> {
@@ -109,7 +111,56 @@ impl<'a> Sender<'a> {
             last_seq: None,
             rate_bytes_per_sec: None,
             started: std::time::Instant::now(),
+            baseline: None,
         }
+    }
+
+    /// Share hard-link knowledge with the baseline and tell it what is being sent, so that a
+    /// rename of something half sent is resent under its new name.
+    pub fn with_baseline(mut self, baseline: &'a crate::baseline::Baseline) -> Self {
+        self.baseline = Some(baseline);
+        self
+    }
+
+    fn link_target(&self, ino: u64) -> Option<Vec<u8>> {
+        self.links
+            .get(&ino)
+            .cloned()
+            .or_else(|| self.baseline.and_then(|b| b.link_target(ino)))
+    }
+
+    fn note_link(&mut self, ino: u64, path: &[u8]) {
+        self.links.insert(ino, path.to_vec());
+        if let Some(b) = self.baseline {
+            b.note_link(ino, path);
+        }
+    }
+
+    /// The other names of backing inode `ino` (a hard-linked file with `nlink` names), found
+    /// by walking the volume; stops once every name is found.
+    fn other_names(&self, ino: u64, nlink: u64, except: &[u8]) -> Vec<Vec<u8>> {
+        let mut found = Vec::new();
+        let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
+        while let Some(dir) = stack.pop() {
+            let Ok(names) = self.children(&dir) else {
+                continue;
+            };
+            for name in names {
+                let p = proto::path::join(&dir, &name);
+                let Ok(st) = self.tree.stat(&p) else { continue };
+                match FileType::from_raw_mode(st.st_mode) {
+                    FileType::Directory => stack.push(p),
+                    FileType::RegularFile if st.st_ino == ino && p != except => {
+                        found.push(p);
+                        if found.len() as u64 + 1 >= nlink {
+                            return found;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        found
     }
 
     /// Send content at most at `bytes_per_sec` (None: as fast as the mirror takes it).
@@ -190,7 +241,7 @@ impl<'a> Sender<'a> {
             }
             FileType::RegularFile => {
                 if st.st_nlink > 1 {
-                    if let Some(first) = self.links.get(&st.st_ino).cloned() {
+                    if let Some(first) = self.link_target(st.st_ino) {
                         let same = self
                             .tree
                             .stat(&first)
@@ -206,7 +257,7 @@ impl<'a> Sender<'a> {
                             return Ok(Sent::Other);
                         }
                     }
-                    self.links.insert(st.st_ino, path.to_vec());
+                    self.note_link(st.st_ino, path);
                 }
                 let fd = self
                     .tree
@@ -362,11 +413,42 @@ impl<'a> Sender<'a> {
     }
 
     /// Send `path` (and everything beneath it), then the times of its parent, whose mtime
-    /// the image changed by replacing the entry.
+    /// the image changed by replacing the entry. A hard-linked file is sent with every other
+    /// name of its inode (the image must not get a second inode), and a rename of what is
+    /// being sent meanwhile queues its new name (see `baseline::Baseline::moved`).
     pub fn path(&mut self, path: &[u8]) -> FsResult<()> {
+        if let Some(b) = self.baseline {
+            b.inflight(path, true);
+        }
+        let result = self.path_inner(path);
+        if let Some(b) = self.baseline {
+            b.inflight(path, false);
+        }
+        result
+    }
+
+    fn path_inner(&mut self, path: &[u8]) -> FsResult<()> {
+        let group = match self.tree.stat(path) {
+            Ok(st)
+                if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+                    && st.st_nlink > 1
+                    && self.link_target(st.st_ino).is_none() =>
+            {
+                self.other_names(st.st_ino, st.st_nlink, path)
+            }
+            _ => Vec::new(),
+        };
         self.tree(path)?;
-        if let Some((parent, _)) = proto::path::split_last(path) {
-            let parent = parent.to_vec();
+        for other in &group {
+            self.entry(other, false)?;
+        }
+        let mut parents: Vec<Vec<u8>> = std::iter::once(path)
+            .chain(group.iter().map(|g| g.as_slice()))
+            .filter_map(|p| proto::path::split_last(p).map(|(parent, _)| parent.to_vec()))
+            .collect();
+        parents.sort();
+        parents.dedup();
+        for parent in parents {
             self.dir_times(&parent)?;
         }
         Ok(())

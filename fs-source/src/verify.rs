@@ -333,14 +333,18 @@ impl Verifier<'_> {
             self.tick(true);
             self.commit("re-checking differences")?;
             let suspects = std::mem::take(&mut self.suspects);
+            let same = |a: &Option<EntrySummary>, b: &Option<EntrySummary>| match (a, b) {
+                (Some(a), Some(b)) => a.ctime == b.ctime && a.mtime == b.mtime && a.size == b.size,
+                (None, None) => true,
+                _ => false,
+            };
             for (path, (why, before)) in suspects {
+                // Backing, image, backing again: a change on the backing volume between the
+                // two reads (a write the image may or may not hold yet) is not a difference.
                 let local = self.local_entry(&path)?;
                 let remote = self.remote_entry(&path)?;
-                let changed = match (&before, &local) {
-                    (Some(b), Some(l)) => b.ctime != l.ctime || b.mtime != l.mtime,
-                    (None, None) => false,
-                    _ => true,
-                };
+                let again = self.local_entry(&path)?;
+                let changed = !same(&before, &local) || !same(&local, &again);
                 let links_differ = why.iter().any(|w| w == "hard links");
                 let d = match (&local, &remote) {
                     (None, None) => Vec::new(),
@@ -445,6 +449,9 @@ pub fn run(
         let mut paths = std::mem::take(&mut v.confirmed_paths);
         paths.sort_by(|a, b| dfs_cmp(a, b));
         let mut sender = Sender::new(volume.tree(), mirror);
+        if let Some(b) = volume.baseline() {
+            sender = sender.with_baseline(b);
+        }
         let mut sent: Vec<Vec<u8>> = Vec::new();
         // Directories that exist on both sides get their own metadata only (their differing
         // children are listed on their own), deepest last so their mtime is set after the

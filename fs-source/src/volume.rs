@@ -140,6 +140,11 @@ impl Volume {
         let _ = self.baseline.set(b);
     }
 
+    /// The baseline, once installed.
+    pub fn baseline(&self) -> Option<&crate::baseline::Baseline> {
+        self.baseline.get().map(|b| b.as_ref())
+    }
+
     /// The backing volume.
     pub fn tree(&self) -> &Tree {
         &self.tree
@@ -710,7 +715,9 @@ impl Volume {
             new_path: new_path.clone(),
         };
         txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
-        self.moved(&existing, &new_path);
+        if let (Some(b), Ok(st)) = (self.baseline.get(), self.tree.stat(&new_path)) {
+            b.linked(&existing, &new_path, st.st_ino);
+        }
         let st = self.stat_path(&new_path)?;
         self.table().looked_up(st.st_ino, new_parent, new_name);
         self.touched(&[new_parent]);

@@ -371,6 +371,27 @@ impl Tree {
         }
     }
 
+    /// Remove the `user.*` and `trusted.*` xattrs of `path` (a directory kept by a `Replace`,
+    /// whose xattrs are sent again after it).
+    fn clear_xattrs(&self, path: &[u8]) -> IoResult<()> {
+        let (_keep, p) = self.proc_path(path)?;
+        let mut names = vec![0u8; 65536];
+        let n = match rustix::fs::llistxattr(&p, &mut names[..]) {
+            Ok(n) => n,
+            Err(Errno::OPNOTSUPP) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for name in names[..n].split(|c| *c == 0).filter(|n| !n.is_empty()) {
+            if name.starts_with(b"user.") || name.starts_with(b"trusted.") {
+                match rustix::fs::lremovexattr(&p, os(name)) {
+                    Ok(()) | Err(Errno::NODATA) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Make `path` exactly `entry` (see [`Op::Replace`]). Idempotent: applying it twice gives
     /// the same tree, so it replays safely.
     fn replace(&self, path: &[u8], entry: &Entry) -> IoResult<()> {
@@ -387,6 +408,7 @@ impl Tree {
                     if *clear {
                         clear_dir(&self.root)?;
                     }
+                    self.clear_xattrs(b"")?;
                     let dir = self.dir(b"")?;
                     owner_mode_at(&dir, b".", *uid, *gid, *mode)
                 }
@@ -414,6 +436,8 @@ impl Tree {
                 clear,
             } => {
                 if keep_dir {
+                    // Its xattrs follow the Replace: none of the old ones may linger.
+                    self.clear_xattrs(path)?;
                     if *clear {
                         let d = rustix::fs::openat(
                             &dir,
@@ -891,5 +915,61 @@ mod tests {
         .unwrap();
         let st = rustix::fs::stat(d.path().join("f")).unwrap();
         assert_eq!((st.st_size, st.st_atime, st.st_mtime), (10, 1000, 3000));
+    }
+
+    #[test]
+    fn replace_makes_a_path_exactly_the_entry_and_never_follows_a_symlink() {
+        let (d, t) = tree();
+        let (uid, gid) = me();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), b"outside").unwrap();
+        std::fs::create_dir_all(d.path().join("dir/sub")).unwrap();
+        std::fs::write(d.path().join("dir/sub/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("link")).unwrap();
+        let replace = |path: &[u8], entry: Entry| Op::Replace {
+            path: path.to_vec(),
+            entry,
+        };
+        // A directory kept in place keeps its children.
+        let dir = Entry::Dir {
+            mode: 0o700,
+            uid,
+            gid,
+            clear: false,
+        };
+        t.apply(&replace(b"dir", dir.clone()), ApplyMode::Live)
+            .unwrap();
+        assert!(d.path().join("dir/sub/f").exists());
+        // A file over a directory removes the whole subtree; applying twice gives the same.
+        let file = Entry::File {
+            mode: 0o640,
+            uid,
+            gid,
+        };
+        for _ in 0..2 {
+            t.apply(&replace(b"dir", file.clone()), ApplyMode::Live)
+                .unwrap();
+            assert!(d.path().join("dir").is_file());
+        }
+        // A symlink is replaced, not followed: what it pointed to is untouched.
+        t.apply(&replace(b"link", Entry::Absent), ApplyMode::Live)
+            .unwrap();
+        assert!(std::fs::symlink_metadata(d.path().join("link")).is_err());
+        assert_eq!(
+            std::fs::read(outside.path().join("keep")).unwrap(),
+            b"outside"
+        );
+        // Absent twice is fine; the root can only be a directory, and `clear` empties it.
+        t.apply(&replace(b"gone", Entry::Absent), ApplyMode::Live)
+            .unwrap();
+        assert!(t.apply(&replace(b"", file), ApplyMode::Live).is_err());
+        let root = Entry::Dir {
+            mode: 0o755,
+            uid,
+            gid,
+            clear: true,
+        };
+        t.apply(&replace(b"", root), ApplyMode::Live).unwrap();
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
 }

@@ -101,6 +101,11 @@ pub enum Control {
         /// The last record of the baseline.
         last_seq: u64,
     },
+    /// Destination → source: the baseline up to `last_seq` is recorded as complete.
+    BaselineRecorded {
+        /// The `last_seq` of the `BaselineDone` it answers.
+        last_seq: u64,
+    },
     /// Source → destination: summarize the image's entries of directory `path` (as of the
     /// last CP) whose names come after `after`, for `verify`.
     VerifyRequest {

@@ -794,6 +794,34 @@ impl Harness {
         );
     }
 
+    /// `fs-source cp` until it succeeds (after a destination power cut the CP that resumes
+    /// may find paths out of sync, which the source heals by itself): panics with the last
+    /// answer after `timeout`. Returns how many attempts failed first.
+    #[track_caller]
+    pub fn cp_until_in_sync(&self, timeout: Duration) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut failed = 0;
+        loop {
+            let out = run_with_timeout(
+                self.fs_source()
+                    .args(["cp", "--mountpoint"])
+                    .arg(self.mnt()),
+                COMMAND_TIMEOUT,
+            );
+            if out.status.success() {
+                return failed;
+            }
+            failed += 1;
+            if std::time::Instant::now() >= deadline {
+                panic!(
+                    "fs-source cp did not succeed within {timeout:?}: {}",
+                    show_output("fs-source cp", &out)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// `fs-source status --json` of the main source.
     #[track_caller]
     pub fn status(&self) -> SourceStatus {
