@@ -220,7 +220,15 @@ impl Baseline {
     pub fn linked(&self, existing: &[u8], new: &[u8], ino: u64) {
         self.moved(existing, new);
         let mut w = lock(&self.walk);
-        if w.active {
+        let sent = match &w.cursor {
+            None => false,
+            // Sent: at or before the cursor, and not a directory the walk is inside of.
+            Some(c) => {
+                dfs_cmp(existing, c) != std::cmp::Ordering::Greater
+                    && (c.as_slice() == existing || !is_under(c, existing))
+            }
+        };
+        if w.active && sent && !w.inflight.iter().any(|p| is_under(existing, p)) {
             w.links.entry(ino).or_insert_with(|| existing.to_vec());
         }
     }
@@ -432,7 +440,8 @@ pub fn run(baseline: &Baseline, tree: &Tree, mirror: &Mirror) -> FsResult<u64> {
     let saved = baseline.load();
     let sender = Sender::new(tree, mirror)
         .with_rate(baseline.rate_bytes_per_sec)
-        .with_baseline(baseline);
+        .with_baseline(baseline)
+        .walking();
     let (resume, walk_done, queue, files_before, bytes_before, mut totals) = match &saved {
         Some(s) => (
             s.cursor.as_deref().and_then(unhex),
@@ -516,6 +525,7 @@ pub fn run(baseline: &Baseline, tree: &Tree, mirror: &Mirror) -> FsResult<u64> {
             w.walk_done = true;
             baseline.save(&w, run.counts());
         }
+        run.sender.walk_over();
         while let Some(path) = baseline.next_queued() {
             run.sender.path(&path)?;
             let w = lock(&baseline.walk);

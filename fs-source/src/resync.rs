@@ -27,6 +27,9 @@ use rustix::io::Errno;
 use crate::error::{FsError, FsResult};
 use crate::mirror::{Mirror, RECORD_OVERHEAD};
 
+/// Largest xattr value Linux allows.
+const XATTR_MAX: usize = 65536;
+
 /// Order of a depth-first walk that visits each directory before its children and children
 /// in byte order of their names: component-wise comparison of the paths.
 pub fn dfs_cmp(a: &[u8], b: &[u8]) -> Ordering {
@@ -96,6 +99,8 @@ pub struct Sender<'a> {
     started: std::time::Instant,
     /// Told what is being sent (renames meanwhile) and which names carry a hard link's content.
     baseline: Option<&'a crate::baseline::Baseline>,
+    /// Sending the baseline's walk: later names of a hard link are reached by the walk itself.
+    walking: bool,
 }
 
 impl<'a> Sender<'a> {
@@ -112,7 +117,19 @@ impl<'a> Sender<'a> {
             rate_bytes_per_sec: None,
             started: std::time::Instant::now(),
             baseline: None,
+            walking: false,
         }
+    }
+
+    /// This sender carries the baseline's walk (see [`Sender::entry`] on hard links).
+    pub fn walking(mut self) -> Self {
+        self.walking = true;
+        self
+    }
+
+    /// The walk is over: what is sent now (queued renames) is not reached by it.
+    pub fn walk_over(&mut self) {
+        self.walking = false;
     }
 
     /// Share hard-link knowledge with the baseline and tell it what is being sent, so that a
@@ -196,6 +213,7 @@ impl<'a> Sender<'a> {
     /// directory's children first (a baseline that starts over).
     pub fn entry(&mut self, path: &[u8], clear: bool) -> FsResult<Sent> {
         let mut txn = self.mirror.begin(2 * RECORD_OVERHEAD + 4096)?;
+        tracing::debug!(path = %String::from_utf8_lossy(path), "resync: entry");
         let st = match self.tree.stat(path) {
             Ok(st) => st,
             Err(Errno::NOENT) | Err(Errno::NOTDIR) => {
@@ -240,23 +258,35 @@ impl<'a> Sender<'a> {
                 Ok(Sent::Other)
             }
             FileType::RegularFile => {
-                if st.st_nlink > 1 {
-                    if let Some(first) = self.link_target(st.st_ino) {
-                        let same = self
-                            .tree
-                            .stat(&first)
-                            .is_ok_and(|f| f.st_ino == st.st_ino && first != path);
-                        if same {
-                            self.log_in(&mut txn, &replace(Entry::Absent))?;
-                            let link = Op::Link {
-                                existing: first,
-                                new_path: path.to_vec(),
-                            };
-                            self.log_in(&mut txn, &link)?;
-                            self.finish(txn);
-                            return Ok(Sent::Other);
-                        }
+                // Hard links: a later name of an inode whose content was sent becomes a link;
+                // sending the content again (a resend, a heal, or a first name found outside
+                // the walk) makes a new inode in the image, so every other name is linked to
+                // it again.
+                let holder = if st.st_nlink > 1 {
+                    self.link_target(st.st_ino)
+                } else {
+                    None
+                };
+                if let Some(first) = &holder {
+                    let same = first.as_slice() != path
+                        && self.tree.stat(first).is_ok_and(|f| f.st_ino == st.st_ino);
+                    if same {
+                        self.log_in(&mut txn, &replace(Entry::Absent))?;
+                        let link = Op::Link {
+                            existing: first.clone(),
+                            new_path: path.to_vec(),
+                        };
+                        self.log_in(&mut txn, &link)?;
+                        self.finish(txn);
+                        return Ok(Sent::Other);
                     }
+                }
+                let regroup = st.st_nlink > 1
+                    && match &holder {
+                        Some(first) => first.as_slice() == path,
+                        None => !self.walking,
+                    };
+                if st.st_nlink > 1 {
                     self.note_link(st.st_ino, path);
                 }
                 let fd = self
@@ -270,7 +300,23 @@ impl<'a> Sender<'a> {
                 self.log_in(&mut txn, &replace(Entry::File { mode, uid, gid }))?;
                 self.finish(txn);
                 self.xattrs(path)?;
-                self.content(path, &fd, st.st_ino)
+                let sent = self.content(path, &fd, st.st_ino)?;
+                if regroup && sent == Sent::Other {
+                    let others = self.other_names(st.st_ino, st.st_nlink, path);
+                    let mut parents = Vec::new();
+                    for q in &others {
+                        self.entry(q, false)?;
+                        if let Some((parent, _)) = proto::path::split_last(q) {
+                            parents.push(parent.to_vec());
+                        }
+                    }
+                    parents.sort();
+                    parents.dedup();
+                    for p in parents {
+                        self.dir_times(&p)?;
+                    }
+                }
+                Ok(sent)
             }
             _ => {
                 let entry = Entry::Special {
@@ -347,28 +393,34 @@ impl<'a> Sender<'a> {
                 Err(e) => return Err(e.into()),
             }
         };
-        for name in names {
-            let hint = {
+        let mut buf = vec![0u8; XATTR_MAX];
+        'names: for name in names {
+            // The size first, without the lock (rustix answers 0 for an empty buffer, so a
+            // full-size buffer is used), then the value again under the lock, in a record
+            // with room for it; a value that grew meanwhile is read again.
+            let (_keep, p) = self.tree.proc_path(path)?;
+            let mut size = match rustix::fs::lgetxattr(&p, OsStr::from_bytes(&name), &mut buf[..]) {
+                Ok(n) => n,
+                Err(Errno::NODATA) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            drop(_keep);
+            let (mut txn, value) = loop {
+                let txn = self.mirror.begin(RECORD_OVERHEAD + name.len() + size)?;
                 let (_keep, p) = self.tree.proc_path(path)?;
-                let mut none: [u8; 0] = [];
-                match rustix::fs::lgetxattr(&p, OsStr::from_bytes(&name), &mut none[..]) {
-                    Ok(n) => n,
-                    Err(Errno::NODATA) => continue,
+                match rustix::fs::lgetxattr(&p, OsStr::from_bytes(&name), &mut buf[..]) {
+                    Ok(n) if n <= size => break (txn, buf[..n].to_vec()),
+                    Ok(n) => {
+                        drop(txn);
+                        size = n;
+                    }
+                    // Removed meanwhile: its removal is mirrored.
+                    Err(Errno::NODATA) => continue 'names,
                     Err(e) => return Err(e.into()),
                 }
             };
-            let mut txn = self
-                .mirror
-                .begin(RECORD_OVERHEAD + name.len() + hint + 256)?;
-            let (_keep, p) = self.tree.proc_path(path)?;
-            let mut value = vec![0u8; hint + 256];
-            match rustix::fs::lgetxattr(&p, OsStr::from_bytes(&name), &mut value[..]) {
-                Ok(n) => value.truncate(n),
-                // Removed meanwhile (its removal is mirrored), or grown past the reservation
-                // (its change is mirrored: the record that grew it follows ours).
-                Err(Errno::NODATA) | Err(Errno::RANGE) => continue,
-                Err(e) => return Err(e.into()),
-            }
+            tracing::debug!(path = %String::from_utf8_lossy(path), name = %String::from_utf8_lossy(&name),
+                len = value.len(), "resync: xattr");
             let op = Op::SetXattr {
                 path: path.to_vec(),
                 name,
@@ -428,27 +480,9 @@ impl<'a> Sender<'a> {
     }
 
     fn path_inner(&mut self, path: &[u8]) -> FsResult<()> {
-        let group = match self.tree.stat(path) {
-            Ok(st)
-                if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
-                    && st.st_nlink > 1
-                    && self.link_target(st.st_ino).is_none() =>
-            {
-                self.other_names(st.st_ino, st.st_nlink, path)
-            }
-            _ => Vec::new(),
-        };
         self.tree(path)?;
-        for other in &group {
-            self.entry(other, false)?;
-        }
-        let mut parents: Vec<Vec<u8>> = std::iter::once(path)
-            .chain(group.iter().map(|g| g.as_slice()))
-            .filter_map(|p| proto::path::split_last(p).map(|(parent, _)| parent.to_vec()))
-            .collect();
-        parents.sort();
-        parents.dedup();
-        for parent in parents {
+        if let Some((parent, _)) = proto::path::split_last(path) {
+            let parent = parent.to_vec();
             self.dir_times(&parent)?;
         }
         Ok(())

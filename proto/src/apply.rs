@@ -415,7 +415,12 @@ impl Tree {
                 _ => Err(Errno::INVAL),
             };
         };
-        let (dir, name) = self.parent(path)?;
+        let (dir, name) = match self.parent(path) {
+            Ok(d) => d,
+            // No parent directory: nothing is there, which is all `Absent` asks.
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) if *entry == Entry::Absent => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let existing = rustix::fs::statat(&dir, os(name), AtFlags::SYMLINK_NOFOLLOW)
             .map(|st| FileType::from_raw_mode(st.st_mode));
         let existing = match existing {

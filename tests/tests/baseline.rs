@@ -195,22 +195,60 @@ fn wait_in_sync(h: &Harness) {
 fn a_volume_with_data_is_baselined_while_the_mount_serves() {
     const TEST: &str = "baseline_serves";
     require_mount!(TEST);
-    let options = HarnessOptions::new(TEST).partition_size_bytes(1 << 20);
+    baseline_while_serving(TEST, None);
+}
+
+/// The same with the walk slowed down, so that the workload's changes meet it in the middle
+/// of the tree instead of after it.
+#[test]
+fn a_slow_baseline_meets_the_workload_in_the_middle() {
+    const TEST: &str = "baseline_slow";
+    require_mount!(TEST);
+    baseline_while_serving(TEST, Some("8"));
+}
+
+fn baseline_while_serving(test: &str, rate_mib: Option<&str>) {
+    let mut options = HarnessOptions::new(test).partition_size_bytes(1 << 20);
+    if let Some(r) = rate_mib {
+        options.source.extra_args = vec!["--baseline-rate-mib".into(), r.into()];
+    }
     let mut h = Harness::start_dest_only(&options);
-    let mut rng = Rng::from_env(TEST);
+    let mut rng = Rng::from_env(test);
     populate(&h.backing_of("alpha"), &mut rng, 400, 256 << 10);
     h.source = Some(
         h.mount_source(&options.source)
             .unwrap_or_else(|e| panic!("fs-source did not mount: {e}")),
     );
-    // The mount serves at once; these race the baseline wherever it is.
+    // The mount serves at once; these race the baseline wherever it is: the seeded mixed
+    // workload in a new directory, and changes to the tree being transferred.
     let mnt = h.mnt().to_path_buf();
+    let seed = rng.next_u64();
+    let workload = {
+        let w = mnt.join("w");
+        std::thread::spawn(move || {
+            fs::create_dir(&w).expect("mkdir w");
+            nvmirror_e2e::workload::mixed(&w, &mut Rng::new(seed));
+        })
+    };
+    for i in (8..400).step_by(37) {
+        let d = format!("d{}", i % 8);
+        let sub = if i % 8 % 3 == 0 { "/sub" } else { "" };
+        let from = mnt.join(format!("{d}{sub}/f{i}"));
+        if from.exists() {
+            fs::rename(&from, mnt.join(format!("d{}/moved-{i}", (i + 3) % 8)))
+                .expect("rename across directories");
+        }
+    }
+    fs::rename(mnt.join("d5"), mnt.join("d2/d5-inside")).expect("rename a directory into another");
     fs::write(mnt.join("d3/sub/f3"), b"rewritten during the baseline").expect("rewrite");
     fs::rename(mnt.join("d7"), mnt.join("zz-moved")).expect("rename a directory");
     fs::rename(mnt.join("d6/sub/f6"), mnt.join("d0/f6-moved")).expect("rename a file");
-    fs::write(mnt.join("d5/new"), b"created during the baseline").expect("create");
+    fs::write(mnt.join("d2/d5-inside/new"), b"created during the baseline").expect("create");
     fs::remove_file(mnt.join("d4/f4")).expect("unlink");
     fs::hard_link(mnt.join("d1/f1"), mnt.join("d0/f1-link")).expect("link");
+    workload
+        .join()
+        .expect("the mixed workload during the baseline");
     wait_in_sync(&h);
     h.cp();
     assert_trees_equal(h.backing(), &h.image());
