@@ -432,6 +432,9 @@ fn role(cmd: &str, a: RoleArgs) -> anyhow::Result<ExitCode> {
                 m.source, m.generation, outcome.records_applied, m.applied_seq
             );
         }
+        for w in &outcome.warnings {
+            println!("fs-dest: WARNING: {w}");
+        }
         println!(
             "fs-dest: {} is now a primary volume; the old source is fenced. Serve it with:\n  \
              fs-source mount --backing {} --generation {} --nvram NEW_NVRAM_FILE --mountpoint MNT --dest ADDR --name NAME --tls DIR",

@@ -72,6 +72,39 @@ pub struct Outcome {
     pub image: PathBuf,
     /// The promotion had already completed before this command (nothing was done).
     pub already: bool,
+    /// What the operator must know about the promoted image (an incomplete baseline, paths
+    /// out of sync).
+    pub warnings: Vec<String>,
+}
+
+/// What is known to be missing from an image: its baseline did not complete, or paths are
+/// out of sync with the lost source.
+fn image_warnings(source: &Source) -> Vec<String> {
+    let mut w = Vec::new();
+    match crate::image_state::read_volume(source.dir()) {
+        Ok(Some(r)) if !r.baseline_complete => w.push(format!(
+            "the baseline of {} never completed: the image lacks part of the source's volume",
+            source.name
+        )),
+        Ok(_) => {}
+        Err(e) => w.push(format!("cannot tell whether the baseline completed: {e}")),
+    }
+    let d = lock(&source.divergences);
+    if !d.is_empty() {
+        let shown: Vec<String> = d
+            .listed()
+            .iter()
+            .take(10)
+            .map(|v| String::from_utf8_lossy(&v.path).into_owned())
+            .collect();
+        w.push(format!(
+            "{} path(s) of the image differ from the lost source (records that failed to apply): {}{}",
+            d.len(),
+            shown.join(", "),
+            if d.len() > 10 { ", ..." } else { "" }
+        ));
+    }
+    w
 }
 
 /// Progress of the apply step: `done` of `total` records.
@@ -299,6 +332,7 @@ pub async fn promote(
             records_applied: 0,
             image: source.image_dir.clone(),
             already: true,
+            warnings: image_warnings(&source),
         });
     }
     // 1. Fence: the new generation is durable in the slot, then the marker says why.
@@ -376,11 +410,16 @@ pub async fn promote(
     marker.complete = true;
     write_marker(&root, &marker)?;
     tracing::warn!(source = %name, generation, applied_seq = applied, "promoted");
+    let warnings = image_warnings(&source);
+    for w in &warnings {
+        tracing::warn!(source = %name, "promoted image: {w}");
+    }
     Ok(Outcome {
         marker,
         records_applied: total,
         image: source.image_dir.clone(),
         already: false,
+        warnings,
     })
 }
 
@@ -437,6 +476,7 @@ pub async fn demote(engine: &Arc<Engine>, name: &str) -> Result<Outcome, Promote
         records_applied: 0,
         image: source.image_dir.clone(),
         already: false,
+        warnings: Vec::new(),
     })
 }
 
