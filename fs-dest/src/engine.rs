@@ -97,6 +97,9 @@ pub struct Ingest {
     pub next_seq: u64,
 }
 
+/// A directory (path) and its sorted entry names.
+pub type VerifyNames = (Vec<u8>, Arc<Vec<Vec<u8>>>);
+
 /// One source known to this destination.
 pub struct Source {
     /// Its name (certificate common name).
@@ -135,6 +138,8 @@ pub struct Source {
     pub baseline_needed: std::sync::atomic::AtomicBool,
     /// Verify listings computed at once (each hashes a directory's files).
     pub verify_slots: Arc<tokio::sync::Semaphore>,
+    /// The sorted names of the directory a verify is paging through (read once per listing).
+    pub verify_names: Mutex<Option<VerifyNames>>,
 }
 
 impl std::fmt::Debug for Source {
@@ -595,6 +600,7 @@ impl Engine {
             verify_slots: Arc::new(tokio::sync::Semaphore::new(
                 crate::verify::CONCURRENT_LISTINGS,
             )),
+            verify_names: Mutex::new(None),
         });
         lock(&self.sources).insert(slot.name.clone(), source.clone());
         lock(&self.by_slot).insert(index, source.clone());

@@ -12,7 +12,7 @@ use proto::summary::EntrySummary;
 use proto::wire::{Control, VERIFY_PAGE};
 
 use crate::cp_lock::CpLock;
-use crate::engine::Source;
+use crate::engine::{lock, Source};
 
 /// Listings one source may have in progress at once.
 pub const CONCURRENT_LISTINGS: usize = 2;
@@ -81,9 +81,21 @@ pub async fn listing(
         if dir.is_none() && after.is_none() {
             return Err(shown(rustix::io::Errno::NOENT));
         }
-        let names = {
-            let _lock = locked()?;
-            proto::summary::names(&tree, &path).map_err(shown)?
+        let cached = match &after {
+            Some(_) => lock(&source.verify_names)
+                .as_ref()
+                .filter(|(p, _)| *p == path)
+                .map(|(_, n)| n.clone()),
+            None => None,
+        };
+        let names = match cached {
+            Some(n) => n,
+            None => {
+                let _lock = locked()?;
+                let n = Arc::new(proto::summary::names(&tree, &path).map_err(shown)?);
+                *lock(&source.verify_names) = Some((path.clone(), n.clone()));
+                n
+            }
         };
         let start = match &after {
             Some(a) => names.partition_point(|n| n.as_slice() <= a.as_slice()),

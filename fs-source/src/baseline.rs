@@ -85,6 +85,8 @@ struct Walk {
     inflight: Vec<Vec<u8>>,
     /// Backing inode → a path sent with its content, for the other names of hard links.
     links: HashMap<u64, Vec<u8>>,
+    /// The counts last saved (entries, bytes sent; entries, bytes in all).
+    counts: (u64, u64, u64, u64),
 }
 
 /// The baseline of one mount.
@@ -115,6 +117,12 @@ impl Baseline {
         };
         if let Some(saved) = b.load() {
             let mut w = lock(&b.walk);
+            w.counts = (
+                saved.files_done,
+                saved.bytes_done,
+                saved.files_total,
+                saved.bytes_total,
+            );
             w.active = true;
             w.cursor = saved.cursor.as_deref().and_then(unhex);
             w.queue = saved.queue.iter().filter_map(|q| unhex(q)).collect();
@@ -135,7 +143,8 @@ impl Baseline {
         }
     }
 
-    fn save(&self, w: &Walk, counts: (u64, u64, u64, u64)) {
+    fn save(&self, w: &mut Walk, counts: (u64, u64, u64, u64)) {
+        w.counts = counts;
         let saved = Saved {
             volume: self.volume.clone(),
             cursor: w.cursor.as_deref().map(hex),
@@ -170,14 +179,8 @@ impl Baseline {
     /// Queue `to` for a resend (saved at once: the queue must survive a crash).
     fn enqueue(&self, w: &mut Walk, to: &[u8]) {
         if w.queue.insert(to.to_vec()) {
-            let mut saved = self.load().unwrap_or_default();
-            saved.volume = self.volume.clone();
-            saved.cursor = w.cursor.as_deref().map(hex);
-            saved.walk_done = w.walk_done;
-            saved.queue = w.queue.iter().map(|p| hex(p)).collect();
-            if let Err(e) = write_private(&self.file, &saved) {
-                tracing::warn!(file = %self.file.display(), "cannot save the baseline's queue: {e}");
-            }
+            let counts = w.counts;
+            self.save(w, counts);
         }
     }
 
@@ -373,8 +376,9 @@ impl Run<'_> {
             if let Some(seq) = self.sender.last_seq {
                 self.mirror.wait_durable(seq)?;
             }
-            let w = lock(&self.baseline.walk);
-            self.baseline.save(&w, self.counts());
+            let counts = self.counts();
+            let mut w = lock(&self.baseline.walk);
+            self.baseline.save(&mut w, counts);
             self.last_save = Instant::now();
         }
         if self.last_log.elapsed() >= Duration::from_secs(5) {
@@ -521,15 +525,17 @@ pub fn run(baseline: &Baseline, tree: &Tree, mirror: &Mirror) -> FsResult<u64> {
             }
             run.walk_dir(b"")?;
             run.sender.dir_times(b"")?;
+            let counts = run.counts();
             let mut w = lock(&baseline.walk);
             w.walk_done = true;
-            baseline.save(&w, run.counts());
+            baseline.save(&mut w, counts);
         }
         run.sender.walk_over();
         while let Some(path) = baseline.next_queued() {
             run.sender.path(&path)?;
-            let w = lock(&baseline.walk);
-            baseline.save(&w, run.counts());
+            let counts = run.counts();
+            let mut w = lock(&baseline.walk);
+            baseline.save(&mut w, counts);
         }
         Ok(())
     })();

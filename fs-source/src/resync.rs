@@ -344,6 +344,15 @@ impl<'a> Sender<'a> {
         self.buf.resize(chunk, 0);
         let mut offset = 0u64;
         loop {
+            // Warm the page cache first, without the sequencer lock: the read under the lock
+            // then costs a copy, never a disk access that would stall every client.
+            let _ = rustix::fs::fadvise(
+                fd,
+                offset,
+                std::num::NonZeroU64::new(chunk as u64),
+                rustix::fs::Advice::WillNeed,
+            );
+            let _ = rustix::io::pread(fd, &mut self.buf[..], offset);
             let mut txn = self.mirror.begin(RECORD_OVERHEAD + chunk)?;
             if !self.tree.stat(path).is_ok_and(|s| s.st_ino == ino) {
                 return Ok(Sent::Moved);

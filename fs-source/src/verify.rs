@@ -160,19 +160,6 @@ impl Verifier<'_> {
         }
     }
 
-    /// The image's directory `path`: its own summary and its entries.
-    fn remote_dir(&self, path: &[u8]) -> Result<(Option<EntrySummary>, Vec<EntrySummary>), String> {
-        let first = self.ask(path, None, false)?;
-        let (dir, mut entries, mut more) = (first.dir.map(|d| *d), first.entries, first.more);
-        while more {
-            let after = entries.last().map(|e| e.name.clone());
-            let next = self.ask(path, after, false)?;
-            entries.extend(next.entries);
-            more = next.more;
-        }
-        Ok((dir, entries))
-    }
-
     /// The image's summary of `path` alone (`None`: not in the image).
     fn remote_entry(&self, path: &[u8]) -> Result<Option<EntrySummary>, String> {
         Ok(self.ask(path, None, true)?.dir.map(|d| *d))
@@ -215,7 +202,9 @@ impl Verifier<'_> {
 
     /// Compare directory `path` (which exists on both sides) and recurse.
     fn compare_dir(&mut self, path: &[u8]) -> Result<(), String> {
-        let (remote_self, remote) = match self.remote_dir(path) {
+        // The image's entries come in pages sorted by name, merged with the backing
+        // volume's sorted names: memory holds one page, whatever the directory's size.
+        let first = match self.ask(path, None, false) {
             Ok(r) => r,
             Err(e) if e.contains("No such file") || e.contains("Not a directory") => {
                 // Gone from the image meanwhile: a suspect, checked again.
@@ -227,7 +216,7 @@ impl Verifier<'_> {
         };
         if path.is_empty() {
             let local = self.local_entry(path)?;
-            if let (Some(l), Some(r)) = (&local, &remote_self) {
+            if let (Some(l), Some(r)) = (&local, first.dir.as_deref()) {
                 let d = summary::differences(l, r);
                 if !d.is_empty() {
                     self.suspect(Vec::new(), d, local.clone());
@@ -245,13 +234,54 @@ impl Verifier<'_> {
                 ))
             }
         };
-        let mut remote: BTreeMap<Vec<u8>, EntrySummary> =
-            remote.into_iter().map(|e| (e.name.clone(), e)).collect();
+        let mut page = first.entries.into_iter();
+        let mut more = first.more;
+        let mut last_name: Option<Vec<u8>> = None;
+        let mut next_remote = |v: &Self| -> Result<Option<EntrySummary>, String> {
+            loop {
+                if let Some(e) = page.next() {
+                    last_name = Some(e.name.clone());
+                    return Ok(Some(e));
+                }
+                if !more {
+                    return Ok(None);
+                }
+                let next = v.ask(path, last_name.clone(), false)?;
+                more = next.more;
+                page = next.entries.into_iter();
+            }
+        };
+        let mut remote = next_remote(self)?;
         let mut subdirs = Vec::new();
-        for name in names {
+        let mut names = names.into_iter().peekable();
+        loop {
+            let order = match (names.peek(), &remote) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(n), Some(r)) => n.as_slice().cmp(r.name.as_slice()),
+            };
+            let (name, image) = match order {
+                std::cmp::Ordering::Less => (names.next().unwrap_or_default(), None),
+                std::cmp::Ordering::Greater => {
+                    let r = remote.take();
+                    remote = next_remote(self)?;
+                    let name = r.as_ref().map(|r| r.name.clone()).unwrap_or_default();
+                    self.suspect(
+                        proto::path::join(path, &name),
+                        vec!["only in image".into()],
+                        None,
+                    );
+                    continue;
+                }
+                std::cmp::Ordering::Equal => {
+                    let r = remote.take();
+                    remote = next_remote(self)?;
+                    (names.next().unwrap_or_default(), r)
+                }
+            };
             let child = proto::path::join(path, &name);
             let local = self.local_entry(&child)?;
-            let image = remote.remove(&name);
             self.progress.entries_done += 1;
             self.note_links(&child, local.as_ref(), image.as_ref());
             match (local, image) {
@@ -270,13 +300,6 @@ impl Verifier<'_> {
                 }
             }
             self.tick(false);
-        }
-        for (name, _) in remote {
-            self.suspect(
-                proto::path::join(path, &name),
-                vec!["only in image".into()],
-                None,
-            );
         }
         for d in subdirs {
             self.compare_dir(&d)?;

@@ -57,6 +57,11 @@ fn verify_finds_what_changed_behind_the_mirror_and_repairs_it() {
         rustix::fs::XattrFlags::empty(),
     )
     .expect("setxattr");
+    // More entries than one listing page (4,096) holds.
+    fs::create_dir(mnt.join("many")).expect("mkdir");
+    for i in 0..4200 {
+        fs::write(mnt.join(format!("many/e{i:05}")), b"").expect("create");
+    }
     h.cp();
 
     // Writes go on while verify runs: they are not differences.
@@ -110,6 +115,9 @@ fn verify_finds_what_changed_behind_the_mirror_and_repairs_it() {
         .expect("set mtime");
     drop(t);
 
+    fs::write(img.join("many/e04199"), b"on the second page").expect("change");
+    fs::remove_file(img.join("many/e04100")).expect("remove on the second page");
+
     let (out, text) = verify(&h, &[]);
     assert!(
         !out.status.success(),
@@ -125,6 +133,8 @@ fn verify_finds_what_changed_behind_the_mirror_and_repairs_it() {
         ("v/sym", "symlink target"),
         ("v/f3", "xattrs"),
         ("v/f7", "mtime"),
+        ("many/e04199", "size"),
+        ("many/e04100", "only in backing"),
     ] {
         assert!(
             text.lines()
@@ -141,7 +151,7 @@ fn verify_finds_what_changed_behind_the_mirror_and_repairs_it() {
     )
     .expect("JSON report");
     assert!(
-        report["differences"].as_array().map_or(0, |d| d.len()) >= 9,
+        report["differences"].as_array().map_or(0, |d| d.len()) >= 11,
         "{report}"
     );
 
