@@ -394,22 +394,9 @@ impl Mirror {
                 }
             }
             if p.flushed < seq && !p.flushing {
-                p.flushing = true;
-                let ranges = std::mem::take(&mut p.dirty);
-                let upto = p.dirty_seq;
-                drop(p);
-                let res = self.flush(&ranges);
-                p = lock(&self.progress);
-                p.flushing = false;
-                match res {
-                    Ok(()) => p.flushed = p.flushed.max(upto),
-                    Err(e) => {
-                        p.dirty.extend(ranges);
-                        self.progress_changed.notify_all();
-                        return Err(MirrorError::Flush(e).into());
-                    }
-                }
-                self.progress_changed.notify_all();
+                let (guard, res) = self.lead_flush(p);
+                p = guard;
+                res.map_err(MirrorError::Flush)?;
                 continue;
             }
             if p.flushed >= seq && (p.acked >= seq || self.settings.standalone) {
@@ -462,6 +449,27 @@ impl Mirror {
             .flush(proto::nvlog::USER_AREA_OFFSET + cursor::APPLIED_SEQ, 8)
     }
 
+    /// Flush every range appended so far, as the one thread doing it (the caller saw no flush
+    /// running): the progress lock is released during the flush and held again after it.
+    fn lead_flush<'g>(
+        &'g self,
+        mut p: MutexGuard<'g, Progress>,
+    ) -> (MutexGuard<'g, Progress>, std::io::Result<()>) {
+        p.flushing = true;
+        let ranges = std::mem::take(&mut p.dirty);
+        let upto = p.dirty_seq;
+        drop(p);
+        let res = self.flush(&ranges);
+        let mut p = lock(&self.progress);
+        p.flushing = false;
+        match &res {
+            Ok(()) => p.flushed = p.flushed.max(upto),
+            Err(_) => p.dirty.extend(ranges),
+        }
+        self.progress_changed.notify_all();
+        (p, res)
+    }
+
     /// Make every record up to `seq` durable in the local NVRAM (leading the flush if no one
     /// does), without waiting for the destination. A CP asks the destination to apply only
     /// records the source itself holds durably, so the destination never applies (and then
@@ -473,22 +481,9 @@ impl Mirror {
                 return Ok(());
             }
             if !p.flushing {
-                p.flushing = true;
-                let ranges = std::mem::take(&mut p.dirty);
-                let upto = p.dirty_seq;
-                drop(p);
-                let res = self.flush(&ranges);
-                p = lock(&self.progress);
-                p.flushing = false;
-                match res {
-                    Ok(()) => p.flushed = p.flushed.max(upto),
-                    Err(e) => {
-                        p.dirty.extend(ranges);
-                        self.progress_changed.notify_all();
-                        return Err(MirrorError::Flush(e));
-                    }
-                }
-                self.progress_changed.notify_all();
+                let (guard, res) = self.lead_flush(p);
+                p = guard;
+                res.map_err(MirrorError::Flush)?;
                 continue;
             }
             p = self

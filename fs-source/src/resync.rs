@@ -389,19 +389,7 @@ impl<'a> Sender<'a> {
 
     /// Every xattr of `path`, each read and logged under the sequencer lock.
     fn xattrs(&mut self, path: &[u8]) -> FsResult<()> {
-        let names = {
-            let (_keep, p) = self.tree.proc_path(path)?;
-            let mut buf = vec![0u8; 65536];
-            match rustix::fs::llistxattr(&p, &mut buf[..]) {
-                Ok(n) => buf[..n]
-                    .split(|c| *c == 0)
-                    .filter(|n| !n.is_empty())
-                    .map(<[u8]>::to_vec)
-                    .collect::<Vec<_>>(),
-                Err(Errno::OPNOTSUPP) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let names = self.tree.xattr_names(path)?;
         let mut buf = vec![0u8; XATTR_MAX];
         'names: for name in names {
             // The size first, without the lock (rustix answers 0 for an empty buffer, so a

@@ -371,19 +371,30 @@ impl Tree {
         }
     }
 
+    /// The names of the xattrs of `path` (none where the filesystem has no xattrs). Never
+    /// follows a final symlink.
+    pub fn xattr_names(&self, path: &[u8]) -> IoResult<Vec<Vec<u8>>> {
+        let (_keep, p) = self.proc_path(path)?;
+        let mut names = vec![0u8; 65536];
+        match rustix::fs::llistxattr(&p, &mut names[..]) {
+            Ok(n) => Ok(names[..n]
+                .split(|c| *c == 0)
+                .filter(|n| !n.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect()),
+            Err(Errno::OPNOTSUPP) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Remove the `user.*` and `trusted.*` xattrs of `path` (a directory kept by a `Replace`,
     /// whose xattrs are sent again after it).
     fn clear_xattrs(&self, path: &[u8]) -> IoResult<()> {
+        let names = self.xattr_names(path)?;
         let (_keep, p) = self.proc_path(path)?;
-        let mut names = vec![0u8; 65536];
-        let n = match rustix::fs::llistxattr(&p, &mut names[..]) {
-            Ok(n) => n,
-            Err(Errno::OPNOTSUPP) => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        for name in names[..n].split(|c| *c == 0).filter(|n| !n.is_empty()) {
+        for name in names {
             if name.starts_with(b"user.") || name.starts_with(b"trusted.") {
-                match rustix::fs::lremovexattr(&p, os(name)) {
+                match rustix::fs::lremovexattr(&p, os(&name)) {
                     Ok(()) | Err(Errno::NODATA) => {}
                     Err(e) => return Err(e),
                 }

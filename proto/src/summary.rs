@@ -190,19 +190,14 @@ fn hash_file(
 }
 
 fn xattrs(tree: &Tree, path: &[u8]) -> Result<Vec<XattrSummary>, Errno> {
+    let names = tree.xattr_names(path)?;
     let (_keep, p) = tree.proc_path(path)?;
-    let mut names = vec![0u8; 65536];
-    let n = match rustix::fs::llistxattr(&p, &mut names[..]) {
-        Ok(n) => n,
-        Err(Errno::OPNOTSUPP) => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
     let mut out = Vec::new();
     let mut value = vec![0u8; 65536];
-    for name in names[..n].split(|c| *c == 0).filter(|n| !n.is_empty()) {
-        match rustix::fs::lgetxattr(&p, OsStr::from_bytes(name), &mut value[..]) {
+    for name in names {
+        match rustix::fs::lgetxattr(&p, OsStr::from_bytes(&name), &mut value[..]) {
             Ok(len) => out.push(XattrSummary {
-                name: name.to_vec(),
+                name,
                 hash: *blake3::hash(&value[..len]).as_bytes(),
             }),
             Err(Errno::NODATA) => {}
