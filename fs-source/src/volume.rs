@@ -166,9 +166,31 @@ impl Volume {
         name.starts_with(crate::identity::RESERVED_PREFIX)
     }
 
-    /// These inodes' times changed: log their times at the next seal (see `SealTimes`).
-    fn touched(&self, inodes: &[u64]) {
-        lock(&self.changed).extend(inodes.iter().copied());
+    /// These inodes' times changed: log their times now, in the same transaction (a no-op on
+    /// the backing volume), so that the image gets the source's times with the operation —
+    /// also when a promotion applies records no seal covered. What does not fit in the
+    /// partition waits for the next seal (see `SealTimes`).
+    fn touched(&self, txn: &mut crate::mirror::Txn<'_>, inodes: &[u64]) {
+        for &ino in inodes {
+            let Ok(path) = self.table().path(ino) else {
+                continue;
+            };
+            let Ok(st) = self.tree.stat(&path) else {
+                continue;
+            };
+            let op = Op::SetAttr {
+                path,
+                mode: None,
+                uid: None,
+                gid: None,
+                size: None,
+                atime: Some(ts_of(st.st_atime, st.st_atime_nsec as i64)),
+                mtime: Some(ts_of(st.st_mtime, st.st_mtime_nsec as i64)),
+            };
+            if txn.record(|b| op.encode_into(b), || Ok(())).is_err() {
+                lock(&self.changed).insert(ino);
+            }
+        }
     }
 
     fn table(&self) -> MutexGuard<'_, InodeTable> {
@@ -224,7 +246,7 @@ impl Volume {
             let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
             let op = Op::Unlink { path: name.clone() };
             txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
-            self.touched(&[ROOT]);
+            self.touched(&mut txn, &[ROOT]);
             txn.finish()?;
         }
         Ok(names.len())
@@ -306,7 +328,7 @@ impl Volume {
             mtime: change.mtime.map(timestamp),
         };
         txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
-        self.touched(&[ino]);
+        self.touched(&mut txn, &[ino]);
         txn.finish()?;
         self.stat_path(&path)
     }
@@ -351,7 +373,7 @@ impl Volume {
             t.created(st.st_ino);
             t.looked_up(st.st_ino, parent, name);
         }
-        self.touched(&[st.st_ino, parent]);
+        self.touched(&mut txn, &[st.st_ino, parent]);
         txn.finish()?;
         Ok(st)
     }
@@ -458,7 +480,7 @@ impl Volume {
             t.looked_up(st.st_ino, parent, name);
             t.opened(st.st_ino, 1);
             drop(t);
-            self.touched(&[st.st_ino, parent]);
+            self.touched(&mut txn, &[st.st_ino, parent]);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.files).insert(fh, (st.st_ino, Arc::new(fd)));
@@ -506,7 +528,7 @@ impl Volume {
                 |b| Op::encode_write_into(b, &path, off, piece),
                 || Ok(proto::apply::write_all_at(&*fd, piece, off)?),
             )?;
-            self.touched(&[ino]);
+            self.touched(&mut txn, &[ino]);
             last = txn.release();
         }
         if let Some(seq) = last {
@@ -541,7 +563,7 @@ impl Volume {
                 let op = Op::Unlink { path: name.clone() };
                 txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
                 self.table().remove_name(ROOT, &name);
-                self.touched(&[ROOT]);
+                self.touched(&mut txn, &[ROOT]);
             }
         }
         txn.finish()
@@ -598,7 +620,7 @@ impl Volume {
         };
         txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
         self.table().renamed(parent, name, ROOT, &orphan);
-        self.touched(&[ROOT, parent]);
+        self.touched(txn, &[ROOT, parent]);
         Ok(Some(orphan))
     }
 
@@ -610,7 +632,7 @@ impl Volume {
             let op = Op::Unlink { path };
             txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
             self.table().remove_name(parent, name);
-            self.touched(&[parent]);
+            self.touched(&mut txn, &[parent]);
         }
         txn.finish()
     }
@@ -622,7 +644,7 @@ impl Volume {
         let op = Op::Rmdir { path };
         txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
         self.table().remove_name(parent, name);
-        self.touched(&[parent]);
+        self.touched(&mut txn, &[parent]);
         txn.finish()
     }
 
@@ -693,9 +715,9 @@ impl Volume {
             }
         }
         let moved = self.table().child(new_parent, new_name);
-        self.touched(&[parent, new_parent]);
+        self.touched(&mut txn, &[parent, new_parent]);
         if let Some(m) = moved {
-            self.touched(&[m]);
+            self.touched(&mut txn, &[m]);
         }
         txn.finish()
     }
@@ -720,7 +742,7 @@ impl Volume {
         }
         let st = self.stat_path(&new_path)?;
         self.table().looked_up(st.st_ino, new_parent, new_name);
-        self.touched(&[new_parent]);
+        self.touched(&mut txn, &[new_parent]);
         txn.finish()?;
         Ok(st)
     }
@@ -877,7 +899,7 @@ impl Volume {
             |b| op.encode_into(b),
             || Ok(rustix::fs::fallocate(&*fd, flags, offset, length)?),
         )?;
-        self.touched(&[ino]);
+        self.touched(&mut txn, &[ino]);
         txn.finish()
     }
 
@@ -914,7 +936,7 @@ impl Volume {
                 )?)
             },
         )?;
-        self.touched(&[ino_out]);
+        self.touched(&mut txn, &[ino_out]);
         txn.finish()?;
         Ok(n)
     }

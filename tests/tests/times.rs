@@ -58,3 +58,48 @@ fn image_mtimes_equal_backing_mtimes_after_a_cp() {
         differing.join("\n")
     );
 }
+
+/// A promotion applies every acknowledged record, also those after the last seal: the times
+/// travel with each operation, so the promoted image has the lost source's mtimes too.
+#[test]
+fn promoted_image_has_the_source_mtimes() {
+    const TEST: &str = "promoted_mtimes";
+    require_mount!(TEST);
+    // Default (large) partitions and timer: no seal happens during the workload.
+    let mut h = Harness::start(HarnessOptions::new(TEST));
+    let seed = Rng::from_env(TEST).next_u64();
+    workload::mixed(h.mnt(), &mut Rng::new(seed));
+    std::os::unix::fs::symlink("target-of-a-late-link", h.mnt().join("late.link"))
+        .expect("symlink");
+    let s = h.status();
+    assert!(
+        s.last_applied_seq + 100 < s.last_logged_seq,
+        "the workload's records are after the last CP: {:?}",
+        s.raw
+    );
+    h.kill_source();
+    h.detach_source();
+    let out = nvmirror_e2e::run_ok(
+        h.fs_dest()
+            .args(["promote", "--source", "alpha", "--root"])
+            .arg(&h.dest_root),
+    );
+    assert!(out.contains("promoted alpha"), "promote: {out}");
+    let backing = h.dir.join("backing-alpha");
+    let (b, i) = (mtimes(&backing), mtimes(&h.image_of("alpha")));
+    assert_eq!(
+        b.keys().collect::<Vec<_>>(),
+        i.keys().collect::<Vec<_>>(),
+        "same entries (seed {seed})"
+    );
+    let differing: Vec<String> = b
+        .iter()
+        .filter(|(p, t)| i.get(*p) != Some(t))
+        .map(|(p, t)| format!("{}: backing {:?} image {:?}", p.display(), t, i.get(p)))
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "mtimes differ after promote (seed {seed}):\n{}",
+        differing.join("\n")
+    );
+}
