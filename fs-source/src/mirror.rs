@@ -732,15 +732,7 @@ impl Mirror {
                 left.push(ino);
                 continue;
             }
-            let op = Op::SetAttr {
-                path,
-                mode: None,
-                uid: None,
-                gid: None,
-                size: None,
-                atime: Some(atime),
-                mtime: Some(mtime),
-            };
+            let op = Op::times(path, atime, mtime);
             let mut buf = Vec::new();
             frame::begin(&mut buf);
             op.encode_into(&mut buf);

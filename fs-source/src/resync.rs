@@ -70,15 +70,11 @@ fn ts(secs: i64, nanos: i64) -> Timestamp {
 }
 
 fn times_of(path: &[u8], st: &Stat) -> Op {
-    Op::SetAttr {
-        path: path.to_vec(),
-        mode: None,
-        uid: None,
-        gid: None,
-        size: None,
-        atime: Some(ts(st.st_atime, st.st_atime_nsec as i64)),
-        mtime: Some(ts(st.st_mtime, st.st_mtime_nsec as i64)),
-    }
+    Op::times(
+        path.to_vec(),
+        ts(st.st_atime, st.st_atime_nsec as i64),
+        ts(st.st_mtime, st.st_mtime_nsec as i64),
+    )
 }
 
 /// Sends entries of the backing volume as records.
@@ -445,20 +441,7 @@ impl<'a> Sender<'a> {
 
     /// The names in directory `path`, sorted (the walk's order).
     pub fn children(&self, path: &[u8]) -> FsResult<Vec<Vec<u8>>> {
-        let fd = self
-            .tree
-            .open_at(path, OFlags::RDONLY | OFlags::DIRECTORY)?;
-        let mut names = Vec::new();
-        let mut dir = rustix::fs::Dir::read_from(&fd)?;
-        while let Some(e) = dir.read() {
-            let e = e?;
-            let n = e.file_name().to_bytes();
-            if n != b"." && n != b".." {
-                names.push(n.to_vec());
-            }
-        }
-        names.sort();
-        Ok(names)
+        Ok(proto::summary::names(self.tree, path)?)
     }
 
     /// Send `path` (and everything beneath it), then the times of its parent, whose mtime

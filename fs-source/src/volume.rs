@@ -178,15 +178,11 @@ impl Volume {
             let Ok(st) = self.tree.stat(&path) else {
                 continue;
             };
-            let op = Op::SetAttr {
+            let op = Op::times(
                 path,
-                mode: None,
-                uid: None,
-                gid: None,
-                size: None,
-                atime: Some(ts_of(st.st_atime, st.st_atime_nsec as i64)),
-                mtime: Some(ts_of(st.st_mtime, st.st_mtime_nsec as i64)),
-            };
+                ts_of(st.st_atime, st.st_atime_nsec as i64),
+                ts_of(st.st_mtime, st.st_mtime_nsec as i64),
+            );
             if txn.record(|b| op.encode_into(b), || Ok(())).is_err() {
                 lock(&self.changed).insert(ino);
             }

@@ -706,8 +706,16 @@ fn clear_dir(dir: &OwnedFd) -> IoResult<()> {
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
+    for n in dir_names(&readable)? {
+        remove_all(&readable, &n)?;
+    }
+    Ok(())
+}
+
+/// The names in the directory open as `dir` (not `.` and `..`), in directory order.
+pub fn dir_names(dir: impl AsFd) -> IoResult<Vec<Vec<u8>>> {
     let mut names = Vec::new();
-    let mut entries = rustix::fs::Dir::read_from(&readable)?;
+    let mut entries = rustix::fs::Dir::read_from(dir)?;
     while let Some(e) = entries.read() {
         let e = e?;
         let n = e.file_name().to_bytes();
@@ -715,10 +723,7 @@ fn clear_dir(dir: &OwnedFd) -> IoResult<()> {
             names.push(n.to_vec());
         }
     }
-    for n in names {
-        remove_all(&readable, &n)?;
-    }
-    Ok(())
+    Ok(names)
 }
 
 /// `pwrite` until every byte is written.

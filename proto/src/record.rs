@@ -253,6 +253,20 @@ pub enum Entry {
 }
 
 impl Op {
+    /// `SetAttr` of the access and modification times only: what the source logs so that the
+    /// image gets its times (replaying a record stamps the replay's time).
+    pub fn times(path: RelPath, atime: Timestamp, mtime: Timestamp) -> Op {
+        Op::SetAttr {
+            path,
+            mode: None,
+            uid: None,
+            gid: None,
+            size: None,
+            atime: Some(atime),
+            mtime: Some(mtime),
+        }
+    }
+
     /// A short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -211,15 +211,7 @@ fn xattrs(tree: &Tree, path: &[u8]) -> Result<Vec<XattrSummary>, Errno> {
 /// The names in directory `dir` of `tree`, sorted.
 pub fn names(tree: &Tree, dir: &[u8]) -> Result<Vec<Vec<u8>>, Errno> {
     let fd = tree.open_at(dir, OFlags::RDONLY | OFlags::DIRECTORY)?;
-    let mut out = Vec::new();
-    let mut d = rustix::fs::Dir::read_from(&fd)?;
-    while let Some(e) = d.read() {
-        let e = e?;
-        let n = e.file_name().to_bytes();
-        if n != b"." && n != b".." {
-            out.push(n.to_vec());
-        }
-    }
+    let mut out = crate::apply::dir_names(&fd)?;
     out.sort();
     Ok(out)
 }
