@@ -181,7 +181,14 @@ impl Baseline {
         if w.queue.insert(to.to_vec()) {
             let counts = w.counts;
             self.save(w, counts);
+            self.publish(w);
         }
+    }
+
+    /// Tell status how many resends are pending (queued or in flight).
+    fn publish(&self, w: &Walk) {
+        self.mirror
+            .set_resync_pending((w.queue.len() + w.inflight.len()) as u64);
     }
 
     /// A rename or link moved `from` to `to` (called under the sequencer lock, after the
@@ -256,11 +263,23 @@ impl Baseline {
         } else if let Some(i) = w.inflight.iter().position(|p| p == path) {
             w.inflight.remove(i);
         }
+        self.publish(&w);
     }
 
-    /// Take the next queued path.
+    /// Take the next queued path (it counts as pending until its resend ends).
     fn next_queued(&self) -> Option<Vec<u8>> {
-        lock(&self.walk).queue.pop_first()
+        let mut w = lock(&self.walk);
+        let next = w.queue.pop_first();
+        if let Some(p) = &next {
+            w.inflight.push(p.clone());
+        }
+        self.publish(&w);
+        next
+    }
+
+    /// The resend of a queued path ended.
+    fn queued_done(&self, path: &[u8]) {
+        self.inflight(path, false);
     }
 }
 
@@ -532,7 +551,9 @@ pub fn run(baseline: &Baseline, tree: &Tree, mirror: &Mirror) -> FsResult<u64> {
         }
         run.sender.walk_over();
         while let Some(path) = baseline.next_queued() {
-            run.sender.path(&path)?;
+            let sent = run.sender.path(&path);
+            baseline.queued_done(&path);
+            sent?;
             let counts = run.counts();
             let mut w = lock(&baseline.walk);
             baseline.save(&mut w, counts);
@@ -640,7 +661,9 @@ pub fn resync_task(
             let mut next = Some(path);
             let mut failed = false;
             while let Some(p) = next {
-                if let Err(e) = sender.path(&p) {
+                let sent = sender.path(&p);
+                baseline.queued_done(&p);
+                if let Err(e) = sent {
                     tracing::warn!(path = %String::from_utf8_lossy(&p), "resync of a renamed path: {e}");
                     failed = true;
                     break;

@@ -86,11 +86,13 @@ pub struct Status {
     /// NVLOG partitions.
     pub partitions: Vec<PartitionStatus>,
     /// "in-sync", "out-of-sync" (paths of the image differ: records failed to apply; they are
-    /// being resent), "baseline" (the image does not hold the whole volume yet) or "none"
-    /// (unmirrored).
+    /// being resent), "resyncing" (paths are being resent), "baseline" (the image does not
+    /// hold the whole volume yet) or "none" (unmirrored).
     pub sync: &'static str,
     /// How many paths of the image are known to differ from this volume.
     pub out_of_sync: u64,
+    /// Paths being resent (or queued) to the image.
+    pub resync_pending: u64,
     /// The first of them, with the error that made them differ.
     pub out_of_sync_paths: Vec<OutOfSyncPath>,
     /// The initial transfer of the volume.
@@ -182,9 +184,12 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
             "baseline"
         } else if p.out_of_sync_total > 0 {
             "out-of-sync"
+        } else if p.resync_pending > 0 {
+            "resyncing"
         } else {
             "in-sync"
         },
+        resync_pending: p.resync_pending,
         out_of_sync: p.out_of_sync_total,
         out_of_sync_paths: p
             .out_of_sync

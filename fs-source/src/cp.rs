@@ -130,6 +130,13 @@ fn not_in_sync(mirror: &Mirror, applied: u64) -> Option<String> {
             }
             return Some(m);
         }
+        if p.resync_pending > 0 {
+            return Some(format!(
+                "the destination applied records up to {applied}, but {} path(s) are being resent \
+                 to the image (renamed during the baseline, or out of sync); it is not yet a mirror",
+                p.resync_pending
+            ));
+        }
         let b = &p.baseline;
         if b.incomplete() && !(b.state == "committing" && applied >= b.last_seq) {
             return Some(format!(

@@ -98,6 +98,9 @@ pub struct Progress {
     pub out_of_sync_total: u64,
     /// The initial transfer of the volume's tree.
     pub baseline: BaselineProgress,
+    /// Paths being resent or queued for a resend (renames during a baseline, heals): the
+    /// image is not known to be in sync until they are applied.
+    pub resync_pending: u64,
 }
 
 /// Where the baseline (initial transfer of the whole tree) stands, for status and `cp`.
@@ -666,6 +669,13 @@ impl Mirror {
     pub fn update_baseline(&self, f: impl FnOnce(&mut BaselineProgress)) {
         let mut p = lock(&self.progress);
         f(&mut p.baseline);
+        self.progress_changed.notify_all();
+    }
+
+    /// How many paths are being resent or wait for a resend.
+    pub fn set_resync_pending(&self, n: u64) {
+        let mut p = lock(&self.progress);
+        p.resync_pending = n;
         self.progress_changed.notify_all();
     }
 

@@ -171,6 +171,7 @@ impl Volume {
     /// also when a promotion applies records no seal covered. What does not fit in the
     /// partition waits for the next seal (see `SealTimes`).
     fn touched(&self, txn: &mut crate::mirror::Txn<'_>, inodes: &[u64]) {
+        let mut entries = Vec::with_capacity(inodes.len());
         for &ino in inodes {
             let Ok(path) = self.table().path(ino) else {
                 continue;
@@ -178,14 +179,18 @@ impl Volume {
             let Ok(st) = self.tree.stat(&path) else {
                 continue;
             };
-            let op = Op::times(
+            entries.push(proto::TimesEntry {
                 path,
-                ts_of(st.st_atime, st.st_atime_nsec as i64),
-                ts_of(st.st_mtime, st.st_mtime_nsec as i64),
-            );
-            if txn.record(|b| op.encode_into(b), || Ok(())).is_err() {
-                lock(&self.changed).insert(ino);
-            }
+                atime: ts_of(st.st_atime, st.st_atime_nsec as i64),
+                mtime: ts_of(st.st_mtime, st.st_mtime_nsec as i64),
+            });
+        }
+        if entries.is_empty() {
+            return;
+        }
+        let op = Op::Times { entries };
+        if txn.record(|b| op.encode_into(b), || Ok(())).is_err() {
+            lock(&self.changed).extend(inodes.iter().copied());
         }
     }
 

@@ -368,6 +368,21 @@ impl Tree {
                     .map_err(|e| fail(e, dst_path))
             }
             Op::Replace { path, entry } => self.replace(path, entry).map_err(|e| fail(e, path)),
+            Op::Times { entries } => {
+                for e in entries {
+                    self.setattr(
+                        &e.path,
+                        None,
+                        None,
+                        None,
+                        None,
+                        Some(e.atime),
+                        Some(e.mtime),
+                    )
+                    .map_err(|err| fail(err, &e.path))?;
+                }
+                Ok(())
+            }
         }
     }
 

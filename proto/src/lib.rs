@@ -27,4 +27,4 @@ pub mod wire;
 
 pub use frame::{Frame, FrameError, FrameHeader};
 pub use nvlog::{NvLog, NvLogError};
-pub use record::{Entry, Op, Timestamp};
+pub use record::{Entry, Op, TimesEntry, Timestamp};

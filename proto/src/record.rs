@@ -199,6 +199,25 @@ pub enum Op {
         /// What it must be.
         entry: Entry,
     },
+    /// Set the access and modification times of several entries (never following a final
+    /// symlink): what one operation changed, logged with it so the image gets the source's
+    /// times.
+    Times {
+        /// The entries and their times.
+        entries: Vec<TimesEntry>,
+    },
+}
+
+/// One entry of [`Op::Times`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimesEntry {
+    /// The entry.
+    #[serde(with = "serde_bytes")]
+    pub path: RelPath,
+    /// Its access time.
+    pub atime: Timestamp,
+    /// Its modification time.
+    pub mtime: Timestamp,
 }
 
 /// What [`Op::Replace`] makes a path: an entry as it is on the source, without content, xattrs
@@ -285,6 +304,7 @@ impl Op {
             Op::RemoveXattr { .. } => "removexattr",
             Op::CopyFileRange { .. } => "copy_file_range",
             Op::Replace { .. } => "replace",
+            Op::Times { .. } => "times",
         }
     }
 
@@ -308,6 +328,7 @@ impl Op {
             Op::CopyFileRange {
                 src_path, dst_path, ..
             } => vec![src_path, dst_path],
+            Op::Times { entries } => entries.iter().map(|e| e.path.as_slice()).collect(),
         }
     }
 
@@ -507,6 +528,12 @@ mod tests {
             }),
             (bytes(), bytes()).prop_map(|(path, name)| Op::RemoveXattr { path, name }),
             (bytes(), any_entry()).prop_map(|(path, entry)| Op::Replace { path, entry }),
+            proptest::collection::vec((bytes(), ts(), ts()), 0..4).prop_map(|v| Op::Times {
+                entries: v
+                    .into_iter()
+                    .map(|(path, atime, mtime)| TimesEntry { path, atime, mtime })
+                    .collect()
+            }),
             (bytes(), any::<u64>(), bytes(), any::<u64>(), any::<u64>()).prop_map(
                 |(src_path, src_offset, dst_path, dst_offset, length)| Op::CopyFileRange {
                     src_path,
