@@ -97,6 +97,9 @@ pub struct Ingest {
     pub next_seq: u64,
 }
 
+/// Verify listings one source may have in progress at once (each hashes a directory's files).
+pub const VERIFY_LISTINGS_PER_SOURCE: usize = 2;
+
 /// A directory (path) and its sorted entry names.
 pub type VerifyNames = (Vec<u8>, Arc<Vec<Vec<u8>>>);
 
@@ -597,9 +600,7 @@ impl Engine {
             tree: Mutex::new(None),
             divergences: Mutex::new(divergences),
             baseline_needed: std::sync::atomic::AtomicBool::new(baseline_needed),
-            verify_slots: Arc::new(tokio::sync::Semaphore::new(
-                crate::verify::CONCURRENT_LISTINGS,
-            )),
+            verify_slots: Arc::new(tokio::sync::Semaphore::new(VERIFY_LISTINGS_PER_SOURCE)),
             verify_names: Mutex::new(None),
         });
         lock(&self.sources).insert(slot.name.clone(), source.clone());

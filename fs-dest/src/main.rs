@@ -10,6 +10,7 @@
 
 mod browse;
 mod certs;
+mod close_code;
 mod cp;
 mod cp_lock;
 mod destage;

@@ -308,7 +308,7 @@ fn find(engine: &Engine, name: &str) -> Result<Arc<Source>, PromoteError> {
 async fn disconnect(source: &Source, why: &'static [u8]) {
     if let Some((_, conn)) = lock(&source.connection).take() {
         tracing::info!(source = %source.name, "closing the source's connection");
-        conn.close(crate::session::CLOSE_FENCED.into(), why);
+        conn.close(crate::close_code::FENCED.into(), why);
     }
     // A reader still running appends only while it owns the stream; this waits for a batch in
     // progress and makes every later one stop.

@@ -288,7 +288,7 @@ impl Server {
         tracing::info!("shutting down");
         self.endpoint.set_server_config(None);
         self.endpoint
-            .close(session::CLOSE_SHUTDOWN.into(), b"fs-dest shutting down");
+            .close(crate::close_code::SHUTDOWN.into(), b"fs-dest shutting down");
         let engine = self.engine;
         engine.shutdown.store(true, Ordering::Relaxed);
         engine.flush_signal.notify();

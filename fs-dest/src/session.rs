@@ -17,6 +17,7 @@ use proto::wire::{self, Control, Message, PROTOCOL_VERSION};
 use quinn::{ReadExactError, RecvStream, SendStream};
 use tokio::sync::mpsc;
 
+use crate::close_code;
 use crate::cp::CpJob;
 use crate::engine::{check_batch, lock, Engine, Out, Source};
 
@@ -24,19 +25,6 @@ use crate::engine::{check_batch, lock, Engine, Out, Source};
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a last message (Refused, Error) may take to reach the peer before closing.
 const LAST_WORD_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Application close codes.
-mod close_code {
-    pub const ERROR: u32 = 1;
-    pub const REPLACED: u32 = 2;
-    pub const SHUTDOWN: u32 = 3;
-    pub const FENCED: u32 = 4;
-}
-
-/// Close code used when the server shuts down.
-pub const CLOSE_SHUTDOWN: u32 = close_code::SHUTDOWN;
-/// Close code used when the source is promoted (fenced) while connected.
-pub const CLOSE_FENCED: u32 = close_code::FENCED;
 
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]

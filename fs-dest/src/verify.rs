@@ -3,7 +3,7 @@
 //! back; the source compares them with its own.
 //!
 //! Each listing holds the image's CP lock shared (it never sees half a CP) and runs on a
-//! blocking thread; a source may have [`CONCURRENT_LISTINGS`] at once, more are answered
+//! blocking thread; a source may have [`VERIFY_LISTINGS_PER_SOURCE`] at once, more are answered
 //! "busy", so a flood of requests costs bounded work.
 
 use std::sync::Arc;
@@ -12,10 +12,7 @@ use proto::summary::EntrySummary;
 use proto::wire::{Control, VERIFY_PAGE};
 
 use crate::cp_lock::CpLock;
-use crate::engine::{lock, Source};
-
-/// Listings one source may have in progress at once.
-pub const CONCURRENT_LISTINGS: usize = 2;
+use crate::engine::{lock, Source, VERIFY_LISTINGS_PER_SOURCE};
 
 /// Answer `VerifyRequest { id, path, after, single }` for `source`.
 pub async fn listing(
@@ -42,7 +39,7 @@ pub async fn listing(
     }
     let Ok(permit) = source.verify_slots.clone().try_acquire_owned() else {
         return refuse(format!(
-            "busy: {CONCURRENT_LISTINGS} verify listings of this source are in progress"
+            "busy: {VERIFY_LISTINGS_PER_SOURCE} verify listings of this source are in progress"
         ));
     };
     let task = tokio::task::spawn_blocking(move || {
