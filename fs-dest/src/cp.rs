@@ -102,18 +102,12 @@ pub async fn run_cp(
             accepted,
         });
     }
-    let mut journaled = source.journaled.subscribe();
-    if *journaled.borrow() < last_seq {
-        engine.destage_signal.notify();
-        let waited =
-            tokio::time::timeout(DESTAGE_WAIT, journaled.wait_for(|&j| j >= last_seq)).await;
-        if !matches!(waited, Ok(Ok(_))) {
-            return Err(CpError::DestageTimeout {
-                source_name: source.name.clone(),
-                last_seq,
-                seconds: DESTAGE_WAIT.as_secs(),
-            });
-        }
+    if !source.wait_journaled(engine, last_seq, DESTAGE_WAIT).await {
+        return Err(CpError::DestageTimeout {
+            source_name: source.name.clone(),
+            last_seq,
+            seconds: DESTAGE_WAIT.as_secs(),
+        });
     }
     let (e, s) = (engine.clone(), source.clone());
     tokio::task::spawn_blocking(move || apply_through(&e, &s, last_seq))
@@ -148,19 +142,7 @@ pub fn apply_through(
             failed: 0,
         });
     }
-    let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
-    {
-        let journals = lock(&source.journals);
-        for j in journals.values() {
-            for f in j.read_frames()? {
-                let seq = frame::parse_header(&f).map(|h| h.seq).unwrap_or(0);
-                if seq > floor && seq <= last_seq {
-                    records.push((seq, f));
-                }
-            }
-        }
-    }
-    records.sort_by_key(|(seq, _)| *seq);
+    let records = source.journal_records(floor, last_seq)?;
     let mut expected = floor + 1;
     for (seq, _) in &records {
         if *seq != expected {

@@ -165,6 +165,37 @@ impl Source {
         lock(&self.connection).is_some()
     }
 
+    /// Wait, at most `timeout`, until the destager has journaled every record up to `seq`
+    /// (a CP and a fetch read records from the journals only). False on timeout.
+    pub async fn wait_journaled(&self, engine: &Engine, seq: u64, timeout: Duration) -> bool {
+        let mut journaled = self.journaled.subscribe();
+        if *journaled.borrow() >= seq {
+            return true;
+        }
+        engine.destage_signal.notify();
+        let waited = tokio::time::timeout(timeout, journaled.wait_for(|&j| j >= seq)).await;
+        matches!(waited, Ok(Ok(_)))
+    }
+
+    /// The journaled records with `after < seq <= upto`, in sequence order (blocking I/O).
+    pub fn journal_records(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, crate::error::JournalError> {
+        let mut records = Vec::new();
+        for j in lock(&self.journals).values() {
+            for f in j.read_frames()? {
+                let seq = frame::parse_header(&f).map(|h| h.seq).unwrap_or(0);
+                if seq > after && seq <= upto {
+                    records.push((seq, f));
+                }
+            }
+        }
+        records.sort_by_key(|(seq, _)| *seq);
+        Ok(records)
+    }
+
     /// `ROOT/NAME`, where its image, journals and state files live.
     pub fn dir(&self) -> &std::path::Path {
         self.image_dir.parent().unwrap_or(&self.image_dir)

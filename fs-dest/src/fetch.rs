@@ -10,10 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::frame;
 use proto::wire::Control;
 
-use crate::engine::{lock, Engine, Source};
+use crate::engine::{Engine, Source};
 
 /// Most bytes of frames in one answer.
 const MAX_ANSWER_BYTES: usize = 16 << 20;
@@ -43,32 +42,16 @@ pub async fn fetch(engine: Arc<Engine>, source: Arc<Source>, after: u64) -> Cont
             error: None,
         };
     }
-    let mut journaled = source.journaled.subscribe();
-    if *journaled.borrow() < accepted {
-        engine.destage_signal.notify();
-        let waited =
-            tokio::time::timeout(DESTAGE_WAIT, journaled.wait_for(|&j| j >= accepted)).await;
-        if !matches!(waited, Ok(Ok(_))) {
-            return fail(format!(
-                "records up to {accepted} were not journaled within {DESTAGE_WAIT:?}"
-            ));
-        }
+    if !source.wait_journaled(&engine, accepted, DESTAGE_WAIT).await {
+        return fail(format!(
+            "records up to {accepted} were not journaled within {DESTAGE_WAIT:?}"
+        ));
     }
     let s = source.clone();
     let read = tokio::task::spawn_blocking(move || {
-        let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
-        let journals = lock(&s.journals);
-        for j in journals.values() {
-            for f in j.read_frames().map_err(|e| e.to_string())? {
-                let seq = frame::parse_header(&f).map(|h| h.seq).unwrap_or(0);
-                if seq > after && seq <= accepted {
-                    records.push((seq, f));
-                }
-            }
-        }
-        records.sort_by_key(|(seq, _)| *seq);
+        let mut records = s.journal_records(after, accepted)?;
         records.dedup_by_key(|(seq, _)| *seq);
-        Ok::<_, String>(records)
+        Ok::<_, crate::error::JournalError>(records)
     });
     let records = match read.await {
         Ok(Ok(r)) => r,

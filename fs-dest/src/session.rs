@@ -102,27 +102,18 @@ async fn serve(
         .await
         .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))??;
     let refuse = |reason: String| Control::Refused { reason };
-    let (protocol, claimed, generation, last_logged_seq, volume, take_over) = match first {
-        Some(Message::Control(Control::Hello {
-            protocol,
-            source,
-            generation,
-            last_logged_seq,
-            volume,
-            take_over,
-        })) => (
-            protocol,
-            source,
-            generation,
-            last_logged_seq,
-            volume,
-            take_over,
-        ),
-        _ => {
-            let r = refuse("the first message must be Hello".into());
-            last_word(conn, &mut send, &r, close_code::ERROR).await;
-            return Ok(());
-        }
+    let Some(Message::Control(Control::Hello {
+        protocol,
+        source: claimed,
+        generation,
+        last_logged_seq,
+        volume,
+        take_over,
+    })) = first
+    else {
+        let r = refuse("the first message must be Hello".into());
+        last_word(conn, &mut send, &r, close_code::ERROR).await;
+        return Ok(());
     };
     let refusal = if protocol != PROTOCOL_VERSION {
         Some(format!(

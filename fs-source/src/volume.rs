@@ -176,15 +176,36 @@ impl Volume {
             let Ok(path) = self.table().path(ino) else {
                 continue;
             };
-            let Ok(st) = self.tree.stat(&path) else {
-                continue;
-            };
-            entries.push(proto::TimesEntry {
-                path,
-                atime: ts_of(st.st_atime, st.st_atime_nsec as i64),
-                mtime: ts_of(st.st_mtime, st.st_mtime_nsec as i64),
-            });
+            if let Ok(st) = self.tree.stat(&path) {
+                entries.push(times_entry(path, &st));
+            }
         }
+        self.log_times(txn, inodes, entries);
+    }
+
+    /// [`Volume::touched`] for one open file whose path the caller holds (the write path):
+    /// `fstat` of its descriptor, no path resolution.
+    fn touched_open(
+        &self,
+        txn: &mut crate::mirror::Txn<'_>,
+        ino: u64,
+        path: Vec<u8>,
+        fd: &OwnedFd,
+    ) {
+        let entries = match rustix::fs::fstat(fd) {
+            Ok(st) => vec![times_entry(path, &st)],
+            Err(_) => Vec::new(),
+        };
+        self.log_times(txn, &[ino], entries);
+    }
+
+    /// Log one `Times` record; what does not fit waits for the next seal.
+    fn log_times(
+        &self,
+        txn: &mut crate::mirror::Txn<'_>,
+        inodes: &[u64],
+        entries: Vec<proto::TimesEntry>,
+    ) {
         if entries.is_empty() {
             return;
         }
@@ -529,7 +550,7 @@ impl Volume {
                 |b| Op::encode_write_into(b, &path, off, piece),
                 || Ok(proto::apply::write_all_at(&*fd, piece, off)?),
             )?;
-            self.touched(&mut txn, &[ino]);
+            self.touched_open(&mut txn, ino, path, &fd);
             last = txn.release();
         }
         if let Some(seq) = last {
@@ -956,6 +977,14 @@ fn open_access(flags: i32) -> OFlags {
 /// The volume's answer to [`crate::mirror::SealTimes`]: the changed inodes, their current paths
 /// and times. Holds the volume weakly (the volume holds the mirror that holds this).
 pub struct ChangedTimes(pub std::sync::Weak<Volume>);
+
+fn times_entry(path: Vec<u8>, st: &Stat) -> proto::TimesEntry {
+    proto::TimesEntry {
+        path,
+        atime: ts_of(st.st_atime, st.st_atime_nsec as i64),
+        mtime: ts_of(st.st_mtime, st.st_mtime_nsec as i64),
+    }
+}
 
 fn ts_of(secs: i64, nanos: i64) -> Timestamp {
     Timestamp {

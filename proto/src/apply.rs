@@ -418,6 +418,16 @@ impl Tree {
         Ok(())
     }
 
+    /// A directory kept by a `Replace`: its xattrs follow the record, so none of the old ones
+    /// may linger; with `clear`, its children go too.
+    fn refresh_dir(&self, path: &[u8], clear: bool) -> IoResult<()> {
+        self.clear_xattrs(path)?;
+        if clear {
+            clear_dir(&self.dir(path)?)?;
+        }
+        Ok(())
+    }
+
     /// Make `path` exactly `entry` (see [`Op::Replace`]). Idempotent: applying it twice gives
     /// the same tree, so it replays safely.
     fn replace(&self, path: &[u8], entry: &Entry) -> IoResult<()> {
@@ -431,12 +441,8 @@ impl Tree {
                     gid,
                     clear,
                 } => {
-                    if *clear {
-                        clear_dir(&self.root)?;
-                    }
-                    self.clear_xattrs(b"")?;
-                    let dir = self.dir(b"")?;
-                    owner_mode_at(&dir, b".", *uid, *gid, *mode)
+                    self.refresh_dir(path, *clear)?;
+                    owner_mode_at(&self.dir(b"")?, b".", *uid, *gid, *mode)
                 }
                 _ => Err(Errno::INVAL),
             };
@@ -467,17 +473,7 @@ impl Tree {
                 clear,
             } => {
                 if keep_dir {
-                    // Its xattrs follow the Replace: none of the old ones may linger.
-                    self.clear_xattrs(path)?;
-                    if *clear {
-                        let d = rustix::fs::openat(
-                            &dir,
-                            os(name),
-                            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                            Mode::empty(),
-                        )?;
-                        clear_dir(&d)?;
-                    }
+                    self.refresh_dir(path, *clear)?;
                 } else {
                     rustix::fs::mkdirat(&dir, os(name), Mode::from_raw_mode(mode & 0o7777))?;
                 }

@@ -20,7 +20,9 @@ pub mod netns;
 pub mod tree;
 pub mod workload;
 
-pub use tree::{assert_trees_equal, assert_trees_equal_named, diff_trees};
+pub use tree::{
+    assert_trees_equal, assert_trees_equal_named, diff_trees, mtime_differences, mtimes,
+};
 
 use std::ffi::OsStr;
 use std::fmt::Debug;

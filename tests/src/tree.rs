@@ -382,6 +382,40 @@ pub fn assert_trees_equal_named(a: &Path, b: &Path, a_name: &str, b_name: &str) 
     }
 }
 
+/// Relative path → (mtime seconds, nanoseconds) of everything under `root`, directories and
+/// symlinks included (not `root` itself). Times are compared on their own, see the module docs.
+pub fn mtimes(root: &Path) -> BTreeMap<PathBuf, (i64, i64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
+            let e = e.expect("dir entry");
+            let m = fs::symlink_metadata(e.path()).expect("lstat");
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            let rel = e
+                .path()
+                .strip_prefix(root)
+                .expect("under root")
+                .to_path_buf();
+            out.insert(rel, (m.mtime(), m.mtime_nsec()));
+        }
+    }
+    out
+}
+
+/// One line per entry of `a` whose mtime differs in `b` (or that `b` lacks).
+pub fn mtime_differences(
+    a: &BTreeMap<PathBuf, (i64, i64)>,
+    b: &BTreeMap<PathBuf, (i64, i64)>,
+) -> Vec<String> {
+    a.iter()
+        .filter(|(p, t)| b.get(*p) != Some(t))
+        .map(|(p, t)| format!("{}: backing {t:?} image {:?}", p.display(), b.get(p)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,14 +3,14 @@
 //! symlinks, xattrs, special files), resumes after a SIGKILL instead of starting over, and a
 //! wrong (empty or unrelated) backing directory never replaces an image that holds data.
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nvmirror_e2e::{
-    assert_trees_equal, poll_until, require_mount, wait_until, Harness, HarnessOptions, Rng,
+    assert_trees_equal, mtime_differences, mtimes, poll_until, require_mount, wait_until, Harness,
+    HarnessOptions, Rng,
 };
 
 const BASELINE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -147,28 +147,8 @@ fn set_times(p: &Path, t: libc::timespec) {
     );
 }
 
-/// Relative path → mtime of everything under `root`, symlinks and directories included.
-fn mtimes(root: &Path) -> BTreeMap<PathBuf, (i64, i64)> {
-    let mut all = Vec::new();
-    walk(root, &mut all);
-    all.into_iter()
-        .map(|p| {
-            let m = fs::symlink_metadata(&p).expect("lstat");
-            (
-                p.strip_prefix(root).expect("under root").to_path_buf(),
-                (m.mtime(), m.mtime_nsec()),
-            )
-        })
-        .collect()
-}
-
 fn assert_mtimes_equal(backing: &Path, image: &Path) {
-    let (b, i) = (mtimes(backing), mtimes(image));
-    let differing: Vec<String> = b
-        .iter()
-        .filter(|(p, t)| i.get(*p) != Some(t))
-        .map(|(p, t)| format!("{}: backing {t:?} image {:?}", p.display(), i.get(p)))
-        .collect();
+    let differing = mtime_differences(&mtimes(backing), &mtimes(image));
     assert!(
         differing.is_empty(),
         "mtimes differ:\n{}",

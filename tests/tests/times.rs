@@ -2,34 +2,9 @@
 //! replay, so the source logs the times of changed files when it seals a partition, and after a
 //! CP every file and directory of the image has the backing volume's mtime.
 
-use std::collections::BTreeMap;
-use std::fs;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-
-use nvmirror_e2e::{require_mount, workload, Harness, HarnessOptions, Rng};
-
-/// Relative path → (mtime seconds, nanoseconds) of everything under `root`, symlinks included.
-fn mtimes(root: &Path) -> BTreeMap<PathBuf, (i64, i64)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
-            let e = e.expect("dir entry");
-            let m = fs::symlink_metadata(e.path()).expect("lstat");
-            if m.is_dir() {
-                stack.push(e.path());
-            }
-            let rel = e
-                .path()
-                .strip_prefix(root)
-                .expect("under root")
-                .to_path_buf();
-            out.insert(rel, (m.mtime(), m.mtime_nsec()));
-        }
-    }
-    out
-}
+use nvmirror_e2e::{
+    mtime_differences, mtimes, require_mount, workload, Harness, HarnessOptions, Rng,
+};
 
 #[test]
 fn image_mtimes_equal_backing_mtimes_after_a_cp() {
@@ -47,11 +22,7 @@ fn image_mtimes_equal_backing_mtimes_after_a_cp() {
         image.keys().collect::<Vec<_>>(),
         "same entries (seed {seed})"
     );
-    let differing: Vec<String> = backing
-        .iter()
-        .filter(|(p, t)| image.get(*p) != Some(t))
-        .map(|(p, t)| format!("{}: backing {:?} image {:?}", p.display(), t, image.get(p)))
-        .collect();
+    let differing = mtime_differences(&backing, &image);
     assert!(
         differing.is_empty(),
         "mtimes differ (seed {seed}):\n{}",
@@ -92,11 +63,7 @@ fn promoted_image_has_the_source_mtimes() {
         i.keys().collect::<Vec<_>>(),
         "same entries (seed {seed})"
     );
-    let differing: Vec<String> = b
-        .iter()
-        .filter(|(p, t)| i.get(*p) != Some(t))
-        .map(|(p, t)| format!("{}: backing {:?} image {:?}", p.display(), t, i.get(p)))
-        .collect();
+    let differing = mtime_differences(&b, &i);
     assert!(
         differing.is_empty(),
         "mtimes differ after promote (seed {seed}):\n{}",
