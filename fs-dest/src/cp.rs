@@ -4,18 +4,20 @@
 //! acknowledgements. For `CpRequest{last_seq}` the worker makes sure the destager has
 //! journaled every record up to `last_seq`, then (on a blocking thread) applies the journal
 //! records with `applied_seq < seq <= last_seq` in sequence order through
-//! `proto::apply::Tree` in replay mode, recording `applied_seq` in the NVRAM slot after each
-//! one, `syncfs`es the image, flushes the slot, drops the applied records from the journals
+//! `proto::apply::Tree` (setting the image's replay marker before each namespace record, so a
+//! CP a crash interrupts resumes exactly: see `proto::replay`), `syncfs`es the image, records
+//! `applied_seq` in the NVRAM slot and flushes it, drops the applied records from the journals
 //! and answers `CpDone`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::apply::ApplyMode;
 use proto::frame;
+use proto::replay::How;
 use proto::wire::Control;
 use proto::Op;
+use rustix::io::Errno;
 use tokio::sync::mpsc;
 
 use crate::engine::{lock, Engine, Out, Source};
@@ -158,62 +160,43 @@ pub fn apply_through(
         });
     }
     let tree = source.image_tree()?;
+    tree.set_generation(source.generation.load(Ordering::Acquire));
+    let image_err = |what: &str, e: Errno| CpError::Image {
+        source_name: source.name.clone(),
+        reason: format!("{what} of {}: {e}", source.image_dir.display()),
+    };
+    // A CP interrupted by a crash left the image holding an unknown part of this window:
+    // the replay marker says which namespace records are in (see `proto::replay`). Without a
+    // marker (an image from before markers), only the first record may be.
+    let marker = tree
+        .marker()
+        .map_err(|e| image_err("reading the replay marker", e))?
+        .unwrap_or(floor + 1);
+    // Content records before the marker were applied by the interrupted CP. If the image is on
+    // the same mount of the same boot as then, the page cache kept them; otherwise (a power cut,
+    // a remount) some may be lost, and their paths are resent by the source.
+    let instance = tree
+        .mount_instance()
+        .map_err(|e| image_err("identifying the mount", e))?;
+    let instance_file = source_dir.join("cp-mount");
+    let same_mount = std::fs::read_to_string(&instance_file).is_ok_and(|s| s == instance);
+    if !same_mount {
+        crate::image_state::write_private(&instance_file, instance.as_bytes()).map_err(|e| {
+            CpError::Image {
+                source_name: source.name.clone(),
+                reason: format!("{}: {e}", instance_file.display()),
+            }
+        })?;
+    }
+    let mut window: Vec<(u64, Op)> = Vec::with_capacity(records.len());
     let mut failed = 0u64;
     let mut changed = false;
     for (seq, bytes) in &records {
-        let op = frame::decode(bytes)
+        match frame::decode(bytes)
             .map_err(|e| e.to_string())
-            .and_then(|f| Op::decode(f.payload).map_err(|e| e.to_string()));
-        // Only the first record after the applied cursor may have been applied already (it
-        // straddled a crash): it replays tolerantly. Every later one must apply as it did on
-        // the source; an error there means the image differs, and is reported.
-        let mode = if *seq == floor + 1 {
-            ApplyMode::Replay
-        } else {
-            ApplyMode::Live
-        };
-        match op {
-            Ok(op) => {
-                let kept_dir = matches!(&op, Op::Replace { path, entry: proto::Entry::Dir { .. } }
-                    if tree.stat(path).is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory));
-                match tree.apply(&op, mode) {
-                    Ok(()) => {
-                        let mut d = lock(&source.divergences);
-                        if d.is_empty() {
-                            // Nothing to carry along.
-                        } else {
-                            changed = true;
-                            match &op {
-                                Op::Replace { path, entry } => {
-                                    let cleared =
-                                        matches!(entry, proto::Entry::Dir { clear: true, .. });
-                                    d.heal(path, kept_dir, cleared);
-                                }
-                                Op::Rename { from, to, flags } => {
-                                    d.renamed(from, to, flags & libc::RENAME_EXCHANGE != 0)
-                                }
-                                Op::Link { existing, new_path } => d.linked(existing, new_path),
-                                _ => {}
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        // During a baseline, records on paths not yet transferred fail by
-                        // design (the transfer heals them): not worth an error line each.
-                        if source.baseline_needed.load(Ordering::Relaxed) {
-                            tracing::debug!(source = %source.name, seq, op = op.kind(), error = %e,
-                                "CP: a record on a path the baseline has not reached yet; out of sync until it does");
-                        } else {
-                            tracing::error!(source = %source.name, seq, op = op.kind(), error = %e,
-                                "CP: a record could not be applied to the image; its paths are out of sync");
-                        }
-                        source.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
-                        failed += 1;
-                        changed = true;
-                        lock(&source.divergences).add(&op.paths(), *seq, &e.to_string());
-                    }
-                }
-            }
+            .and_then(|f| Op::decode(f.payload).map_err(|e| e.to_string()))
+        {
+            Ok(op) => window.push((*seq, op)),
             Err(e) => {
                 // Checked at intake, so this is damage after the fact: nothing says which
                 // path it touched, so the whole image is out of sync.
@@ -224,9 +207,77 @@ pub fn apply_through(
                 lock(&source.divergences).add(&[b""], *seq, &format!("undecodable record: {e}"));
             }
         }
-        engine.slots.set_applied(source.slot, *seq);
-        source.applied_seq.store(*seq, Ordering::Release);
     }
+    let steps = proto::replay::plan(&window, Some(marker));
+    if marker > floor + 1 {
+        tracing::info!(source = %source.name, floor, marker, same_mount,
+            "CP: resuming a CP a crash interrupted; records the image already holds are skipped");
+    }
+    for step in steps {
+        let (seq, op) = &window[step.index];
+        let mode = match step.how {
+            How::Path(mode) => mode,
+            How::Handle => {
+                if !same_mount {
+                    // Where the file is now, after the namespace records up to the marker.
+                    let upto = window.partition_point(|(s, _)| *s <= marker);
+                    for path in op.paths() {
+                        if let Some(now) = proto::replay::track(path, &window[step.index + 1..upto])
+                        {
+                            changed = true;
+                            lock(&source.divergences).add(
+                                &[now.as_slice()],
+                                *seq,
+                                "content possibly lost in a power cut during a CP",
+                            );
+                        }
+                    }
+                }
+                continue;
+            }
+        };
+        let kept_dir = matches!(op, Op::Replace { path, entry: proto::Entry::Dir { .. } }
+            if tree.stat(path).is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory));
+        if op.is_namespace() {
+            tree.set_marker(*seq)
+                .map_err(|e| image_err("setting the replay marker", e))?;
+        }
+        match tree.apply(op, mode) {
+            Ok(()) => {
+                let mut d = lock(&source.divergences);
+                if !d.is_empty() {
+                    changed = true;
+                    match op {
+                        Op::Replace { path, entry } => {
+                            let cleared = matches!(entry, proto::Entry::Dir { clear: true, .. });
+                            d.heal(path, kept_dir, cleared);
+                        }
+                        Op::Rename {
+                            from, to, flags, ..
+                        } => d.renamed(from, to, flags & libc::RENAME_EXCHANGE != 0),
+                        Op::Link { existing, new_path } => d.linked(existing, new_path),
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => {
+                // During a baseline, records on paths not yet transferred fail by
+                // design (the transfer heals them): not worth an error line each.
+                if source.baseline_needed.load(Ordering::Relaxed) {
+                    tracing::debug!(source = %source.name, seq, op = op.kind(), error = %e,
+                        "CP: a record on a path the baseline has not reached yet; out of sync until it does");
+                } else {
+                    tracing::error!(source = %source.name, seq, op = op.kind(), error = %e,
+                        "CP: a record could not be applied to the image; its paths are out of sync");
+                }
+                source.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
+                failed += 1;
+                changed = true;
+                lock(&source.divergences).add(&op.paths(), *seq, &e.to_string());
+            }
+        }
+    }
+    source.applied_seq.store(last_seq, Ordering::Release);
     let sync_err = |e: std::io::Error| CpError::Sync {
         source_name: source.name.clone(),
         source: e,
@@ -248,6 +299,9 @@ pub fn apply_through(
                 .map_err(|e| sync_err(std::io::Error::other(e.to_string())))?;
         }
     }
+    // The applied cursor moves in NVRAM only now that the image is durable: written earlier,
+    // the kernel could write the mapped page back before the syncfs.
+    engine.slots.set_applied(source.slot, last_seq);
     engine.slots.flush(source.slot).map_err(|e| match e {
         crate::error::SlotError::Flush(io) => sync_err(io),
         other => sync_err(std::io::Error::other(other.to_string())),

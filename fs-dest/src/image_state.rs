@@ -56,6 +56,22 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, Sta
         })
 }
 
+/// Write a small state file atomically (no sync: what it says only matters while the page
+/// cache that holds it survives), readable by root only.
+pub fn write_private(path: &Path, body: &[u8]) -> Result<(), StateError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(body).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
 /// Write a JSON state file atomically and durably, readable by root only.
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
     use std::os::unix::fs::OpenOptionsExt;

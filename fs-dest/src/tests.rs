@@ -224,6 +224,7 @@ fn create(path: &str) -> Op {
 
 fn write(path: &str, offset: u64, data: &[u8]) -> Op {
     Op::Write {
+        handle: proto::Handle::none(),
         path: path.into(),
         offset,
         data: data.to_vec(),

@@ -63,7 +63,7 @@ pub async fn run(
                 let flushed = flush_through(&mirror, acked).await;
                 match async {
                     flushed?;
-                    remote_cp(&link, 0, acked, &backing, &mut next_id).await
+                    remote_cp(&mirror, &link, 0, acked, &backing, &mut next_id).await
                 }
                 .await
                 {
@@ -181,7 +181,7 @@ async fn commit(
     };
     if mirror.standalone() {
         // Unmirrored: the CP only makes the backing volume durable.
-        syncfs(backing).await?;
+        sync_backing(mirror, backing).await?;
         mirror.free_partition(p).map_err(|e| e.to_string())?;
         mirror.on_cp_done(last);
         return Ok(());
@@ -195,7 +195,7 @@ async fn commit(
             break;
         }
         if *degraded.borrow_and_update() && mirror.policy() == Policy::Sync {
-            syncfs(backing).await?;
+            sync_backing(mirror, backing).await?;
             let n = mirror.spill_and_free(p).map_err(|e| e.to_string())?;
             tracing::info!(
                 partition = p,
@@ -210,7 +210,7 @@ async fn commit(
         }
     }
     flush_through(mirror, last).await?;
-    let applied = remote_cp(link, p, last, backing, next_id).await?;
+    let applied = remote_cp(mirror, link, p, last, backing, next_id).await?;
     mirror.free_partition(p).map_err(|e| e.to_string())?;
     mirror.on_cp_done(applied);
     if let Some(why) = not_in_sync(mirror, applied) {
@@ -229,6 +229,18 @@ async fn flush_through(mirror: &Arc<Mirror>, seq: u64) -> Result<(), String> {
         .map_err(|e| format!("flushing NVRAM before the CP: {e}"))
 }
 
+/// `syncfs` of the backing volume, then move the durable cursor to what was applied before it
+/// started.
+async fn sync_backing(mirror: &Arc<Mirror>, backing: &Arc<OwnedFd>) -> Result<(), String> {
+    let point = mirror.durable_point();
+    syncfs(backing).await?;
+    let m = mirror.clone();
+    tokio::task::spawn_blocking(move || m.set_durable(point))
+        .await
+        .map_err(|e| format!("durable cursor task: {e}"))?
+        .map_err(|e| format!("flushing the durable cursor to NVRAM: {e}"))
+}
+
 async fn syncfs(backing: &Arc<OwnedFd>) -> Result<(), String> {
     let fd = backing.clone();
     tokio::task::spawn_blocking(move || rustix::fs::syncfs(&*fd))
@@ -240,13 +252,14 @@ async fn syncfs(backing: &Arc<OwnedFd>) -> Result<(), String> {
 /// Make the backing directory durable, then have the destination apply everything up to
 /// `last` to the image; returns the destination's applied sequence number.
 async fn remote_cp(
+    mirror: &Arc<Mirror>,
     link: &Arc<LinkShared>,
     p: usize,
     last: u64,
     backing: &Arc<OwnedFd>,
     next_id: &mut u64,
 ) -> Result<u64, String> {
-    syncfs(backing).await?;
+    sync_backing(mirror, backing).await?;
     let mut epoch = link.epoch.subscribe();
     loop {
         let id = *next_id;

@@ -15,7 +15,7 @@ use anyhow::Context;
 pub const XATTR: &str = "trusted.nvmirror.volume";
 
 /// Prefix of the xattr names reserved for nvmirror (hidden from the mount's clients).
-pub const RESERVED_PREFIX: &[u8] = b"trusted.nvmirror.";
+pub const RESERVED_PREFIX: &[u8] = proto::apply::RESERVED_XATTR_PREFIX;
 
 /// A new random id: 128 bits as hex.
 fn new_id() -> anyhow::Result<String> {

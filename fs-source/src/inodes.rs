@@ -24,6 +24,9 @@ pub struct Node {
     /// hold the old inode when a new file gets its number; a new generation makes the kernel
     /// treat it as a different inode instead of aliasing the two.
     pub generation: u64,
+    /// The backing inode's file handle, once a record needed it (stamped on content records
+    /// for exact recovery, see `proto::replay`).
+    pub handle: Option<proto::Handle>,
 }
 
 /// inode → names, and (parent, name) → inode.
@@ -191,6 +194,7 @@ impl InodeTable {
         match self.nodes.get_mut(&ino) {
             Some(node) => {
                 node.generation += 1;
+                node.handle = None;
                 for k in std::mem::take(&mut node.names) {
                     if self.by_name.get(&k) == Some(&ino) {
                         self.by_name.remove(&k);
@@ -199,6 +203,18 @@ impl InodeTable {
                 node.generation
             }
             None => 0,
+        }
+    }
+
+    /// The cached file handle of `ino`.
+    pub fn handle(&self, ino: u64) -> Option<proto::Handle> {
+        self.nodes.get(&ino).and_then(|n| n.handle.clone())
+    }
+
+    /// Cache the file handle of `ino` (if the table knows it).
+    pub fn set_handle(&mut self, ino: u64, handle: proto::Handle) {
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.handle = Some(handle);
         }
     }
 

@@ -14,6 +14,7 @@ mod identity;
 mod inodes;
 mod link;
 mod mirror;
+mod recovery;
 mod resync;
 mod tls;
 mod verify;
@@ -28,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use proto::apply::{ApplyMode, Tree};
+use proto::apply::Tree;
 use proto::nvlog::Geometry;
 use proto::storage::MmapStorage;
 
@@ -452,11 +453,12 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
                 generation = g,
                 "new generation: records of the previous generation in NVRAM were dropped"
             );
-            replay.clear();
+            replay.frames.clear();
         }
     }
     let tree = Tree::open(&args.backing)?;
-    recover(&mirror, &tree, replay)?;
+    tree.set_generation(mirror.generation());
+    recovery::recover(&mirror, &tree, replay)?;
     let (volume_id, created) = identity::volume_id(&args.backing)?;
     if created {
         tracing::info!(volume = %volume_id, "{} is a new volume", args.backing.display());
@@ -662,39 +664,5 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&sock);
     let _ = stop_net.send(());
     let _ = net_thread.join();
-    Ok(())
-}
-
-/// Start-up recovery: apply every record logged but possibly not applied when the previous
-/// process stopped (replay mode: re-applying the one that straddled the crash is harmless).
-fn recover(mirror: &Mirror, tree: &Tree, replay: Vec<Vec<u8>>) -> anyhow::Result<()> {
-    let mut last = None;
-    for f in &replay {
-        let frame = proto::frame::decode(f).context("a frame changed after the recovery scan")?;
-        let op = proto::Op::decode(frame.payload)
-            .with_context(|| format!("record {} in NVRAM does not decode", frame.header.seq))?;
-        if matches!(op, proto::Op::Replace { .. }) {
-            // A resync record: the backing volume already is that state.
-            last = Some(frame.header.seq);
-            continue;
-        }
-        if let Err(e) = tree.apply(&op, ApplyMode::Replay) {
-            tracing::warn!(
-                seq = frame.header.seq,
-                "replaying record {} ({}): {e}",
-                frame.header.seq,
-                op.kind()
-            );
-        }
-        last = Some(frame.header.seq);
-    }
-    if let Some(seq) = last {
-        tracing::info!(
-            records = replay.len(),
-            last = seq,
-            "replayed NVLOG records onto the backing directory"
-        );
-        mirror.set_applied(seq)?;
-    }
     Ok(())
 }

@@ -42,6 +42,9 @@ mod cursor {
     pub const NAME: usize = 16;
     /// Bytes reserved for the name (1 length byte + up to 63 bytes).
     pub const NAME_LEN: usize = 64;
+    /// Highest sequence number known durable on the backing volume: every record up to it was
+    /// applied before a `syncfs` that completed. Start-up recovery replays from here.
+    pub const DURABLE_SEQ: usize = 80;
 }
 
 /// Requests to the CP driver.
@@ -193,12 +196,20 @@ pub trait SealTimes: Send + Sync {
     fn give_back(&self, inodes: Vec<u64>);
 }
 
-/// What [`Mirror::open`] returns: the core, the CP command receiver, and the frames to replay.
-pub type Opened = (
-    Arc<Mirror>,
-    mpsc::UnboundedReceiver<CpCommand>,
-    Vec<Vec<u8>>,
-);
+/// What [`Mirror::open`] returns: the core, the CP command receiver, and what start-up
+/// recovery needs.
+pub type Opened = (Arc<Mirror>, mpsc::UnboundedReceiver<CpCommand>, Recovery);
+
+/// The NVRAM's side of start-up recovery.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Every record frame in NVRAM after the lower of the two cursors, in sequence order.
+    pub frames: Vec<Vec<u8>>,
+    /// Highest record applied to the backing volume (its page cache) before the stop.
+    pub applied: u64,
+    /// Highest record durable on the backing volume (covered by a completed `syncfs`).
+    pub durable: u64,
+}
 
 /// The mirror core shared by every FUSE thread and the network tasks.
 pub struct Mirror {
@@ -266,20 +277,30 @@ impl Mirror {
                 );
             }
         }
-        let mut applied = [0u8; 8];
-        nvlog.read_user(cursor::APPLIED_SEQ, &mut applied);
-        let applied = u64::from_le_bytes(applied);
-        let mut replay = Vec::new();
+        let read_cursor = |at: usize| {
+            let mut v = [0u8; 8];
+            nvlog.read_user(at, &mut v);
+            u64::from_le_bytes(v)
+        };
+        let applied = read_cursor(cursor::APPLIED_SEQ);
+        let durable = read_cursor(cursor::DURABLE_SEQ);
+        let from = applied.min(durable);
+        let mut frames = Vec::new();
         for p in nvlog.partitions_in_order() {
             for f in nvlog.frames(p) {
                 if frame::decode(&f)
-                    .map(|d| d.header.seq > applied)
+                    .map(|d| d.header.seq > from)
                     .unwrap_or(false)
                 {
-                    replay.push(f);
+                    frames.push(f);
                 }
             }
         }
+        let replay = Recovery {
+            frames,
+            applied,
+            durable,
+        };
         let last = nvlog.last_seq().unwrap_or(0).max(applied);
         let capacity = geometry.capacity();
         let max_record = (capacity / 2)
@@ -906,6 +927,13 @@ impl Mirror {
                 |b| b.extend_from_slice(f.payload),
                 || {
                     if !matches!(op, Op::Replace { .. }) {
+                        if op.is_namespace() {
+                            tree.set_marker(f.header.seq).map_err(|e| {
+                                FsError::Backing(rustix::io::Errno::from_raw_os_error(
+                                    e.raw_os_error(),
+                                ))
+                            })?;
+                        }
                         if let Err(e) = tree.apply(&op, proto::apply::ApplyMode::Replay) {
                             tracing::warn!(
                                 seq = f.header.seq,
@@ -928,6 +956,27 @@ impl Mirror {
         let s = lock(&self.seq);
         s.nvlog.write_user(cursor::APPLIED_SEQ, &seq.to_le_bytes());
         s.nvlog.flush_user(cursor::APPLIED_SEQ, 8)
+    }
+
+    /// The highest record applied to the backing volume so far: what a `syncfs` starting now
+    /// makes durable.
+    pub fn durable_point(&self) -> u64 {
+        lock(&self.progress).logged
+    }
+
+    /// A `syncfs` of the backing volume that started at `point` (see
+    /// [`Mirror::durable_point`]) completed: recovery need not replay records up to it. Flushed
+    /// before any partition holding them is freed.
+    pub fn set_durable(&self, point: u64) -> std::io::Result<()> {
+        let s = lock(&self.seq);
+        let mut v = [0u8; 8];
+        s.nvlog.read_user(cursor::DURABLE_SEQ, &mut v);
+        if u64::from_le_bytes(v) >= point {
+            return Ok(());
+        }
+        s.nvlog
+            .write_user(cursor::DURABLE_SEQ, &point.to_le_bytes());
+        s.nvlog.flush_user(cursor::DURABLE_SEQ, 8)
     }
 }
 
@@ -975,6 +1024,19 @@ impl Txn<'_> {
                 Err(e)
             }
         }
+    }
+
+    /// Log `op` and apply it to the backing tree as a new operation (setting the replay marker
+    /// first when it changes the namespace, see `proto::replay`).
+    pub fn apply(&mut self, tree: &proto::apply::Tree, op: &Op) -> Result<(), FsError> {
+        let seq = self.seq.next_seq;
+        self.record(
+            |b| op.encode_into(b),
+            || {
+                tree.apply_logged(seq, op)
+                    .map_err(|e| FsError::Backing(rustix::io::Errno::from_raw_os_error(e.errno())))
+            },
+        )
     }
 
     /// The sequence number the next record will get.

@@ -363,7 +363,10 @@ impl<'a> Sender<'a> {
             }
             let data = &self.buf[..n];
             if n > 0 && data.iter().any(|b| *b != 0) {
-                txn.record(|b| Op::encode_write_into(b, path, offset, data), || Ok(()))?;
+                txn.record(
+                    |b| Op::encode_write_into(b, path, offset, data, &proto::Handle::none()),
+                    || Ok(()),
+                )?;
             }
             self.bytes += n as u64;
             offset += n as u64;

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use proto::apply::{ApplyMode, Tree};
+use proto::apply::Tree;
 use proto::record::Timestamp;
+use proto::Handle;
 use proto::Op;
 use rustix::fs::{FileType, OFlags, Stat};
 use rustix::io::Errno;
@@ -98,11 +99,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn applied(tree: &Tree, op: &Op) -> FsResult<()> {
-    tree.apply(op, ApplyMode::Live)
-        .map_err(|e| FsError::Backing(Errno::from_raw_os_error(e.errno())))
-}
-
 /// The mirrored volume.
 pub struct Volume {
     tree: Tree,
@@ -177,7 +173,12 @@ impl Volume {
                 continue;
             };
             if let Ok(st) = self.tree.stat(&path) {
-                entries.push(times_entry(path, &st));
+                let handle = if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile {
+                    self.handle(Some(ino), &path, None)
+                } else {
+                    Handle::none()
+                };
+                entries.push(times_entry(path, &st, handle));
             }
         }
         self.log_times(txn, inodes, entries);
@@ -193,7 +194,10 @@ impl Volume {
         fd: &OwnedFd,
     ) {
         let entries = match rustix::fs::fstat(fd) {
-            Ok(st) => vec![times_entry(path, &st)],
+            Ok(st) => {
+                let handle = self.handle(Some(ino), &path, Some(fd));
+                vec![times_entry(path, &st, handle)]
+            }
             Err(_) => Vec::new(),
         };
         self.log_times(txn, &[ino], entries);
@@ -217,6 +221,26 @@ impl Volume {
 
     fn table(&self) -> MutexGuard<'_, InodeTable> {
         lock(&self.table)
+    }
+
+    /// The file handle of the backing inode `ino` (FUSE number) at `path`, or of `fd` when the
+    /// caller has it open: stamped on content records and renames for exact recovery after a
+    /// power cut (see `proto::replay`). Cached in the inode table.
+    fn handle(&self, ino: Option<u64>, path: &[u8], fd: Option<&OwnedFd>) -> Handle {
+        if let Some(h) = ino.and_then(|i| self.table().handle(i)) {
+            return h;
+        }
+        let h = match fd {
+            Some(fd) => Handle::of(fd),
+            None => match self.tree.open_at(path, OFlags::PATH) {
+                Ok(fd) => Handle::of(&fd),
+                Err(_) => Handle::none(),
+            },
+        };
+        if let Some(i) = ino {
+            self.table().set_handle(i, h.clone());
+        }
+        h
     }
 
     fn with_ino(&self, mut st: Stat) -> Stat {
@@ -267,7 +291,7 @@ impl Volume {
         for name in &names {
             let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
             let op = Op::Unlink { path: name.clone() };
-            txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+            txn.apply(&self.tree, &op)?;
             self.touched(&mut txn, &[ROOT]);
             txn.finish()?;
         }
@@ -348,8 +372,12 @@ impl Volume {
             size: change.size,
             atime: change.atime.map(timestamp),
             mtime: change.mtime.map(timestamp),
+            handle: match change.size {
+                Some(_) => self.handle(Some(ino), &path, None),
+                None => Handle::none(),
+            },
         };
-        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        txn.apply(&self.tree, &op)?;
         self.touched(&mut txn, &[ino]);
         txn.finish()?;
         self.stat_path(&path)
@@ -377,7 +405,7 @@ impl Volume {
         let (uid, gid, setgid) = self.new_owner(caller, &ppath)?;
         let path = proto::path::join(&ppath, name);
         let op = make(path.clone(), uid, gid, setgid);
-        if let Err(e) = txn.record(|b| op.encode_into(b), || applied(&self.tree, &op)) {
+        if let Err(e) = txn.apply(&self.tree, &op) {
             if matches!(e, FsError::Backing(Errno::EXIST)) {
                 let t = self.table();
                 tracing::debug!(
@@ -491,9 +519,13 @@ impl Volume {
             gid,
         };
         let access = open_access(flags);
+        let seq = txn.next_seq();
         let fd = txn.record(
             |b| op.encode_into(b),
-            || Ok(self.tree.create(&path, perm, uid, gid, access)?),
+            || {
+                self.tree.set_marker(seq)?;
+                Ok(self.tree.create(&path, perm, uid, gid, access)?)
+            },
         )?;
         let st = self.with_ino(rustix::fs::fstat(&fd)?);
         {
@@ -546,8 +578,9 @@ impl Volume {
             let off = offset + (i * chunk) as u64;
             let mut txn = self.mirror.begin(RECORD_OVERHEAD + piece.len())?;
             let path = self.table().path(ino)?;
+            let handle = self.handle(Some(ino), &path, Some(&fd));
             txn.record(
-                |b| Op::encode_write_into(b, &path, off, piece),
+                |b| Op::encode_write_into(b, &path, off, piece, &handle),
                 || Ok(proto::apply::write_all_at(&*fd, piece, off)?),
             )?;
             self.touched_open(&mut txn, ino, path, &fd);
@@ -583,7 +616,7 @@ impl Volume {
                 .unwrap_or_default();
             for name in names {
                 let op = Op::Unlink { path: name.clone() };
-                txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+                txn.apply(&self.tree, &op)?;
                 self.table().remove_name(ROOT, &name);
                 self.touched(&mut txn, &[ROOT]);
             }
@@ -636,11 +669,12 @@ impl Volume {
         ]
         .concat();
         let op = Op::Rename {
+            handle: self.handle(Some(ino), &path, None),
             from: path,
             to: orphan.clone(),
             flags: 0,
         };
-        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        txn.apply(&self.tree, &op)?;
         self.table().renamed(parent, name, ROOT, &orphan);
         self.touched(txn, &[ROOT, parent]);
         Ok(Some(orphan))
@@ -652,7 +686,7 @@ impl Volume {
         if self.orphan_if_open(&mut txn, parent, name)?.is_none() {
             let path = self.table().child_path(parent, name)?;
             let op = Op::Unlink { path };
-            txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+            txn.apply(&self.tree, &op)?;
             self.table().remove_name(parent, name);
             self.touched(&mut txn, &[parent]);
         }
@@ -664,7 +698,7 @@ impl Volume {
         let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
         let path = self.table().child_path(parent, name)?;
         let op = Op::Rmdir { path };
-        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        txn.apply(&self.tree, &op)?;
         self.table().remove_name(parent, name);
         self.touched(&mut txn, &[parent]);
         txn.finish()
@@ -705,20 +739,23 @@ impl Volume {
         } else {
             None
         };
+        let moving = self.table().child(parent, name);
         let op = Op::Rename {
+            handle: self.handle(moving, &from, None),
             from: from.clone(),
             to: to.clone(),
             flags,
         };
-        if let Err(e) = txn.record(|b| op.encode_into(b), || applied(&self.tree, &op)) {
+        if let Err(e) = txn.apply(&self.tree, &op) {
             // The rename failed (EISDIR, ENOTEMPTY...): give the open target its name back.
             if let Some(orphan) = orphaned {
                 let back = Op::Rename {
+                    handle: self.handle(None, &orphan, None),
                     from: orphan.clone(),
                     to,
                     flags: 0,
                 };
-                txn.record(|b| back.encode_into(b), || applied(&self.tree, &back))?;
+                txn.apply(&self.tree, &back)?;
                 self.table().renamed(ROOT, &orphan, new_parent, new_name);
             }
             txn.finish()?;
@@ -758,7 +795,7 @@ impl Volume {
             existing: existing.clone(),
             new_path: new_path.clone(),
         };
-        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        txn.apply(&self.tree, &op)?;
         if let (Some(b), Ok(st)) = (self.baseline.get(), self.tree.stat(&new_path)) {
             b.linked(&existing, &new_path, st.st_ino);
         }
@@ -846,7 +883,7 @@ impl Volume {
             value: value.to_vec(),
             flags,
         };
-        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        txn.apply(&self.tree, &op)?;
         txn.finish()
     }
 
@@ -861,7 +898,7 @@ impl Volume {
             path,
             name: name.to_vec(),
         };
-        txn.record(|b| op.encode_into(b), || applied(&self.tree, &op))?;
+        txn.apply(&self.tree, &op)?;
         txn.finish()
     }
 
@@ -910,11 +947,13 @@ impl Volume {
         let fd = self.file(fh)?;
         let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
         let path = self.table().path(ino)?;
+        let handle = self.handle(Some(ino), &path, Some(&fd));
         let op = Op::Fallocate {
             path,
             mode,
             offset,
             length,
+            handle,
         };
         let flags = rustix::fs::FallocateFlags::from_bits(mode as u32).ok_or(Errno::OPNOTSUPP)?;
         txn.record(
@@ -925,11 +964,13 @@ impl Volume {
         txn.finish()
     }
 
-    /// copy_file_range between two open files of this volume.
+    /// copy_file_range between two open files of this volume: logged as the writes it makes
+    /// (a copy re-applied after a power cut would read a source that later writes may already
+    /// have changed; a write carries its bytes).
     #[allow(clippy::too_many_arguments)]
     pub fn copy_file_range(
         &self,
-        ino_in: u64,
+        _ino_in: u64,
         fh_in: u64,
         off_in: u64,
         ino_out: u64,
@@ -937,30 +978,31 @@ impl Volume {
         off_out: u64,
         len: u64,
     ) -> FsResult<u64> {
-        let (src, dst) = (self.file(fh_in)?, self.file(fh_out)?);
-        let mut txn = self.mirror.begin(2 * RECORD_OVERHEAD)?;
-        let (src_path, dst_path) = {
-            let t = self.table();
-            (t.path(ino_in)?, t.path(ino_out)?)
-        };
-        let op = Op::CopyFileRange {
-            src_path,
-            src_offset: off_in,
-            dst_path,
-            dst_offset: off_out,
-            length: len,
-        };
-        let n = txn.record(
-            |b| op.encode_into(b),
-            || {
-                Ok(proto::apply::copy_range(
-                    &*src, off_in, &*dst, off_out, len,
-                )?)
-            },
-        )?;
-        self.touched(&mut txn, &[ino_out]);
-        txn.finish()?;
-        Ok(n)
+        let src = self.file(fh_in)?;
+        let chunk = self.mirror.max_record_data().max(1) as u64;
+        let mut done = 0u64;
+        let mut buf = Vec::new();
+        while done < len {
+            let want = (len - done).min(chunk) as usize;
+            buf.resize(want, 0);
+            let mut got = 0;
+            while got < want {
+                let n = rustix::io::pread(&*src, &mut buf[got..], off_in + done + got as u64)?;
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            if got == 0 {
+                break;
+            }
+            self.write(ino_out, fh_out, off_out + done, &buf[..got])?;
+            done += got as u64;
+            if got < want {
+                break;
+            }
+        }
+        Ok(done)
     }
 }
 
@@ -978,11 +1020,12 @@ fn open_access(flags: i32) -> OFlags {
 /// and times. Holds the volume weakly (the volume holds the mirror that holds this).
 pub struct ChangedTimes(pub std::sync::Weak<Volume>);
 
-fn times_entry(path: Vec<u8>, st: &Stat) -> proto::TimesEntry {
+fn times_entry(path: Vec<u8>, st: &Stat, handle: Handle) -> proto::TimesEntry {
     proto::TimesEntry {
         path,
         atime: ts_of(st.st_atime, st.st_atime_nsec as i64),
         mtime: ts_of(st.st_mtime, st.st_mtime_nsec as i64),
+        handle,
     }
 }
 

@@ -24,8 +24,18 @@ use rustix::fs::{
 use rustix::io::Errno;
 use thiserror::Error;
 
+use crate::handle::Handle;
 use crate::path::{self, PathError};
 use crate::record::{Entry, Op, Timestamp};
+use crate::replay::{self, How};
+
+/// Prefix of the xattrs nvmirror keeps for itself (the volume identity, the replay marker):
+/// never listed by [`Tree::xattr_names`], so never compared, copied or cleared, and hidden from
+/// the mount's clients.
+pub const RESERVED_XATTR_PREFIX: &[u8] = b"trusted.nvmirror.";
+
+/// The xattr of a tree's root holding its replay marker (see [`crate::replay`]).
+pub const MARKER_XATTR: &str = "trusted.nvmirror.replay";
 
 /// How tolerant [`Tree::apply`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,10 +102,32 @@ fn omit() -> Timespec {
     }
 }
 
+/// What [`Tree::replay`] did.
+#[derive(Debug, Default)]
+pub struct ReplayReport {
+    /// The marker the tree had.
+    pub marker: Option<u64>,
+    /// Records applied by path.
+    pub by_path: usize,
+    /// Records applied through their handles.
+    pub by_handle: usize,
+    /// Of those, records whose inodes were all gone.
+    pub gone: usize,
+    /// Records left out (already in the tree).
+    pub skipped: usize,
+    /// Records that could not be applied: sequence number and error.
+    pub failed: Vec<(u64, String)>,
+}
+
 /// A directory tree confined beneath its root.
 #[derive(Debug)]
 pub struct Tree {
     root: OwnedFd,
+    /// The root opened for reading: for the calls an `O_PATH` descriptor cannot serve (the
+    /// replay marker's `fsetxattr`).
+    root_dir: OwnedFd,
+    /// See [`Tree::set_generation`].
+    generation: std::sync::atomic::AtomicU64,
     root_path: PathBuf,
     /// The last file written, kept open across consecutive writes (replaying a journal is
     /// mostly runs of writes to one file). Cleared by every namespace change.
@@ -117,8 +149,21 @@ impl Tree {
             path: root.display().to_string(),
             source: e.into(),
         })?;
+        let root_dir = rustix::fs::openat(
+            &fd,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ApplyError::Io {
+            op: "open tree root",
+            path: root.display().to_string(),
+            source: e.into(),
+        })?;
         Ok(Tree {
             root: fd,
+            root_dir,
+            generation: std::sync::atomic::AtomicU64::new(0),
             root_path: root.to_path_buf(),
             write_cache: Mutex::new(None),
         })
@@ -283,12 +328,26 @@ impl Tree {
             Op::Rmdir { path } => self
                 .remove(path, AtFlags::REMOVEDIR, replay)
                 .map_err(|e| fail(e, path)),
-            Op::Rename { from, to, flags } => {
+            Op::Rename {
+                from,
+                to,
+                flags,
+                handle,
+            } => {
                 let (odir, oname) = self.parent(from).map_err(|e| fail(e, from))?;
                 let (ndir, nname) = self.parent(to).map_err(|e| fail(e, to))?;
                 self.forget_cached();
                 let flags =
                     RenameFlags::from_bits(*flags).ok_or_else(|| fail(Errno::INVAL, from))?;
+                if replay && !handle.is_none() {
+                    // Applied already when `from` holds another entry than the one renamed (or
+                    // none): an exchange applied twice would undo itself.
+                    match self.open_at(from, OFlags::PATH) {
+                        Ok(fd) if Handle::of(&fd) != *handle => return Ok(()),
+                        Err(Errno::NOENT) => return Ok(()),
+                        _ => {}
+                    }
+                }
                 match rustix::fs::renameat_with(&odir, os(oname), &ndir, os(nname), flags) {
                     Ok(()) => Ok(()),
                     // Already renamed: the old name is gone and the new one exists.
@@ -305,17 +364,19 @@ impl Tree {
                 size,
                 atime,
                 mtime,
+                ..
             } => self
                 .setattr(path, *mode, *uid, *gid, *size, *atime, *mtime)
                 .map_err(|e| fail(e, path)),
-            Op::Write { path, offset, data } => {
-                self.write(path, *offset, data).map_err(|e| fail(e, path))
-            }
+            Op::Write {
+                path, offset, data, ..
+            } => self.write(path, *offset, data).map_err(|e| fail(e, path)),
             Op::Fallocate {
                 path,
                 mode,
                 offset,
                 length,
+                ..
             } => {
                 let fd = self
                     .open_at(path, OFlags::WRONLY)
@@ -335,7 +396,7 @@ impl Tree {
                     XattrFlags::from_bits(*flags as u32).ok_or_else(|| fail(Errno::INVAL, path))?;
                 match rustix::fs::lsetxattr(&p, os(name), value, flags) {
                     Ok(()) => Ok(()),
-                    Err(Errno::EXIST) if replay => {
+                    Err(Errno::EXIST | Errno::NODATA) if replay => {
                         rustix::fs::lsetxattr(&p, os(name), value, XattrFlags::empty())
                             .map_err(|e| fail(e, path))
                     }
@@ -386,6 +447,190 @@ impl Tree {
         }
     }
 
+    /// Which mount of which boot the tree is on (`boot_id:mount id`). The same value before and
+    /// after a restart means the page cache survived (a killed process, not a power cut or a
+    /// remount): everything applied before the stop is still there.
+    pub fn mount_instance(&self) -> IoResult<String> {
+        let st = rustix::fs::statx(
+            &self.root,
+            "",
+            AtFlags::EMPTY_PATH,
+            rustix::fs::StatxFlags::MNT_ID,
+        )?;
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map_err(|e| Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        Ok(format!("{}:{}", boot.trim(), st.stx_mnt_id))
+    }
+
+    /// The generation whose records are applied to this tree (its sequence space): stamped on
+    /// the replay marker. Set by the daemon at start and when the generation changes.
+    pub fn set_generation(&self, generation: u64) {
+        self.generation
+            .store(generation, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The tree's replay marker: the sequence number of the last namespace record whose
+    /// application began (see [`crate::replay`]); `None` when it never had one, or had one of
+    /// another generation.
+    pub fn marker(&self) -> IoResult<Option<u64>> {
+        let mut v = [0u8; 32];
+        match rustix::fs::fgetxattr(&self.root_dir, MARKER_XATTR, &mut v[..]) {
+            Ok(n) => Ok(replay::Marker::decode(&v[..n])
+                .filter(|m| {
+                    m.generation == self.generation.load(std::sync::atomic::Ordering::Acquire)
+                })
+                .map(|m| m.seq)),
+            Err(Errno::NODATA | Errno::OPNOTSUPP) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Store the replay marker. Metadata like the namespace change that follows it, so a
+    /// journaling filesystem keeps the two in order across a power cut.
+    pub fn set_marker(&self, seq: u64) -> IoResult<()> {
+        let marker = replay::Marker {
+            generation: self.generation.load(std::sync::atomic::Ordering::Acquire),
+            seq,
+        };
+        rustix::fs::fsetxattr(
+            &self.root_dir,
+            MARKER_XATTR,
+            &marker.encode(),
+            XattrFlags::empty(),
+        )
+    }
+
+    /// Apply record `seq` as a new operation, setting the replay marker first when it changes
+    /// the namespace: what both daemons do for every record they apply outside a replay.
+    pub fn apply_logged(&self, seq: u64, op: &Op) -> Result<(), ApplyError> {
+        if op.is_namespace() {
+            self.set_marker(seq).map_err(|e| ApplyError::Io {
+                op: "set the replay marker",
+                path: self.root_path.display().to_string(),
+                source: e.into(),
+            })?;
+        }
+        self.apply(op, ApplyMode::Live)
+    }
+
+    /// Apply the content part of a record (write, truncate, fallocate; times of regular files)
+    /// to the inodes its handles name, wherever they are now. Returns how many inodes it
+    /// reached; a handle whose inode is gone (`ESTALE`) is passed over: nothing of that file is
+    /// left to repair.
+    pub fn apply_by_handle(&self, op: &Op) -> Result<usize, ApplyError> {
+        let fail = |e: Errno| ApplyError::Io {
+            op: op.kind(),
+            path: "(by handle)".into(),
+            source: e.into(),
+        };
+        let open =
+            |h: &Handle, flags: OFlags| match h.open(&self.root_dir, flags | OFlags::NONBLOCK) {
+                Ok(fd) => Ok(Some(fd)),
+                Err(Errno::STALE | Errno::NOENT) => Ok(None),
+                Err(e) => Err(fail(e)),
+            };
+        self.forget_cached();
+        match op {
+            Op::Write {
+                offset,
+                data,
+                handle,
+                ..
+            } => match open(handle, OFlags::WRONLY)? {
+                Some(fd) => write_all_at(&fd, data, *offset).map(|()| 1).map_err(fail),
+                None => Ok(0),
+            },
+            Op::SetAttr {
+                size: Some(size),
+                handle,
+                ..
+            } => match open(handle, OFlags::WRONLY)? {
+                Some(fd) => rustix::fs::ftruncate(&fd, *size).map(|()| 1).map_err(fail),
+                None => Ok(0),
+            },
+            Op::Fallocate {
+                mode,
+                offset,
+                length,
+                handle,
+                ..
+            } => match open(handle, OFlags::WRONLY)? {
+                Some(fd) => {
+                    let flags = FallocateFlags::from_bits(*mode as u32)
+                        .ok_or_else(|| fail(Errno::INVAL))?;
+                    rustix::fs::fallocate(&fd, flags, *offset, *length)
+                        .map(|()| 1)
+                        .map_err(fail)
+                }
+                None => Ok(0),
+            },
+            Op::Times { entries } => {
+                let mut n = 0;
+                for e in entries.iter().filter(|e| !e.handle.is_none()) {
+                    let Some(fd) = open(&e.handle, OFlags::RDONLY)? else {
+                        continue;
+                    };
+                    let st = rustix::fs::fstat(&fd).map_err(fail)?;
+                    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                        continue;
+                    }
+                    let times = Timestamps {
+                        last_access: ts(e.atime),
+                        last_modification: ts(e.mtime),
+                    };
+                    rustix::fs::futimens(&fd, &times).map_err(fail)?;
+                    n += 1;
+                }
+                Ok(n)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    /// Start-up recovery after a power cut: bring the tree, which holds every record up to a
+    /// durable cursor and an unknown part of `window` (the records after it, in order), to the
+    /// state after the whole window, guided by the replay marker ([`crate::replay::plan`]).
+    /// Leaves the marker at the window's last record. A record that cannot be applied is
+    /// reported, and the others still are.
+    pub fn replay(&self, window: &[(u64, Op)]) -> Result<ReplayReport, ApplyError> {
+        let marker = self.marker().map_err(|e| ApplyError::Io {
+            op: "read the replay marker",
+            path: self.root_path.display().to_string(),
+            source: e.into(),
+        })?;
+        let mut report = ReplayReport {
+            marker,
+            ..ReplayReport::default()
+        };
+        for step in replay::plan(window, marker) {
+            let (seq, op) = &window[step.index];
+            let res = match step.how {
+                How::Handle => self.apply_by_handle(op).map(|n| {
+                    report.by_handle += 1;
+                    if n == 0 {
+                        report.gone += 1;
+                    }
+                }),
+                How::Path(mode) => {
+                    report.by_path += 1;
+                    if op.is_namespace() {
+                        self.set_marker(*seq).map_err(|e| ApplyError::Io {
+                            op: "set the replay marker",
+                            path: self.root_path.display().to_string(),
+                            source: e.into(),
+                        })?;
+                    }
+                    self.apply(op, mode)
+                }
+            };
+            if let Err(e) = res {
+                report.failed.push((*seq, e.to_string()));
+            }
+        }
+        report.skipped = window.len() - report.by_handle - report.by_path;
+        Ok(report)
+    }
+
     /// The names of the xattrs of `path` (none where the filesystem has no xattrs). Never
     /// follows a final symlink.
     pub fn xattr_names(&self, path: &[u8]) -> IoResult<Vec<Vec<u8>>> {
@@ -394,7 +639,7 @@ impl Tree {
         match rustix::fs::llistxattr(&p, &mut names[..]) {
             Ok(n) => Ok(names[..n]
                 .split(|c| *c == 0)
-                .filter(|n| !n.is_empty())
+                .filter(|n| !n.is_empty() && !n.starts_with(RESERVED_XATTR_PREFIX))
                 .map(<[u8]>::to_vec)
                 .collect()),
             Err(Errno::OPNOTSUPP) => Ok(Vec::new()),
@@ -813,6 +1058,7 @@ mod tests {
         .unwrap();
         t.apply(
             &Op::Write {
+                handle: crate::handle::Handle::none(),
                 path: b"a/f".to_vec(),
                 offset: 3,
                 data: b"xyz".to_vec(),
@@ -822,6 +1068,7 @@ mod tests {
         .unwrap();
         t.apply(
             &Op::Rename {
+                handle: crate::handle::Handle::none(),
                 from: b"a".to_vec(),
                 to: b"b".to_vec(),
                 flags: 0,
@@ -883,6 +1130,7 @@ mod tests {
         assert!([libc::ELOOP, libc::ENOTDIR].contains(&err.errno()), "{err}");
         assert!(!outside.path().join("pwned").exists());
         let op = Op::Write {
+            handle: crate::handle::Handle::none(),
             path: b"escape".to_vec(),
             offset: 0,
             data: b"x".to_vec(),
@@ -912,6 +1160,7 @@ mod tests {
         )
         .unwrap();
         let set = |atime, mtime| Op::SetAttr {
+            handle: crate::handle::Handle::none(),
             path: b"f".to_vec(),
             mode: None,
             uid: None,
@@ -1003,5 +1252,147 @@ mod tests {
         };
         t.apply(&replace(b"", root), ApplyMode::Live).unwrap();
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    /// The handle of what `path` names in `t`.
+    fn handle_of(t: &Tree, path: &[u8]) -> Handle {
+        Handle::of(t.open_at(path, OFlags::PATH).unwrap())
+    }
+
+    #[test]
+    fn replay_after_lost_writes_reaches_each_file_by_handle_and_skips_what_is_there() {
+        let (d, t) = tree();
+        if t.set_marker(0).is_err() {
+            eprintln!("no trusted xattrs here (not root?); skipped");
+            return;
+        }
+        let (uid, gid) = me();
+        let create = |p: &[u8]| Op::Create {
+            path: p.to_vec(),
+            mode: 0o644,
+            uid,
+            gid,
+        };
+        let write = |t: &Tree, p: &[u8], offset: u64, data: &[u8]| Op::Write {
+            path: p.to_vec(),
+            offset,
+            data: data.to_vec(),
+            handle: handle_of(t, p),
+        };
+        // The source's run: each record applied as it is logged, handles taken from the tree.
+        let mut window: Vec<(u64, Op)> = Vec::new();
+        let mut log = |t: &Tree, op: Op| {
+            let seq = window.len() as u64 + 1;
+            t.apply_logged(seq, &op).unwrap();
+            window.push((seq, op));
+        };
+        log(&t, create(b"a"));
+        log(&t, write(&t, b"a", 0, b"hello"));
+        let h = handle_of(&t, b"a");
+        log(
+            &t,
+            Op::Rename {
+                from: b"a".to_vec(),
+                to: b"b".to_vec(),
+                flags: 0,
+                handle: h,
+            },
+        );
+        log(&t, create(b"a"));
+        log(&t, write(&t, b"a", 0, b"new"));
+        log(
+            &t,
+            Op::Link {
+                existing: b"b".to_vec(),
+                new_path: b"c".to_vec(),
+            },
+        );
+        log(&t, write(&t, b"c", 0, b"HE"));
+        log(
+            &t,
+            Op::Unlink {
+                path: b"b".to_vec(),
+            },
+        );
+        log(
+            &t,
+            Op::Mkdir {
+                path: b"d".to_vec(),
+                mode: 0o755,
+                uid,
+                gid,
+            },
+        );
+        let h = handle_of(&t, b"c");
+        log(
+            &t,
+            Op::Rename {
+                from: b"c".to_vec(),
+                to: b"d/c".to_vec(),
+                flags: 0,
+                handle: h,
+            },
+        );
+        log(&t, create(b"d/x"));
+        log(&t, write(&t, b"d/x", 2, b"xy"));
+        assert_eq!(t.marker().unwrap(), Some(11));
+        // The power cut: the namespace survived, the contents did not.
+        for f in ["a", "d/c", "d/x"] {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(d.path().join(f))
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+        }
+        let report = t.replay(&window).unwrap();
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        assert_eq!(std::fs::read(d.path().join("a")).unwrap(), b"new");
+        assert_eq!(std::fs::read(d.path().join("d/c")).unwrap(), b"HEllo");
+        assert_eq!(std::fs::read(d.path().join("d/x")).unwrap(), b"\0\0xy");
+        assert!(!d.path().join("b").exists() && !d.path().join("c").exists());
+        // Replaying again changes nothing.
+        let again = t.replay(&window).unwrap();
+        assert!(again.failed.is_empty(), "{:?}", again.failed);
+        assert_eq!(std::fs::read(d.path().join("d/c")).unwrap(), b"HEllo");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn an_exchange_replayed_after_it_applied_is_not_undone() {
+        let (d, t) = tree();
+        if t.set_marker(0).is_err() {
+            eprintln!("no trusted xattrs here (not root?); skipped");
+            return;
+        }
+        std::fs::write(d.path().join("x"), b"x").unwrap();
+        std::fs::write(d.path().join("y"), b"y").unwrap();
+        let op = Op::Rename {
+            from: b"x".to_vec(),
+            to: b"y".to_vec(),
+            flags: libc::RENAME_EXCHANGE,
+            handle: handle_of(&t, b"x"),
+        };
+        t.apply_logged(1, &op).unwrap();
+        // The cut came after the exchange, before anything else: the marker names it.
+        let report = t.replay(&[(1, op)]).unwrap();
+        assert!(report.failed.is_empty());
+        assert_eq!(std::fs::read(d.path().join("x")).unwrap(), b"y");
+        assert_eq!(std::fs::read(d.path().join("y")).unwrap(), b"x");
+    }
+
+    #[test]
+    fn reserved_xattrs_are_never_listed() {
+        let (d, t) = tree();
+        if t.set_marker(7).is_err() {
+            return;
+        }
+        std::fs::write(d.path().join("f"), b"").unwrap();
+        assert!(t
+            .xattr_names(b"f")
+            .unwrap()
+            .iter()
+            .all(|n| !n.starts_with(RESERVED_XATTR_PREFIX)));
+        assert_eq!(t.marker().unwrap(), Some(7));
     }
 }

@@ -18,13 +18,16 @@
 
 pub mod apply;
 pub mod frame;
+pub mod handle;
 pub mod nvlog;
 pub mod path;
 pub mod record;
+pub mod replay;
 pub mod storage;
 pub mod summary;
 pub mod wire;
 
 pub use frame::{Frame, FrameError, FrameHeader};
+pub use handle::Handle;
 pub use nvlog::{NvLog, NvLogError};
 pub use record::{Entry, Op, TimesEntry, Timestamp};

@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::handle::Handle;
+
 /// A path relative to the volume root, as raw bytes (Linux file names need not be UTF-8).
 /// The empty path names the root itself. See [`crate::path`] for the rules it must obey.
 pub type RelPath = Vec<u8>;
@@ -105,6 +107,11 @@ pub enum Op {
         to: RelPath,
         /// `renameat2` flags.
         flags: u32,
+        /// The source's handle of the entry at `from`: recovery re-applying the one rename a
+        /// power cut may have interrupted applies it only if `from` still holds that entry
+        /// (an exchange applied twice would undo itself).
+        #[serde(default)]
+        handle: Handle,
     },
     /// Change attributes; absent fields stay as they are.
     SetAttr {
@@ -123,6 +130,10 @@ pub enum Op {
         atime: Option<Timestamp>,
         /// New modification time.
         mtime: Option<Timestamp>,
+        /// The source's handle of the file, when `size` is set (a truncate is re-applied by
+        /// handle at recovery, like a write).
+        #[serde(default)]
+        handle: Handle,
     },
     /// Write bytes at an offset of a regular file.
     Write {
@@ -134,6 +145,10 @@ pub enum Op {
         /// The bytes.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        /// The source's handle of the file written (see [`crate::handle`]): start-up recovery
+        /// re-applies the write to that inode wherever it is by then.
+        #[serde(default)]
+        handle: Handle,
     },
     /// `fallocate(2)` with its mode (allocate, keep size, punch hole, zero range).
     Fallocate {
@@ -146,6 +161,9 @@ pub enum Op {
         offset: u64,
         /// Length.
         length: u64,
+        /// The source's handle of the file.
+        #[serde(default)]
+        handle: Handle,
     },
     /// Set an extended attribute.
     SetXattr {
@@ -218,6 +236,10 @@ pub struct TimesEntry {
     pub atime: Timestamp,
     /// Its modification time.
     pub mtime: Timestamp,
+    /// The source's handle of a regular file (its times are re-applied by handle at recovery,
+    /// after the writes that changed them); none for other entries.
+    #[serde(default)]
+    pub handle: Handle,
 }
 
 /// What [`Op::Replace`] makes a path: an entry as it is on the source, without content, xattrs
@@ -283,7 +305,38 @@ impl Op {
             size: None,
             atime: Some(atime),
             mtime: Some(mtime),
+            handle: Handle::none(),
         }
+    }
+
+    /// True for the records that change the namespace (create, link, unlink, rename...): the
+    /// ones recovery must apply exactly once, guided by the replay marker (see
+    /// [`crate::replay`]).
+    pub fn is_namespace(&self) -> bool {
+        matches!(
+            self,
+            Op::Create { .. }
+                | Op::Mknod { .. }
+                | Op::Mkdir { .. }
+                | Op::Symlink { .. }
+                | Op::Link { .. }
+                | Op::Unlink { .. }
+                | Op::Rmdir { .. }
+                | Op::Rename { .. }
+                | Op::Replace { .. }
+        )
+    }
+
+    /// True for the records that change a file's content or size, which a power cut can take
+    /// from the page cache out of order with the namespace.
+    pub fn is_data(&self) -> bool {
+        matches!(
+            self,
+            Op::Write { .. }
+                | Op::Fallocate { .. }
+                | Op::CopyFileRange { .. }
+                | Op::SetAttr { size: Some(_), .. }
+        )
     }
 
     /// A short name for logs and metrics.
@@ -353,7 +406,13 @@ impl Op {
     /// Encode a write record straight from borrowed bytes, giving exactly the bytes
     /// `Op::Write { path, offset, data }.encode()` would, without first copying `data` into an
     /// owned `Op` (the hot path of large writes).
-    pub fn encode_write_into(out: &mut Vec<u8>, path: &[u8], offset: u64, data: &[u8]) {
+    pub fn encode_write_into(
+        out: &mut Vec<u8>,
+        path: &[u8],
+        offset: u64,
+        data: &[u8],
+        handle: &Handle,
+    ) {
         /// Same variant names and positions as `Op` up to `Write`, so the encoding is identical
         /// (checked by a test).
         #[derive(Serialize)]
@@ -374,11 +433,20 @@ impl Op {
                 offset: u64,
                 #[serde(with = "serde_bytes")]
                 data: &'a [u8],
+                handle: &'a Handle,
             },
         }
-        out.reserve(32 + path.len() + data.len());
-        rmp_serde::encode::write(out, &OpRef::Write { path, offset, data })
-            .expect("encoding a record into memory cannot fail");
+        out.reserve(48 + path.len() + data.len());
+        rmp_serde::encode::write(
+            out,
+            &OpRef::Write {
+                path,
+                offset,
+                data,
+                handle,
+            },
+        )
+        .expect("encoding a record into memory cannot fail");
     }
 
     /// A capacity guess that avoids reallocation for data-carrying records.
@@ -484,7 +552,8 @@ mod tests {
             (bytes(), bytes(), any::<u32>()).prop_map(|(from, to, flags)| Op::Rename {
                 from,
                 to,
-                flags
+                flags,
+                handle: Handle::none()
             }),
             (
                 bytes(),
@@ -502,20 +571,27 @@ mod tests {
                     gid,
                     size,
                     atime,
-                    mtime
+                    mtime,
+                    handle: Handle(vec![1, 0, 0, 0, 7, 7]),
                 }),
             (
                 bytes(),
                 any::<u64>(),
                 proptest::collection::vec(any::<u8>(), 0..4096)
             )
-                .prop_map(|(path, offset, data)| Op::Write { path, offset, data }),
+                .prop_map(|(path, offset, data)| Op::Write {
+                    path,
+                    offset,
+                    data,
+                    handle: Handle(vec![1, 0, 0, 0, 9])
+                }),
             (bytes(), any::<i32>(), any::<u64>(), any::<u64>()).prop_map(
                 |(path, mode, offset, length)| Op::Fallocate {
                     path,
                     mode,
                     offset,
-                    length
+                    length,
+                    handle: Handle::none()
                 }
             ),
             (bytes(), bytes(), bytes(), any::<i32>()).prop_map(|(path, name, value, flags)| {
@@ -531,7 +607,12 @@ mod tests {
             proptest::collection::vec((bytes(), ts(), ts()), 0..4).prop_map(|v| Op::Times {
                 entries: v
                     .into_iter()
-                    .map(|(path, atime, mtime)| TimesEntry { path, atime, mtime })
+                    .map(|(path, atime, mtime)| TimesEntry {
+                        path,
+                        atime,
+                        mtime,
+                        handle: Handle::none()
+                    })
                     .collect()
             }),
             (bytes(), any::<u64>(), bytes(), any::<u64>(), any::<u64>()).prop_map(
@@ -555,8 +636,9 @@ mod tests {
         #[test]
         fn borrowed_write_encoding_is_identical(path in bytes(), offset: u64, data in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let mut fast = Vec::new();
-            Op::encode_write_into(&mut fast, &path, offset, &data);
-            prop_assert_eq!(fast, Op::Write { path, offset, data }.encode());
+            let handle = Handle(path.clone());
+            Op::encode_write_into(&mut fast, &path, offset, &data, &handle);
+            prop_assert_eq!(fast, Op::Write { path, offset, data, handle }.encode());
         }
 
         #[test]
