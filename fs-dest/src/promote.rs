@@ -456,6 +456,16 @@ pub async fn demote(engine: &Arc<Engine>, name: &str) -> Result<Outcome, Promote
             }
         }
         sync_dir(&source.journal_dir)?;
+        // The image's replay marker counts the old stream's records.
+        let tree = source.image_tree().map_err(|e| PromoteError::Apply {
+            name: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        tree.clear_marker().map_err(|e| PromoteError::Io {
+            what: "cannot remove the replay marker of",
+            path: source.image_dir.clone(),
+            source: e.into(),
+        })?;
         engine.slots.set_applied(source.slot, 0);
         engine.slots.flush(source.slot)?;
         source.applied_seq.store(0, Ordering::Release);

@@ -233,9 +233,11 @@ async fn flush_through(mirror: &Arc<Mirror>, seq: u64) -> Result<(), String> {
 /// started.
 async fn sync_backing(mirror: &Arc<Mirror>, backing: &Arc<OwnedFd>) -> Result<(), String> {
     let point = mirror.durable_point();
+    let marker = proto::apply::marker_of(&**backing)
+        .map_err(|e| format!("reading the replay marker of the backing directory: {e}"))?;
     syncfs(backing).await?;
     let m = mirror.clone();
-    tokio::task::spawn_blocking(move || m.set_durable(point))
+    tokio::task::spawn_blocking(move || m.set_durable(point, marker))
         .await
         .map_err(|e| format!("durable cursor task: {e}"))?
         .map_err(|e| format!("flushing the durable cursor to NVRAM: {e}"))

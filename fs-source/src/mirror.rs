@@ -45,6 +45,10 @@ mod cursor {
     /// Highest sequence number known durable on the backing volume: every record up to it was
     /// applied before a `syncfs` that completed. Start-up recovery replays from here.
     pub const DURABLE_SEQ: usize = 80;
+    /// The backing root's replay marker (generation, sequence number) when the `syncfs` that
+    /// moved the durable cursor began: a backing directory whose marker is behind it lacks
+    /// records a CP made durable (a copy or a restore older than this NVRAM).
+    pub const DURABLE_MARKER: usize = 88;
 }
 
 /// Requests to the CP driver.
@@ -967,16 +971,32 @@ impl Mirror {
     /// A `syncfs` of the backing volume that started at `point` (see
     /// [`Mirror::durable_point`]) completed: recovery need not replay records up to it. Flushed
     /// before any partition holding them is freed.
-    pub fn set_durable(&self, point: u64) -> std::io::Result<()> {
+    pub fn set_durable(
+        &self,
+        point: u64,
+        marker: Option<proto::replay::Marker>,
+    ) -> std::io::Result<()> {
         let s = lock(&self.seq);
         let mut v = [0u8; 8];
         s.nvlog.read_user(cursor::DURABLE_SEQ, &mut v);
-        if u64::from_le_bytes(v) >= point {
+        let durable = u64::from_le_bytes(v);
+        if durable >= point && marker.is_none() {
             return Ok(());
         }
         s.nvlog
-            .write_user(cursor::DURABLE_SEQ, &point.to_le_bytes());
-        s.nvlog.flush_user(cursor::DURABLE_SEQ, 8)
+            .write_user(cursor::DURABLE_SEQ, &point.max(durable).to_le_bytes());
+        if let Some(m) = marker {
+            s.nvlog.write_user(cursor::DURABLE_MARKER, &m.encode());
+        }
+        s.nvlog.flush_user(cursor::DURABLE_SEQ, 24)
+    }
+
+    /// The backing root's marker recorded with the durable cursor (see `DURABLE_MARKER`).
+    pub fn durable_marker(&self) -> Option<proto::replay::Marker> {
+        let s = lock(&self.seq);
+        let mut v = [0u8; 16];
+        s.nvlog.read_user(cursor::DURABLE_MARKER, &mut v);
+        proto::replay::Marker::decode(&v).filter(|m| m.seq > 0)
     }
 }
 

@@ -23,6 +23,18 @@ pub fn recover(mirror: &Mirror, tree: &Tree, nvram: Recovery) -> anyhow::Result<
             tree.root_path().display()
         )
     })?;
+    if let (Some(m), Some(d)) = (marker, mirror.durable_marker()) {
+        if d.generation == mirror.generation() && m < d.seq {
+            anyhow::bail!(
+                "the backing directory {} is older than the NVRAM: it lacks record {} and \
+                 maybe others a consistency point had made durable (its replay marker says {m}); \
+                 is it a copy or a restore? Mount it with the NVRAM file it was written with, \
+                 or with a fresh NVRAM file (the destination then decides what it lacks)",
+                tree.root_path().display(),
+                d.seq
+            );
+        }
+    }
     let from = if marker.is_some() {
         nvram.durable
     } else {
@@ -44,18 +56,15 @@ pub fn recover(mirror: &Mirror, tree: &Tree, nvram: Recovery) -> anyhow::Result<
             window.push((seq, op));
         }
     }
-    let Some(last) = last else {
-        if marker.is_none() {
-            tree.set_marker(0).context("setting the replay marker")?;
-        }
-        return Ok(());
-    };
+    // Whatever the marker said (another generation's, or a promoted image's), from now on it
+    // counts this NVRAM's records: every one up to the last logged is in the tree.
+    let position = mirror.durable_point();
     if window.is_empty() {
-        if marker.is_none() {
-            tree.set_marker(last).context("setting the replay marker")?;
-        }
+        tree.set_marker(position)
+            .context("setting the replay marker")?;
         return Ok(());
     }
+    let last = last.unwrap_or(position);
     let report = tree
         .replay(&window)
         .with_context(|| format!("replaying NVRAM onto {}", tree.root_path().display()))?;
@@ -74,9 +83,8 @@ pub fn recover(mirror: &Mirror, tree: &Tree, nvram: Recovery) -> anyhow::Result<
         failed = report.failed.len(),
         "replayed NVRAM records onto the backing directory"
     );
-    if marker.is_none() {
-        tree.set_marker(last).context("setting the replay marker")?;
-    }
+    tree.set_marker(position.max(last))
+        .context("setting the replay marker")?;
     let root = tree
         .open_at(
             b"",
@@ -85,6 +93,6 @@ pub fn recover(mirror: &Mirror, tree: &Tree, nvram: Recovery) -> anyhow::Result<
         .context("opening the backing directory")?;
     rustix::fs::syncfs(&root).context("syncfs of the backing directory after recovery")?;
     mirror.set_applied(last)?;
-    mirror.set_durable(last)?;
+    mirror.set_durable(last, proto::apply::marker_of(&root)?)?;
     Ok(())
 }

@@ -37,6 +37,17 @@ pub const RESERVED_XATTR_PREFIX: &[u8] = b"trusted.nvmirror.";
 /// The xattr of a tree's root holding its replay marker (see [`crate::replay`]).
 pub const MARKER_XATTR: &str = "trusted.nvmirror.replay";
 
+/// The replay marker of the tree whose root `root` is (a readable descriptor), whatever its
+/// generation: what a daemon records beside its durable cursor.
+pub fn marker_of(root: impl AsFd) -> IoResult<Option<replay::Marker>> {
+    let mut v = [0u8; 32];
+    match rustix::fs::fgetxattr(root, MARKER_XATTR, &mut v[..]) {
+        Ok(n) => Ok(replay::Marker::decode(&v[..n])),
+        Err(Errno::NODATA | Errno::OPNOTSUPP) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// How tolerant [`Tree::apply`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApplyMode {
@@ -473,16 +484,10 @@ impl Tree {
     /// application began (see [`crate::replay`]); `None` when it never had one, or had one of
     /// another generation.
     pub fn marker(&self) -> IoResult<Option<u64>> {
-        let mut v = [0u8; 32];
-        match rustix::fs::fgetxattr(&self.root_dir, MARKER_XATTR, &mut v[..]) {
-            Ok(n) => Ok(replay::Marker::decode(&v[..n])
-                .filter(|m| {
-                    m.generation == self.generation.load(std::sync::atomic::Ordering::Acquire)
-                })
-                .map(|m| m.seq)),
-            Err(Errno::NODATA | Errno::OPNOTSUPP) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        Ok(marker_of(&self.root_dir)?
+            .filter(|m| m.generation == generation)
+            .map(|m| m.seq))
     }
 
     /// Store the replay marker. Metadata like the namespace change that follows it, so a
@@ -498,6 +503,15 @@ impl Tree {
             &marker.encode(),
             XattrFlags::empty(),
         )
+    }
+
+    /// Remove the replay marker: the sequence numbers that will be applied next start again
+    /// (a demoted source mirrors anew from 1), so the old marker says nothing about them.
+    pub fn clear_marker(&self) -> IoResult<()> {
+        match rustix::fs::fremovexattr(&self.root_dir, MARKER_XATTR) {
+            Ok(()) | Err(Errno::NODATA | Errno::OPNOTSUPP) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Apply record `seq` as a new operation, setting the replay marker first when it changes

@@ -570,3 +570,43 @@ fn records_lost_from_source_nvram_are_fetched_back_from_the_destination() {
     h.cp();
     nvmirror_e2e::assert_trees_equal(h.backing(), &h.image());
 }
+
+#[test]
+fn a_backing_directory_older_than_its_nvram_is_refused() {
+    const TEST: &str = "damage_old_backing";
+    require_mount!(TEST);
+    let mut h = start(TEST);
+    fs::write(h.mnt().join("a"), "alpha\n").expect("write a");
+    h.cp();
+    let backing = h.backing().to_path_buf();
+    let old = h.dir.join("old-backing");
+    nvmirror_e2e::run_ok(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&backing)
+            .arg(&old),
+    );
+    // Changes a CP makes durable after the copy was taken.
+    fs::create_dir(h.mnt().join("d")).expect("mkdir d");
+    fs::write(h.mnt().join("d/b"), "bravo\n").expect("write d/b");
+    h.cp();
+    h.kill_source();
+    h.detach_source();
+    // The backing directory is replaced by the older copy (a restore): replaying this NVRAM's
+    // records onto it would build a tree that is neither.
+    fs::remove_dir_all(&backing).expect("remove backing");
+    fs::rename(&old, &backing).expect("restore the old copy");
+    let err = h
+        .restart_source(&small_source("alpha"))
+        .err()
+        .expect("a backing directory older than the NVRAM must be refused");
+    let text = format!("{err}");
+    assert!(
+        text.contains("older than the NVRAM") && text.contains("fresh NVRAM"),
+        "the refusal says what is wrong and what to do: {text}"
+    );
+    assert!(
+        !backing.join("d").exists(),
+        "nothing was replayed onto the refused directory"
+    );
+}

@@ -114,9 +114,12 @@ fn source_lost_promote_fence_failback() {
         );
     }
     c.cp(&mnt);
-    // The old host's state as of now, for its return later.
+    // The old host's state as of now (backing directory and NVRAM together), for its return
+    // later.
     let old_backing = c.dir.join("old-backing");
     cp_a(&backing, &old_backing);
+    let old_nvram = c.dir.join("old.nvram");
+    fs::copy(&nvram, &old_nvram).expect("copy the NVRAM");
 
     // Phase 2: acknowledged writes after the last CP, only in NVRAM/journals on the destination.
     for i in 0..25 {
@@ -164,7 +167,7 @@ fn source_lost_promote_fence_failback() {
         .mount_source(
             NAME,
             &old_backing,
-            &nvram,
+            &old_nvram,
             &["--partition-size", "65536", "--connect-wait-ms", "20000"],
             "old",
         )
