@@ -9,3 +9,5 @@ pub const REPLACED: u32 = 2;
 pub const SHUTDOWN: u32 = 3;
 /// The source was promoted (fenced) while connected.
 pub const FENCED: u32 = 4;
+/// The source's certificate was revoked (`fs-dest certs revoke`) while connected.
+pub const REVOKED: u32 = 5;

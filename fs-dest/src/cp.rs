@@ -46,6 +46,7 @@ pub async fn worker(
     mut rx: mpsc::UnboundedReceiver<CpJob>,
 ) {
     while let Some(job) = rx.recv().await {
+        source.cp_queued.fetch_sub(1, Ordering::AcqRel);
         let out = match run_cp(&engine, &source, job.last_seq).await {
             Ok(outcome) => {
                 let (out_of_sync, out_of_sync_total) = {
@@ -208,6 +209,9 @@ pub fn apply_through(
             }
         }
     }
+    let marker_done = tree
+        .marker_done()
+        .map_err(|e| image_err("reading the replay marker", e))?;
     let steps = proto::replay::plan(&window, Some(marker));
     if marker > floor + 1 {
         tracing::info!(source = %source.name, floor, marker, same_mount,
@@ -238,11 +242,32 @@ pub fn apply_through(
         };
         let kept_dir = matches!(op, Op::Replace { path, entry: proto::Entry::Dir { .. } }
             if tree.stat(path).is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory));
+        let exchange = matches!(op, Op::Rename { flags, .. } if flags & libc::RENAME_EXCHANGE != 0);
+        if exchange && *seq == marker && mode == proto::apply::ApplyMode::Replay {
+            // Applied twice an exchange undoes itself: only the marker can say whether the
+            // interrupted CP got through it.
+            if marker_done {
+                continue;
+            }
+            if !same_mount {
+                changed = true;
+                lock(&source.divergences).add(
+                    &op.paths(),
+                    *seq,
+                    "an exchange a power cut may have interrupted",
+                );
+            }
+        }
         if op.is_namespace() {
             tree.set_marker(*seq)
                 .map_err(|e| image_err("setting the replay marker", e))?;
         }
-        match tree.apply(op, mode) {
+        let applied = tree.apply(op, mode);
+        if exchange && applied.is_ok() {
+            tree.set_marker_done(*seq)
+                .map_err(|e| image_err("setting the replay marker", e))?;
+        }
+        match applied {
             Ok(()) => {
                 let mut d = lock(&source.divergences);
                 if !d.is_empty() {

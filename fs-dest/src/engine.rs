@@ -132,6 +132,9 @@ pub struct Source {
     pub connection: Mutex<Option<(u64, quinn::Connection)>>,
     /// Queue of its CP worker.
     pub cp_tx: mpsc::UnboundedSender<CpJob>,
+    /// CP requests sent to the worker and not yet taken: a source may have only
+    /// [`MAX_QUEUED_CPS`] waiting (a legitimate one has one or two).
+    pub cp_queued: std::sync::atomic::AtomicUsize,
     /// The image tree, opened at the first CP.
     pub tree: Mutex<Option<Arc<proto::apply::Tree>>>,
     /// Paths of the image known to differ from the source (`ROOT/NAME/out-of-sync`).
@@ -238,6 +241,9 @@ pub enum EngineError {
     /// The slot table refused.
     #[error(transparent)]
     Slot(#[from] crate::error::SlotError),
+    /// A source name that may not name a directory.
+    #[error(transparent)]
+    Name(#[from] crate::error::CertError),
     /// A record was too large for a destination partition.
     #[error("record {seq} of {len} bytes does not fit in a destination NVLOG partition ({capacity} bytes)")]
     TooLarge {
@@ -431,7 +437,18 @@ pub struct Engine {
     /// Set when the server stops.
     pub shutdown: AtomicBool,
     next_conn_id: AtomicU64,
+    /// Connections not yet past their `Hello`: at most [`MAX_UNAUTHENTICATED`] at once, so a
+    /// flood of handshakes cannot grow the destination's memory without bound.
+    pub pre_auth: Arc<tokio::sync::Semaphore>,
+    /// Connections turned away because [`Engine::pre_auth`] was exhausted (logged in bursts).
+    pub pre_auth_refused: AtomicU64,
 }
+
+/// Most connections at once between the start of their handshake and a valid `Hello`.
+pub const MAX_UNAUTHENTICATED: usize = 64;
+
+/// Most CP requests of one source queued at its CP worker.
+pub const MAX_QUEUED_CPS: usize = 8;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -456,12 +473,32 @@ fn mkdir(path: &Path) -> Result<(), EngineError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o755)
+        .mode(0o700)
         .create(path)
         .map_err(|source| EngineError::Io {
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// Make `dir` (which exists) root-only, 0700: the destination's root, each source's directory
+/// and its journals. An image holds whatever its source sent (setuid binaries, device nodes),
+/// and local users of the destination must not reach it other than through `browse`.
+fn private(dir: &Path) -> Result<(), EngineError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| EngineError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let md = std::fs::symlink_metadata(dir).map_err(io)?;
+    if !md.is_dir() {
+        return Err(io(std::io::Error::other("not a directory")));
+    }
+    if md.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        tracing::info!(dir = %dir.display(), "made root-only (0700)");
+    }
+    Ok(())
 }
 
 impl Engine {
@@ -470,6 +507,7 @@ impl Engine {
     pub fn open(root: &Path, nvram: &Path, geometry: Geometry) -> Result<Arc<Engine>, EngineError> {
         geometry.validate()?;
         mkdir(root)?;
+        private(root)?;
         let (storage, _) =
             MmapStorage::open(nvram, geometry.region_len()).map_err(NvLogError::Io)?;
         let storage = Arc::new(storage);
@@ -518,6 +556,8 @@ impl Engine {
             freed,
             shutdown: AtomicBool::new(false),
             next_conn_id: AtomicU64::new(1),
+            pre_auth: Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED)),
+            pre_auth_refused: AtomicU64::new(0),
         });
         for (index, slot) in engine.slots.load_all() {
             let none = BTreeSet::new();
@@ -553,6 +593,8 @@ impl Engine {
         let journal_dir = base.join("journal");
         mkdir(&image_dir)?;
         mkdir(&journal_dir)?;
+        private(&base)?;
+        private(&journal_dir)?;
         let mut journals = BTreeMap::new();
         let mut in_journals: BTreeSet<u64> = BTreeSet::new();
         let entries = std::fs::read_dir(&journal_dir).map_err(|source| EngineError::Io {
@@ -628,6 +670,7 @@ impl Engine {
             stats: Stats::default(),
             connection: Mutex::new(None),
             cp_tx,
+            cp_queued: std::sync::atomic::AtomicUsize::new(0),
             tree: Mutex::new(None),
             divergences: Mutex::new(divergences),
             baseline_needed: std::sync::atomic::AtomicBool::new(baseline_needed),
@@ -651,6 +694,8 @@ impl Engine {
         if let Some(s) = lock(&self.sources).get(name) {
             return Ok(s.clone());
         }
+        // ROOT/NAME is built from it: checked here too, not only where certificates are read.
+        crate::certs::validate_name(name)?;
         let (index, slot) = self.slots.find_or_allocate(name)?;
         self.add_source(index, slot, &BTreeSet::new())
     }

@@ -37,6 +37,14 @@ pub enum CertError {
         /// The name given.
         name: String,
     },
+    /// A certificate or the revocation list could not be parsed.
+    #[error("{path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// A --san value is neither an IP address nor a DNS name.
     #[error("invalid subject alternative name {0:?}")]
     BadSan(String),

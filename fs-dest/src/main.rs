@@ -19,8 +19,10 @@ mod error;
 mod fetch;
 mod image_state;
 mod journal;
+mod peer;
 mod promote;
 mod reseed;
+mod revocation;
 mod server;
 mod session;
 mod slots;
@@ -108,6 +110,32 @@ enum CertsCommand {
     },
     /// Issue a source's client certificate (DIR/NAME.pem, DIR/NAME.key).
     Issue {
+        /// Directory holding the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The source's name.
+        #[arg(long)]
+        name: String,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = certs::DEFAULT_SOURCE_DAYS)]
+        days: u32,
+    },
+    /// Renew a source's certificate: a new key and certificate replace DIR/NAME.pem and
+    /// DIR/NAME.key (the source uses them from its next connection).
+    Renew {
+        /// Directory holding the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The source's name.
+        #[arg(long)]
+        name: String,
+        /// Days the new certificate is valid.
+        #[arg(long, default_value_t = certs::DEFAULT_SOURCE_DAYS)]
+        days: u32,
+    },
+    /// Revoke a source's certificate (DIR/NAME.pem): a running `fs-dest serve --tls DIR`
+    /// refuses it from then on and closes its connection within seconds.
+    Revoke {
         /// Directory holding the CA.
         #[arg(long)]
         dir: PathBuf,
@@ -223,10 +251,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dir.display()
                 );
             }
-            CertsCommand::Issue { dir, name } => {
-                certs::issue(&dir, &name)
+            CertsCommand::Issue { dir, name, days } => {
+                certs::issue(&dir, &name, days)
                     .with_context(|| format!("certs issue {name} in {}", dir.display()))?;
-                println!("fs-dest: wrote {}/{{{name}.pem,{name}.key}}", dir.display());
+                println!(
+                    "fs-dest: wrote {}/{{{name}.pem,{name}.key}} (valid for {days} days)",
+                    dir.display()
+                );
+            }
+            CertsCommand::Renew { dir, name, days } => {
+                certs::renew(&dir, &name, days)
+                    .with_context(|| format!("certs renew {name} in {}", dir.display()))?;
+                println!(
+                    "fs-dest: renewed {}/{{{name}.pem,{name}.key}} (valid for {days} days)",
+                    dir.display()
+                );
+            }
+            CertsCommand::Revoke { dir, name } => {
+                let r = certs::revoke(&dir, &name)
+                    .with_context(|| format!("certs revoke {name} in {}", dir.display()))?;
+                println!(
+                    "fs-dest: revoked the certificate of {name} (serial {}); {} lists it; the old \
+                     certificate is now {}",
+                    r.serial,
+                    certs::crl_path(&dir).display(),
+                    r.moved_to.display()
+                );
             }
         },
         Command::Serve(a) => {

@@ -84,17 +84,31 @@ fn lock_root(root: &Path) -> Result<OwnedFd, ServeError> {
     }
 }
 
+/// The control socket `ROOT/fs-dest.sock`: 0600 in ROOT made root-only (0700, owned by us;
+/// the images under it are other users' files too), each connection checked with SO_PEERCRED
+/// by [`status::serve_socket`]. A ROOT owned by another user gets no socket.
 fn bind_status_socket(root: &Path) -> Option<tokio::net::UnixListener> {
     let path = status::socket_path(root);
+    let unreachable = "`fs-dest status`, `promote` and `demote` will not reach this server";
+    if let Err(e) = crate::peer::private_dir(root) {
+        tracing::warn!(socket = %path.display(), error = %e, "not creating the status socket; {unreachable}");
+        return None;
+    }
     // We hold the root lock, so a socket file left here belongs to a dead server.
     let _ = std::fs::remove_file(&path);
-    match tokio::net::UnixListener::bind(&path) {
-        Ok(l) => Some(l),
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
         Err(e) => {
-            tracing::warn!(socket = %path.display(), error = %e, "cannot create the status socket; `fs-dest status` will not reach this server");
-            None
+            tracing::warn!(socket = %path.display(), error = %e, "cannot create the status socket; {unreachable}");
+            return None;
         }
+    };
+    if let Err(e) = crate::peer::restrict_socket(&path) {
+        tracing::warn!(socket = %path.display(), error = %e, "not serving the status socket; {unreachable}");
+        let _ = std::fs::remove_file(&path);
+        return None;
     }
+    Some(listener)
 }
 
 /// File in ROOT recording the NVRAM file and geometry of the last `serve`, so that commands
@@ -219,6 +233,7 @@ pub struct Server {
     flusher: std::thread::JoinHandle<()>,
     destager: std::thread::JoinHandle<()>,
     status_task: Option<tokio::task::JoinHandle<()>>,
+    tls_dir: PathBuf,
     _root_lock: OwnedFd,
 }
 
@@ -260,6 +275,7 @@ impl Server {
             flusher,
             destager,
             status_task,
+            tls_dir: opts.tls_dir,
             _root_lock: root_lock,
         })
     }
@@ -272,6 +288,13 @@ impl Server {
     /// Accept connections (one task each) until `stop` completes.
     pub async fn accept_until(&self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
+        // Revocations (`certs revoke`) take effect while we serve.
+        let watcher = tokio::spawn(crate::revocation::watch(
+            self.engine.clone(),
+            self.endpoint.clone(),
+            self.tls_dir.clone(),
+        ));
+        let _stop_watcher = AbortOnDrop(watcher);
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => match incoming {
@@ -336,4 +359,13 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         .await;
     server.shutdown().await;
     Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

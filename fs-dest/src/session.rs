@@ -44,10 +44,29 @@ enum SessionError {
 /// Serve one incoming connection until it ends.
 pub async fn handle(engine: Arc<Engine>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
+    let Ok(permit) = engine.pre_auth.clone().try_acquire_owned() else {
+        let n = engine.pre_auth_refused.fetch_add(1, Ordering::Relaxed);
+        if n.is_power_of_two() {
+            tracing::warn!(%remote, refused = n + 1,
+                "too many connections still in their handshake; refusing new ones");
+        }
+        incoming.refuse();
+        return;
+    };
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
-            tracing::info!(%remote, error = %e, "connection refused during the TLS handshake");
+            let text = e.to_string();
+            let why = if text.contains("Revoked") || text.contains("revoked") {
+                "a revoked client certificate (fs-dest certs revoke)"
+            } else if text.contains("xpired") {
+                "an expired client certificate (renew it: fs-dest certs renew)"
+            } else if text.contains("NotValidYet") || text.contains("not valid yet") {
+                "a client certificate not valid yet (check the clocks)"
+            } else {
+                "the TLS handshake failed"
+            };
+            tracing::warn!(%remote, error = %e, "connection refused: {why}");
             return;
         }
     };
@@ -60,12 +79,15 @@ pub async fn handle(engine: Arc<Engine>, incoming: quinn::Incoming) {
         }
     };
     tracing::debug!(%remote, source = %name, "connection");
-    if let Err(e) = serve(&engine, &conn, &name).await {
+    if let Err(e) = serve(&engine, &conn, &name, permit).await {
         tracing::info!(%remote, source = %name, error = %e, "connection ended");
     }
 }
 
-async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, SessionError> {
+async fn read_message(
+    recv: &mut RecvStream,
+    limit: usize,
+) -> Result<Option<Message>, SessionError> {
     let mut h = [0u8; wire::HEADER_LEN];
     match recv.read_exact(&mut h).await {
         Ok(()) => {}
@@ -73,6 +95,9 @@ async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, SessionE
         Err(e) => return Err(e.into()),
     }
     let (kind, len) = wire::parse_header(&h)?;
+    if len > limit {
+        return Err(wire::WireError::TooLarge(len).into());
+    }
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body).await?;
     Ok(Some(wire::decode_body(kind, body)?))
@@ -94,11 +119,12 @@ async fn serve(
     engine: &Arc<Engine>,
     conn: &quinn::Connection,
     name: &str,
+    pre_auth: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), SessionError> {
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))??;
-    let first = tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut recv))
+    let first = tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut recv, wire::MAX_HELLO_LEN))
         .await
         .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))??;
     let refuse = |reason: String| Control::Refused { reason };
@@ -202,6 +228,10 @@ async fn serve(
         ingest.conn_id = conn_id;
         ingest.next_seq
     };
+    // Past its Hello: no longer counted among the connections still to prove themselves, and
+    // given the full receive window.
+    drop(pre_auth);
+    conn.set_receive_window(quinn::VarInt::from_u32(crate::tls::RECEIVE_WINDOW));
     engine.wait_flushed().await;
     let (out_of_sync, out_of_sync_total) = {
         let d = lock(&source.divergences);
@@ -250,7 +280,7 @@ async fn reader(
 ) -> Result<(), SessionError> {
     let capacity = engine.geometry.capacity();
     loop {
-        let msg = match read_message(recv).await {
+        let msg = match read_message(recv, wire::MAX_MESSAGE_LEN).await {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(()),
             Err(SessionError::Wire(e)) => {
@@ -323,7 +353,19 @@ async fn reader(
                     last_seq,
                     reply: tx.clone(),
                 };
+                if source.cp_queued.fetch_add(1, Ordering::AcqRel) >= crate::engine::MAX_QUEUED_CPS
+                {
+                    source.cp_queued.fetch_sub(1, Ordering::AcqRel);
+                    let reason = format!(
+                        "more than {} CP requests queued; closing the connection",
+                        crate::engine::MAX_QUEUED_CPS
+                    );
+                    tracing::warn!(source = %source.name, "{reason}");
+                    let _ = tx.send(Out::Fatal(Control::Error { seq: None, reason }));
+                    return Ok(());
+                }
                 if source.cp_tx.send(job).is_err() {
+                    source.cp_queued.fetch_sub(1, Ordering::AcqRel);
                     let _ = tx.send(Out::Fatal(Control::Error {
                         seq: None,
                         reason: "the CP worker has stopped".into(),

@@ -228,16 +228,35 @@ pub enum StatusError {
         /// Why.
         reason: String,
     },
+    /// The socket, its directory or the process serving it is not root's or the caller's, so
+    /// its answers cannot be trusted.
+    #[error("not using the status socket: {0}")]
+    Untrusted(crate::peer::AccessError),
+    /// The caller may not reach the socket (another user than root or the server's).
+    #[error(
+        "cannot reach the status socket: {0} (it is reachable by root and the server's user only)"
+    )]
+    Denied(crate::peer::AccessError),
+    /// The server refused this caller.
+    #[error("status socket {path}: the server refused the request: {reason}")]
+    Refused {
+        /// The socket.
+        path: PathBuf,
+        /// What the server said.
+        reason: String,
+    },
 }
 
-/// Ask the server running on `root`; `Ok(None)` when no server listens.
-pub fn query(root: &Path) -> Result<Option<StatusReport>, StatusError> {
-    let path = socket_path(root);
-    let io = |source| StatusError::Io {
-        path: path.clone(),
-        source,
-    };
-    let mut stream = match UnixStream::connect(&path) {
+/// Connect to the server's socket at `path` if one serves there and it, its directory and the
+/// process behind it are root's or the caller's; `Ok(None)` when no server listens.
+fn connect(path: &Path) -> Result<Option<UnixStream>, StatusError> {
+    match crate::peer::check_socket(path) {
+        Ok(()) => {}
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) if e.is_permission_denied() => return Err(StatusError::Denied(e)),
+        Err(e) => return Err(StatusError::Untrusted(e)),
+    }
+    let stream = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(e)
             if matches!(
@@ -247,7 +266,38 @@ pub fn query(root: &Path) -> Result<Option<StatusReport>, StatusError> {
         {
             return Ok(None)
         }
-        Err(e) => return Err(io(e)),
+        Err(source) => {
+            return Err(StatusError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    crate::peer::check_server(&stream, path).map_err(StatusError::Untrusted)?;
+    Ok(Some(stream))
+}
+
+/// A refusal line from [`serve_socket`], as an error.
+fn refusal(path: &Path, v: &serde_json::Value) -> Option<StatusError> {
+    (v.get("refused").and_then(|r| r.as_bool()) == Some(true)).then(|| StatusError::Refused {
+        path: path.to_path_buf(),
+        reason: v
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("no reason given")
+            .to_string(),
+    })
+}
+
+/// Ask the server running on `root`; `Ok(None)` when no server listens.
+pub fn query(root: &Path) -> Result<Option<StatusReport>, StatusError> {
+    let path = socket_path(root);
+    let io = |source| StatusError::Io {
+        path: path.clone(),
+        source,
+    };
+    let Some(mut stream) = connect(&path)? else {
+        return Ok(None);
     };
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -255,12 +305,15 @@ pub fn query(root: &Path) -> Result<Option<StatusReport>, StatusError> {
     stream.write_all(b"{\"cmd\":\"status\"}\n").map_err(io)?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line).map_err(io)?;
-    serde_json::from_str(&line)
-        .map(Some)
-        .map_err(|e| StatusError::Reply {
-            path: path.clone(),
-            reason: e.to_string(),
-        })
+    let reply = |e: serde_json::Error| StatusError::Reply {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(reply)?;
+    if let Some(e) = refusal(&path, &v) {
+        return Err(e);
+    }
+    serde_json::from_value(v).map(Some).map_err(reply)
 }
 
 /// What the server answered to a promote/demote request.
@@ -287,17 +340,8 @@ pub fn role_request(
         path: path.clone(),
         source,
     };
-    let mut stream = match UnixStream::connect(&path) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(RoleReply::NoServer)
-        }
-        Err(e) => return Err(io(e)),
+    let Some(mut stream) = connect(&path)? else {
+        return Ok(RoleReply::NoServer);
     };
     let mut req = serde_json::json!({ "cmd": cmd, "source": source }).to_string();
     req.push('\n');
@@ -311,6 +355,9 @@ pub fn role_request(
             path: path.clone(),
             reason: e.to_string(),
         })?;
+        if let Some(e) = refusal(&path, &v) {
+            return Err(e);
+        }
         if let Some(p) = v.get("progress") {
             if let Ok(p) = serde_json::from_value(p.clone()) {
                 progress(p);
@@ -408,12 +455,30 @@ pub fn render(r: &StatusReport) -> String {
     s
 }
 
-/// Serve status requests on `path` until the task is dropped.
+/// Serve status requests on `path` until the task is dropped. Only root and the server's own
+/// user are served; anyone else gets one JSON line saying why (see [`refuse`]).
 pub async fn serve_socket(engine: Arc<Engine>, listener: tokio::net::UnixListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        if let Err(why) = crate::peer::admit(&stream) {
+            match &why {
+                crate::peer::Refusal::Stranger { peer, .. } => tracing::warn!(
+                    uid = peer.uid,
+                    pid = peer.pid,
+                    "status socket: refused a connection from uid {} (pid {}): only root and \
+                     the server's own user may use it",
+                    peer.uid,
+                    peer.pid
+                ),
+                crate::peer::Refusal::Unknown(e) => {
+                    tracing::warn!("status socket: refused a connection: {e}")
+                }
+            }
+            tokio::spawn(refuse(stream, why.to_string()));
+            continue;
+        }
         let engine = engine.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
@@ -474,4 +539,20 @@ pub async fn serve_socket(engine: Arc<Engine>, listener: tokio::net::UnixListene
             }
         });
     }
+}
+
+/// Answer a client that may not use the socket: its request line is read first (at most
+/// 4 KiB, for at most 5 s) so that closing does not reset the connection before the client
+/// reads the answer, then one line `{"refused":true,"error":...}`.
+async fn refuse(stream: tokio::net::UnixStream, why: String) {
+    use tokio::io::AsyncReadExt as _;
+    let (rd, mut wr) = stream.into_split();
+    let mut line = String::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::BufReader::new(rd.take(4096)).read_line(&mut line),
+    )
+    .await;
+    let reply = serde_json::json!({ "refused": true, "error": why });
+    let _ = wr.write_all(format!("{reply}\n").as_bytes()).await;
 }

@@ -63,7 +63,7 @@ impl Harness {
         let tls = dir.path().join("tls");
         crate::certs::init(&tls, &[]).unwrap();
         for s in sources {
-            crate::certs::issue(&tls, s).unwrap();
+            crate::certs::issue(&tls, s, 30).unwrap();
         }
         let mut h = Harness {
             root: dir.path().join("root"),
@@ -250,9 +250,9 @@ async fn mutual_tls_accepts_issued_certificates_and_refuses_others() {
     let ours = dir.path().join("ours");
     let theirs = dir.path().join("theirs");
     crate::certs::init(&ours, &[]).unwrap();
-    crate::certs::issue(&ours, "alpha").unwrap();
+    crate::certs::issue(&ours, "alpha", 30).unwrap();
     crate::certs::init(&theirs, &[]).unwrap();
-    crate::certs::issue(&theirs, "alpha").unwrap();
+    crate::certs::issue(&theirs, "alpha", 30).unwrap();
     // A client trusting our CA but holding a certificate from another CA.
     let rogue = dir.path().join("rogue");
     std::fs::create_dir(&rogue).unwrap();

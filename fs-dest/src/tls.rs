@@ -38,10 +38,20 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
-    t.receive_window(quinn::VarInt::from_u32(32 << 20));
+    // Until its Hello is accepted a connection may send only this much (a flood of
+    // handshakes must not make the destination buffer megabytes each); the session then
+    // opens the window to [`RECEIVE_WINDOW`].
+    t.receive_window(quinn::VarInt::from_u32(PRE_AUTH_RECEIVE_WINDOW));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t.send_window(32 << 20);
     t
 }
+
+/// Receive window of a connection that has not said a valid Hello yet.
+pub const PRE_AUTH_RECEIVE_WINDOW: u32 = 128 << 10;
+/// Receive window of an accepted source's connection (bulk writes on one stream).
+pub const RECEIVE_WINDOW: u32 = 32 << 20;
 
 /// A UDP socket bound to `addr` with enlarged buffers.
 pub fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, TlsError> {
@@ -103,12 +113,27 @@ pub fn server_config(tls_dir: &Path) -> Result<quinn::ServerConfig, TlsError> {
         })?;
     }
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Verifier {
-            path: ca_path.clone(),
-            reason: e.to_string(),
-        })?;
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    // Revoked source certificates (`certs revoke`): refused in the handshake.
+    let crl_path = crate::certs::crl_path(tls_dir);
+    if crl_path.exists() {
+        let crls = rustls_pki_types::CertificateRevocationListDer::pem_file_iter(&crl_path)
+            .map_err(|e| TlsError::File {
+                path: crl_path.clone(),
+                reason: format!("cannot read the revocation list: {e}"),
+            })?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::File {
+                path: crl_path.clone(),
+                reason: format!("not a revocation list: {e}"),
+            })?;
+        builder = builder.with_crls(crls);
+    }
+    let verifier = builder.build().map_err(|e| TlsError::Verifier {
+        path: ca_path.clone(),
+        reason: e.to_string(),
+    })?;
     let chain = load_certs(&tls_dir.join("dest.pem"))?;
     let key = load_key(&tls_dir.join("dest.key"))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -178,7 +203,18 @@ pub fn peer_name(conn: &quinn::Connection) -> Result<String, TlsError> {
     let leaf = certs
         .first()
         .ok_or_else(|| TlsError::Identity("empty certificate chain".into()))?;
-    name_of_cert(leaf)
+    let name = name_of_cert(leaf)?;
+    // Paths are built from this name (ROOT/NAME): the same rules as `certs issue`, whoever
+    // signed the certificate.
+    crate::certs::validate_name(&name).map_err(|e| TlsError::Identity(e.to_string()))?;
+    Ok(name)
+}
+
+/// The serial number (hex) of a connection's client certificate, for revocation.
+pub fn peer_serial(conn: &quinn::Connection) -> Option<String> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    crate::certs::serial_of_der(certs.first()?).ok()
 }
 
 /// The common name (or first DNS name) of a DER certificate.

@@ -12,6 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -53,13 +54,25 @@ impl Backlog {
             what,
             source,
         };
+        // Records hold file names and contents: owner-only whatever the umask, and a file an
+        // older version left readable by others is tightened.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(path)
             .map_err(|e| err("cannot open", e))?;
+        let mode = file
+            .metadata()
+            .map_err(|e| err("cannot stat", e))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| err("cannot set mode 0600", e))?;
+        }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| err("cannot read", e))?;

@@ -285,7 +285,7 @@ impl Baseline {
 
 /// Write `value` as JSON to `path` atomically, readable by its owner only.
 fn write_private<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -295,6 +295,8 @@ fn write_private<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
+    // `mode` only applies when the file is new: a temp file left behind keeps its own.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
     f.sync_data()?;
     std::fs::rename(&tmp, path)

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -220,12 +221,30 @@ pub struct VerifyContext {
 /// Set once the volume serves.
 pub type VerifySlot = Arc<std::sync::OnceLock<Arc<VerifyContext>>>;
 
-/// Serve the control socket until the task is dropped.
+/// Serve the control socket until the task is dropped. Only root and the daemon's own user
+/// are served; anyone else gets one JSON line saying why (see [`refuse`]).
 pub async fn serve(listener: UnixListener, mirror: Arc<Mirror>, id: Identity, verify: VerifySlot) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        if let Err(why) = crate::peer::admit(&stream) {
+            match &why {
+                crate::peer::Refusal::Stranger { peer, .. } => tracing::warn!(
+                    uid = peer.uid,
+                    pid = peer.pid,
+                    "control socket: refused a connection from uid {} (pid {}): only root and \
+                     the daemon's own user may drive fs-source",
+                    peer.uid,
+                    peer.pid
+                ),
+                crate::peer::Refusal::Unknown(e) => {
+                    tracing::warn!("control socket: refused a connection: {e}")
+                }
+            }
+            tokio::spawn(refuse(stream, why.to_string()));
+            continue;
+        }
         let mirror = mirror.clone();
         let id = id.clone();
         let verify = verify.clone();
@@ -296,6 +315,22 @@ async fn verify(
     }
 }
 
+/// Answer a client that may not use the socket: its request line is read first (at most
+/// 4 KiB, for at most 5 s) so that closing does not reset the connection before the client
+/// reads the answer, then one line `{"ok":false,"refused":true,"error":...}`.
+async fn refuse(stream: UnixStream, why: String) {
+    use tokio::io::AsyncReadExt as _;
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        BufReader::new(r.take(4096)).read_line(&mut line),
+    )
+    .await;
+    let reply = serde_json::json!({"ok": false, "refused": true, "error": why});
+    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+}
+
 async fn handle(
     stream: UnixStream,
     mirror: &Arc<Mirror>,
@@ -338,22 +373,63 @@ pub async fn request_with(
     progress: &mut dyn FnMut(&serde_json::Value),
 ) -> anyhow::Result<serde_json::Value> {
     let path = socket_path(mountpoint);
-    let stream = UnixStream::connect(&path).await.map_err(|e| {
+    let not_serving = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!(
             "no fs-source is serving {} (control socket {}: {e})",
             mountpoint.display(),
             path.display()
         )
+    };
+    // Only a socket that root or we own, in a directory root or we own, served by root or by
+    // us: another user's socket could answer anything (see peer.rs).
+    match crate::peer::check_socket(&path) {
+        Ok(()) => {}
+        Err(e) if e.is_not_found() => return Err(not_serving(&e)),
+        Err(e) if e.is_permission_denied() => anyhow::bail!(
+            "cannot reach the control socket of {}: {e} (control sockets are reachable by \
+             root and the daemon's user only)",
+            mountpoint.display()
+        ),
+        Err(e) => anyhow::bail!(
+            "not using the control socket of {}: {e}",
+            mountpoint.display()
+        ),
+    }
+    let stream = UnixStream::connect(&path)
+        .await
+        .map_err(|e| not_serving(&e))?;
+    crate::peer::check_server(&stream, &path).map_err(|e| {
+        anyhow::anyhow!(
+            "not talking to the fs-source of {}: {e}",
+            mountpoint.display()
+        )
     })?;
     let (r, mut w) = stream.into_split();
-    w.write_all(format!("{req}\n").as_bytes()).await?;
+    let ctx = || format!("control socket {}", path.display());
+    w.write_all(format!("{req}\n").as_bytes())
+        .await
+        .with_context(ctx)?;
     let mut lines = BufReader::new(r);
     loop {
         let mut line = String::new();
-        if lines.read_line(&mut line).await? == 0 {
-            anyhow::bail!("fs-source closed the control socket without an answer");
+        if lines.read_line(&mut line).await.with_context(ctx)? == 0 {
+            anyhow::bail!(
+                "fs-source closed the control socket {} without an answer",
+                path.display()
+            );
         }
-        let v: serde_json::Value = serde_json::from_str(line.trim())?;
+        let v: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| {
+            format!("unreadable answer on {}: {:?}", path.display(), line.trim())
+        })?;
+        if v.get("refused").and_then(|r| r.as_bool()) == Some(true) {
+            anyhow::bail!(
+                "the fs-source serving {} refused the request: {}",
+                mountpoint.display(),
+                v.get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("no reason given")
+            );
+        }
         match v.get("progress") {
             Some(p) => progress(p),
             None => return Ok(v),

@@ -100,6 +100,15 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+/// `trusted.*` xattrs are for root only, as on ext4 (which lists them, and lets them be read or
+/// written, only with CAP_SYS_ADMIN): another caller does not see them in a listing, reads
+/// ENODATA and gets EPERM when it writes or removes one. The kernel already refuses get, set
+/// and remove of `trusted.*` to an unprivileged caller before asking us; a listing is ours to
+/// filter. `security.*`, `system.*` and `user.*` names are listed to everyone, as on ext4.
+fn hidden_xattr(req: &Request, name: &[u8]) -> bool {
+    req.uid() != 0 && name.starts_with(b"trusted.")
+}
+
 fn set_time(t: TimeOrNow) -> SetTime {
     match t {
         TimeOrNow::Now => SetTime::Now,
@@ -508,7 +517,7 @@ impl Filesystem for FuseAdapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -516,13 +525,19 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if hidden_xattr(req, name.as_bytes()) {
+            return reply.error(Errno::EPERM);
+        }
         match self.volume.setxattr(ino.0, name.as_bytes(), value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "setxattr")),
         }
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if hidden_xattr(req, name.as_bytes()) {
+            return reply.error(Errno::NO_XATTR);
+        }
         match self.volume.getxattr(ino.0, name.as_bytes(), size) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) => reply.data(&v),
@@ -530,15 +545,33 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.volume.listxattr(ino.0, size) {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) => reply.data(&v),
-            Err(e) => reply.error(errno(&e, "listxattr")),
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        // The whole list (size 0: no ERANGE from the volume), then what this caller may see,
+        // then the caller's size check on what is left.
+        let list = match self.volume.listxattr(ino.0, 0) {
+            Ok(list) => list,
+            Err(e) => return reply.error(errno(&e, "listxattr")),
+        };
+        let mut visible = Vec::with_capacity(list.len());
+        for name in list.split(|c| *c == 0).filter(|n| !n.is_empty()) {
+            if !hidden_xattr(req, name) {
+                visible.extend_from_slice(name);
+                visible.push(0);
+            }
+        }
+        if size == 0 {
+            reply.size(visible.len() as u32)
+        } else if visible.len() > size as usize {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&visible)
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if hidden_xattr(req, name.as_bytes()) {
+            return reply.error(Errno::EPERM);
+        }
         match self.volume.removexattr(ino.0, name.as_bytes()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "removexattr")),

@@ -177,6 +177,24 @@ pub async fn run(
         let result = session(&mirror, &settings, &shared, &mut control_rx).await;
         let result = match result {
             Err(e) => match tls_alert(&e) {
+                Some(44) => Err(LinkError::Refused(format!(
+                    "the destination {} refused this source's certificate {}/{}.pem: it has been \
+                     revoked (have the destination's operator issue a new one with `fs-dest certs \
+                     issue --name {}`)",
+                    settings.dest,
+                    settings.tls_dir.display(),
+                    settings.name,
+                    settings.name
+                ))),
+                Some(45) => Err(LinkError::Refused(format!(
+                    "the destination {} refused this source's certificate {}/{}.pem: it has \
+                     expired, or is not valid yet (check this machine's clock; renew it with \
+                     `fs-dest certs renew --name {}`)",
+                    settings.dest,
+                    settings.tls_dir.display(),
+                    settings.name,
+                    settings.name
+                ))),
                 Some(alert) => Err(LinkError::Refused(format!(
                     "the destination {} rejected the TLS handshake (alert {alert}{}): check that {}/{}.pem is \
                      signed by the destination's CA and that {}/ca.pem is the destination's CA",

@@ -14,6 +14,7 @@ mod identity;
 mod inodes;
 mod link;
 mod mirror;
+mod peer;
 mod recovery;
 mod resync;
 mod tls;
@@ -417,8 +418,10 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
             args.backing.display()
         );
     }
-    // Records carry exact modes; the process umask must not alter them.
-    rustix::process::umask(rustix::fs::Mode::empty());
+    // The daemon's own files (NVRAM, backlog, baseline progress, control socket) are private
+    // to its user. Files made through the mount still get their exact modes: proto::apply::Tree
+    // sets every new entry's mode with an explicit chmod, whatever the umask masked.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 
     let (storage, _) = MmapStorage::open(&args.nvram, geometry.region_len())?;
     let tls = match (&args.dest, &args.tls) {
@@ -458,6 +461,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     }
     let tree = Tree::open(&args.backing)?;
     tree.set_generation(mirror.generation());
+    tree.set_own_handles(true);
     recovery::recover(&mirror, &tree, replay)?;
     let (volume_id, created) = identity::volume_id(&args.backing)?;
     if created {
@@ -527,14 +531,17 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         Duration::from_millis(args.cp_interval_ms.max(100)),
     ));
 
+    // The control socket: 0600 in a 0700 directory of ours, and each connection is checked
+    // (SO_PEERCRED) to come from root or our own user (see peer.rs).
     let sock = control::socket_path(&args.mountpoint);
     if let Some(dir) = sock.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        peer::private_dir(dir).context("preparing the control socket directory")?;
     }
     let _ = std::fs::remove_file(&sock);
     let listener = rt
         .block_on(async { tokio::net::UnixListener::bind(&sock) })
         .with_context(|| format!("binding control socket {}", sock.display()))?;
+    peer::restrict_socket(&sock)?;
     let identity = control::Identity {
         name: args.name.clone(),
         mountpoint: args.mountpoint.display().to_string(),

@@ -107,7 +107,11 @@ pub fn client_config(tls_dir: &Path, name: &str) -> Result<quinn::ClientConfig, 
             .add(c)
             .map_err(|e| file_err(&ca_path, format!("not a usable CA certificate: {e}")))?;
     }
-    let chain = load_certs(&tls_dir.join(format!("{name}.pem")))?;
+    let cert_path = tls_dir.join(format!("{name}.pem"));
+    let chain = load_certs(&cert_path)?;
+    if let Some(leaf) = chain.first() {
+        check_validity(&cert_path, leaf, name)?;
+    }
     let key = load_key(&tls_dir.join(format!("{name}.key")))?;
     let rustls_err = |source| ClientTlsError::Rustls {
         dir: tls_dir.to_path_buf(),
@@ -127,6 +131,35 @@ pub fn client_config(tls_dir: &Path, name: &str) -> Result<quinn::ClientConfig, 
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config()));
     Ok(cfg)
+}
+
+/// Refuse our own certificate when it has expired or is not valid yet, saying so (the
+/// destination would only answer with a TLS alert).
+fn check_validity(path: &Path, der: &[u8], name: &str) -> Result<(), ClientTlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| file_err(path, format!("unparsable certificate: {e}")))?;
+    let v = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now > v.not_after {
+        return Err(file_err(
+            path,
+            format!(
+                "this certificate expired on {} (renew it on the destination with `fs-dest certs \
+                 renew --name {name}` and copy the new {name}.pem and {name}.key here)",
+                v.not_after
+            ),
+        ));
+    }
+    if now < v.not_before {
+        return Err(file_err(
+            path,
+            format!(
+                "this certificate is not valid before {} (is this machine's clock right?)",
+                v.not_before
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A UDP socket bound to `addr` with enlarged buffers.

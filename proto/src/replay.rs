@@ -60,21 +60,33 @@ pub struct Marker {
     pub generation: u64,
     /// The sequence number.
     pub seq: u64,
+    /// The record `seq` is known fully applied (set after an exchange, the one namespace
+    /// record that is not harmless to apply twice, on a tree without handles to tell).
+    pub done: bool,
 }
 
 impl Marker {
-    /// Decode the marker xattr's value (16 bytes: generation, sequence number, little endian).
+    /// Decode the marker xattr's value (16 bytes: generation, sequence number, little endian;
+    /// then an optional `done` byte).
     pub fn decode(value: &[u8]) -> Option<Marker> {
         let generation = u64::from_le_bytes(value.get(..8)?.try_into().ok()?);
         let seq = u64::from_le_bytes(value.get(8..16)?.try_into().ok()?);
-        Some(Marker { generation, seq })
+        let done = value.get(16) == Some(&1);
+        Some(Marker {
+            generation,
+            seq,
+            done,
+        })
     }
 
-    /// Encode the marker xattr's value.
-    pub fn encode(&self) -> [u8; 16] {
-        let mut v = [0u8; 16];
-        v[..8].copy_from_slice(&self.generation.to_le_bytes());
-        v[8..].copy_from_slice(&self.seq.to_le_bytes());
+    /// Encode the marker xattr's value (a 17th byte 1 when `done`).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(17);
+        v.extend_from_slice(&self.generation.to_le_bytes());
+        v.extend_from_slice(&self.seq.to_le_bytes());
+        if self.done {
+            v.push(1);
+        }
         v
     }
 }

@@ -7,6 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -69,14 +70,23 @@ impl MmapStorage {
                 format!("NVRAM file {}: {what}: {e}", path.display()),
             )
         };
+        // Records hold file names and contents: the file is its owner's only (0600 whatever
+        // the umask), and a regular file left readable by others by an older version is
+        // tightened. A device (pmem, dax) keeps the permissions its administrator gave it.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(path)
             .map_err(|e| ctx(e, "cannot open"))?;
-        let existing = file.metadata().map_err(|e| ctx(e, "cannot stat"))?.len();
+        let meta = file.metadata().map_err(|e| ctx(e, "cannot stat"))?;
+        if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| ctx(e, "cannot set mode 0600"))?;
+        }
+        let existing = meta.len();
         let opened = if existing == 0 {
             // Allocate the blocks now (not by writing zeros: pre-zeroing with large writes
             // makes every later msync write ~1 MiB, see machine-facts).

@@ -164,10 +164,15 @@ fn hash_file(
     st: &Stat,
     hashed: &mut dyn FnMut(u64),
 ) -> Result<[u8; 32], Errno> {
-    // Never blocks (a FIFO swapped in is refused by the inode check) and never follows a link.
-    let fd = tree
-        .open_at(path, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOATIME)
-        .or_else(|_| tree.open_at(path, OFlags::RDONLY | OFlags::NONBLOCK))?;
+    // Opens only a regular file (a FIFO or device swapped in is never opened) and never
+    // follows a link.
+    let regular = |flags| {
+        tree.open_regular(path, flags).map_err(|e| match e {
+            crate::apply::NotRegular::Io(e) => e,
+            crate::apply::NotRegular::Kind(_) => Errno::AGAIN,
+        })
+    };
+    let fd = regular(OFlags::RDONLY | OFlags::NOATIME).or_else(|_| regular(OFlags::RDONLY))?;
     let opened = rustix::fs::fstat(&fd)?;
     if opened.st_ino != st.st_ino
         || FileType::from_raw_mode(opened.st_mode) != FileType::RegularFile

@@ -15,6 +15,9 @@ use thiserror::Error;
 pub const HEADER_LEN: usize = 5;
 /// Largest message body accepted.
 pub const MAX_MESSAGE_LEN: usize = 64 << 20;
+/// Largest first message (`Hello`) a destination reads from a connection that has not proved
+/// who it is yet (a Hello is a few hundred bytes).
+pub const MAX_HELLO_LEN: usize = 64 << 10;
 /// Protocol version spoken by this build.
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Most entry summaries in one `VerifyListing`.

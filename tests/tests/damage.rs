@@ -596,10 +596,9 @@ fn a_backing_directory_older_than_its_nvram_is_refused() {
     // records onto it would build a tree that is neither.
     fs::remove_dir_all(&backing).expect("remove backing");
     fs::rename(&old, &backing).expect("restore the old copy");
-    let err = h
-        .restart_source(&small_source("alpha"))
-        .err()
-        .expect("a backing directory older than the NVRAM must be refused");
+    let Err(err) = h.restart_source(&small_source("alpha")) else {
+        panic!("a backing directory older than the NVRAM must be refused");
+    };
     let text = format!("{err}");
     assert!(
         text.contains("older than the NVRAM") && text.contains("fresh NVRAM"),
