@@ -288,7 +288,14 @@ pub fn apply_through(
             Err(e) => {
                 // During a baseline, records on paths not yet transferred fail by
                 // design (the transfer heals them): not worth an error line each.
-                if source.baseline_needed.load(Ordering::Relaxed) {
+                let refused = matches!(
+                    e,
+                    proto::apply::ApplyError::NotRegular { .. } | proto::apply::ApplyError::Path(_)
+                );
+                if refused {
+                    tracing::warn!(source = %source.name, seq, op = op.kind(), error = %e,
+                        "CP: refused a record that reaches beyond a regular file; its paths are out of sync");
+                } else if source.baseline_needed.load(Ordering::Relaxed) {
                     tracing::debug!(source = %source.name, seq, op = op.kind(), error = %e,
                         "CP: a record on a path the baseline has not reached yet; out of sync until it does");
                 } else {

@@ -96,7 +96,7 @@ async fn read_message(
     }
     let (kind, len) = wire::parse_header(&h)?;
     if len > limit {
-        return Err(wire::WireError::TooLarge(len).into());
+        return Err(wire::WireError::OverLimit { len, limit }.into());
     }
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body).await?;
@@ -124,10 +124,21 @@ async fn serve(
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))??;
-    let first = tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut recv, wire::MAX_HELLO_LEN))
-        .await
-        .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))??;
     let refuse = |reason: String| Control::Refused { reason };
+    let first =
+        match tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut recv, wire::MAX_HELLO_LEN))
+            .await
+            .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))?
+        {
+            Ok(m) => m,
+            Err(SessionError::Wire(e)) => {
+                let reason = format!("bad first message: {e}");
+                tracing::warn!(source = %name, reason = %reason, "refused a connection");
+                last_word(conn, &mut send, &refuse(reason), close_code::ERROR).await;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
     let Some(Message::Control(Control::Hello {
         protocol,
         source: claimed,

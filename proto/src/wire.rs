@@ -187,6 +187,15 @@ pub enum WireError {
     /// The announced length is over [`MAX_MESSAGE_LEN`].
     #[error("message of {0} bytes is over the limit of {MAX_MESSAGE_LEN}")]
     TooLarge(usize),
+    /// The announced length is over the limit of this point of the conversation (a `Hello`
+    /// is small).
+    #[error("message of {len} bytes is over the limit of {limit} bytes here")]
+    OverLimit {
+        /// Announced length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// Unknown kind byte.
     #[error("unknown message kind {0}")]
     UnknownKind(u8),
