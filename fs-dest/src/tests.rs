@@ -454,6 +454,18 @@ async fn bad_records_are_refused_and_nothing_of_them_is_logged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_builds_no_path_from_a_bad_name() {
+    // Beneath the certificate check in the session: the engine itself refuses names that are
+    // not source names before making ROOT/NAME.
+    let h = Harness::new(&["alpha"]).await;
+    for bad in ["../escaped", "..", "a/b", "", ".hidden"] {
+        assert!(h.engine().source(bad).is_err(), "{bad:?}");
+    }
+    assert!(!h.root.join("..").join("escaped").exists());
+    assert!(h.engine().source("alpha").is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_name_and_stale_generation_are_refused() {
     let h = Harness::new(&["alpha"]).await;
     let mut c = h.connect("alpha").await;
