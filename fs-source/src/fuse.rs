@@ -18,12 +18,17 @@ use rustix::fs::Stat;
 use crate::error::FsError;
 use crate::volume::{AttrChange, Caller, SetTime, Volume};
 
-/// Attributes are not cached by the kernel. FUSE inode numbers are the backing inode numbers,
-/// and the backing filesystem reuses them: with cached attributes the kernel could apply a
-/// removed inode's attributes to a new file of the same number (the crash torture test failed
-/// with a spurious EEXIST on mkdir about one run in eight with a 1 s attribute TTL).
-/// Making this cacheable needs generation numbers (FS_IOC_GETVERSION) in every entry first.
-const ATTR_TTL: Duration = Duration::ZERO;
+/// Attributes are cached by the kernel for a second: every change passes through this daemon,
+/// and the kernel updates or drops its cached attributes for the operations it sends (a
+/// setattr's reply, a write, a link or unlink of the inode, a change in a directory). What the
+/// daemon does on its own does not change attributes a client sees: a file unlinked while open
+/// keeps living under a hidden name, whose removal at the last close concerns an inode no name
+/// leads to any more. Records fetched back from the destination at a reconnection are the
+/// exception: a client may see the attributes of before them for up to a second. FUSE inode
+/// numbers are the backing inode numbers, which the backing filesystem reuses: every entry
+/// carries the inode table's generation, bumped when a number is reused by a create, so the
+/// kernel never applies a removed inode's cached attributes to a new file of the same number.
+const ATTR_TTL: Duration = Duration::from_secs(1);
 /// Names may be cached briefly: every change to them passes through this daemon, and the
 /// kernel updates its dentry cache for the operations it sends.
 const ENTRY_TTL: Duration = Duration::from_secs(1);
