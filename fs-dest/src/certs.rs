@@ -212,27 +212,13 @@ pub fn init(dir: &Path, extra_sans: &[String]) -> Result<(), CertError> {
         .map_err(rc("self-signing the CA"))?;
     let issuer = Issuer::new(ca_params, ca_keypair);
 
-    let dest_keypair = KeyPair::generate().map_err(rc("generating the destination key"))?;
-    let mut params = CertificateParams::default();
-    set_validity(&mut params, DEST_DAYS);
-    params.serial_number = Some(random_serial()?);
-    params.distinguished_name = dn(DEST_SERVER_NAME);
-    params.subject_alt_names = sans;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    let dest_cert = params
-        .signed_by(&dest_keypair, &issuer)
-        .map_err(rc("signing the destination certificate"))?;
+    let (dest_key_pem, dest_cert_pem) = sign_dest(&issuer, sans)?;
 
     // Key first, certificate last: a half-written CA is detected by `ca.pem` missing.
     write_new(&ca_key, &issuer.key().serialize_pem(), 0o600)?;
     write_new(&ca_pem, &ca_cert.pem(), 0o644)?;
-    write_new(&dest_key, &dest_keypair.serialize_pem(), 0o600)?;
-    write_new(&dest_pem, &dest_cert.pem(), 0o644)?;
+    write_new(&dest_key, &dest_key_pem, 0o600)?;
+    write_new(&dest_pem, &dest_cert_pem, 0o644)?;
     Ok(())
 }
 
@@ -287,6 +273,74 @@ fn sign_client(dir: &Path, name: &str, days: u32) -> Result<(String, String), Ce
         .signed_by(&keypair, &issuer)
         .map_err(rc(format!("signing the certificate of {name}")))?;
     Ok((keypair.serialize_pem(), cert.pem()))
+}
+
+/// A new key and destination certificate naming `sans`: (key PEM, certificate PEM).
+fn sign_dest(
+    issuer: &Issuer<'static, KeyPair>,
+    sans: Vec<SanType>,
+) -> Result<(String, String), CertError> {
+    let dest_keypair = KeyPair::generate().map_err(rc("generating the destination key"))?;
+    let mut params = CertificateParams::default();
+    set_validity(&mut params, DEST_DAYS);
+    params.serial_number = Some(random_serial()?);
+    params.distinguished_name = dn(DEST_SERVER_NAME);
+    params.subject_alt_names = sans;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    let dest_cert = params
+        .signed_by(&dest_keypair, issuer)
+        .map_err(rc("signing the destination certificate"))?;
+    Ok((dest_keypair.serialize_pem(), dest_cert.pem()))
+}
+
+/// Renew the destination's certificate (`dir/dest.pem`, `dir/dest.key`): a new key and
+/// certificate with the same names and addresses, valid [`DEST_DAYS`] days, each file replaced
+/// atomically. `fs-dest serve` reads them at its next start; sources keep trusting it (same CA).
+pub fn renew_dest(dir: &Path) -> Result<(), CertError> {
+    let pem_path = dir.join("dest.pem");
+    let pem = read(&pem_path)?;
+    let (_, p) =
+        x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| CertError::Parse {
+            path: pem_path.clone(),
+            reason: e.to_string(),
+        })?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&p.contents).map_err(|e| CertError::Parse {
+            path: pem_path.clone(),
+            reason: e.to_string(),
+        })?;
+    let mut sans = Vec::new();
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for n in &ext.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => sans.push(san_of(d)?),
+                x509_parser::extensions::GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => IpAddr::from(
+                            <[u8; 4]>::try_from(*b)
+                                .map_err(|_| CertError::BadSan(format!("{b:?}")))?,
+                        ),
+                        16 => IpAddr::from(
+                            <[u8; 16]>::try_from(*b)
+                                .map_err(|_| CertError::BadSan(format!("{b:?}")))?,
+                        ),
+                        _ => return Err(CertError::BadSan(format!("{b:?}"))),
+                    };
+                    sans.push(SanType::IpAddress(ip));
+                }
+                _ => {}
+            }
+        }
+    }
+    let issuer = ca_issuer(dir)?;
+    let (key, cert) = sign_dest(&issuer, sans)?;
+    replace_file(&dir.join("dest.key"), &key, 0o600)?;
+    replace_file(&pem_path, &cert, 0o644)
 }
 
 /// What `certs revoke` did.
@@ -461,5 +515,13 @@ mod tests {
         assert!(crl.contains("BEGIN X509 CRL"), "{crl}");
         issue(dir.path(), "alpha", 30).unwrap();
         assert!(revoke(dir.path(), "nobody").is_err());
+        let before = read(&dir.path().join("dest.pem")).unwrap();
+        renew_dest(dir.path()).unwrap();
+        let after = read(&dir.path().join("dest.pem")).unwrap();
+        assert_ne!(before, after);
+        assert_ne!(
+            serial_of_pem(&before).unwrap(),
+            serial_of_pem(&after).unwrap()
+        );
     }
 }

@@ -121,12 +121,13 @@ enum CertsCommand {
         days: u32,
     },
     /// Renew a source's certificate: a new key and certificate replace DIR/NAME.pem and
-    /// DIR/NAME.key (the source uses them from its next connection).
+    /// DIR/NAME.key (the source uses them from its next connection). `--name dest` renews the
+    /// destination's own certificate (same names and addresses; read at the next `serve`).
     Renew {
         /// Directory holding the CA.
         #[arg(long)]
         dir: PathBuf,
-        /// The source's name.
+        /// The source's name, or `dest` for the destination's certificate.
         #[arg(long)]
         name: String,
         /// Days the new certificate is valid.
@@ -257,6 +258,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!(
                     "fs-dest: wrote {}/{{{name}.pem,{name}.key}} (valid for {days} days)",
                     dir.display()
+                );
+            }
+            CertsCommand::Renew { dir, name, .. } if name == "dest" => {
+                certs::renew_dest(&dir)
+                    .with_context(|| format!("certs renew dest in {}", dir.display()))?;
+                println!(
+                    "fs-dest: renewed {}/{{dest.pem,dest.key}} (valid for {} days); restart \
+                     fs-dest serve to use them",
+                    dir.display(),
+                    certs::DEST_DAYS
                 );
             }
             CertsCommand::Renew { dir, name, days } => {

@@ -63,3 +63,7 @@ echo
 python3 "$BENCH/summarize.py" "$raw"
 echo
 "$BIN/fs-source" status --mountpoint "$W/mnt"
+# Peak memory of both daemons over the whole run (VmHWM: the resident set's high-water mark).
+peak() { awk '/^VmHWM:/ {printf "%.1f MiB", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
+echo
+echo "peak RSS  fs-dest $(peak "${pids[0]}")  fs-source $(peak "${pids[1]}")"
