@@ -14,6 +14,7 @@ mod identity;
 mod inodes;
 mod link;
 mod mirror;
+mod mountpoint;
 mod peer;
 mod recovery;
 mod resync;
@@ -418,6 +419,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
             args.backing.display()
         );
     }
+    mountpoint::prepare(&args.mountpoint)?;
     // The daemon's own files (NVRAM, backlog, baseline progress, control socket) are private
     // to its user. Files made through the mount still get their exact modes: proto::apply::Tree
     // sets every new entry's mode with an explicit chmod, whatever the umask masked.
@@ -431,6 +433,11 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         ),
         (_, tls) => tls.clone(),
     };
+    if let (Some(_), Some(dir)) = (&args.dest, &tls) {
+        // Missing or unreadable certificates stop the mount now, not a connection later.
+        tls::client_config(dir, &args.name)
+            .with_context(|| format!("TLS files of source {} in {}", args.name, dir.display()))?;
+    }
     let settings = MirrorSettings {
         standalone: args.dest.is_none(),
         policy: args.policy,

@@ -686,7 +686,13 @@ impl Harness {
             .unwrap_or_else(|| dir.join(format!("backing-{}", opts.name)));
         let mountpoint = dir.join(format!("mnt-{}", opts.name));
         fs::create_dir_all(&backing).expect("create backing dir");
-        fs::create_dir_all(&mountpoint).expect("create mount point");
+        // A dead mount left there (ENOTCONN) is the daemon's to clean up.
+        if let Err(e) = fs::create_dir_all(&mountpoint) {
+            assert!(
+                e.kind() == std::io::ErrorKind::AlreadyExists,
+                "create mount point: {e}"
+            );
+        }
         let mut cmd = self.fs_source();
         cmd.arg("mount")
             .arg("--backing")
