@@ -199,7 +199,10 @@ impl Baseline {
         let asked = self.mirror.progress(|p| p.baseline.incomplete());
         let mut w = lock(&self.walk);
         let walking = w.active || asked;
+        // Once the walk has sent every entry, nothing a rename carries is unsent (the baseline
+        // only waits for its CP then; an empty volume's walk ends with no cursor at all).
         let unsent = walking
+            && !w.walk_done
             && match &w.cursor {
                 None => true,
                 Some(c) => dfs_cmp(from, c) == std::cmp::Ordering::Greater || is_under(c, from),

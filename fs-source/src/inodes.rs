@@ -243,6 +243,24 @@ impl InodeTable {
                     }
                 }
             }
+            self.shrink();
+        }
+    }
+
+    /// Give memory back once the kernel has forgotten most of what it once looked up: the
+    /// table then holds only inodes the kernel still references, and its size follows theirs
+    /// (a hash table never shrinks by itself).
+    fn shrink(&mut self) {
+        let cap = self.nodes.capacity();
+        if cap > 4096 && self.nodes.len() < cap / 4 {
+            self.nodes.shrink_to(self.nodes.len() * 2);
+            self.by_name.shrink_to(self.by_name.len() * 2);
+            // The nodes' own small allocations went back to the allocator; hand the free
+            // pages to the system too.
+            // SAFETY: malloc_trim only releases free heap memory; it is safe to call anytime.
+            unsafe {
+                libc::malloc_trim(0);
+            }
         }
     }
 
@@ -257,6 +275,26 @@ impl InodeTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forgotten_inodes_leave_the_table_and_it_shrinks() {
+        let mut t = InodeTable::new(2);
+        for ino in 10..100_010u64 {
+            t.looked_up(ino, ROOT, format!("f{ino}").as_bytes());
+        }
+        let full = t.nodes.capacity();
+        for ino in 10..100_000u64 {
+            t.forget(ino, 1);
+        }
+        assert_eq!(t.nodes.len(), 11, "the root and the ten still referenced");
+        assert!(t.by_name.len() <= 10);
+        assert!(
+            t.nodes.capacity() < full / 8,
+            "capacity {} after forgetting, {full} before",
+            t.nodes.capacity()
+        );
+        assert_eq!(t.path(100_005).unwrap(), b"f100005".to_vec());
+    }
 
     #[test]
     fn paths_follow_renames_of_directories() {
