@@ -19,7 +19,6 @@ mod error;
 mod fetch;
 mod image_state;
 mod journal;
-mod peer;
 mod promote;
 mod reseed;
 mod revocation;

@@ -90,7 +90,7 @@ fn lock_root(root: &Path) -> Result<OwnedFd, ServeError> {
 fn bind_status_socket(root: &Path) -> Option<tokio::net::UnixListener> {
     let path = status::socket_path(root);
     let unreachable = "`fs-dest status`, `promote` and `demote` will not reach this server";
-    if let Err(e) = crate::peer::private_dir(root) {
+    if let Err(e) = proto::peer::private_dir(root) {
         tracing::warn!(socket = %path.display(), error = %e, "not creating the status socket; {unreachable}");
         return None;
     }
@@ -103,7 +103,7 @@ fn bind_status_socket(root: &Path) -> Option<tokio::net::UnixListener> {
             return None;
         }
     };
-    if let Err(e) = crate::peer::restrict_socket(&path) {
+    if let Err(e) = proto::peer::restrict_socket(&path) {
         tracing::warn!(socket = %path.display(), error = %e, "not serving the status socket; {unreachable}");
         let _ = std::fs::remove_file(&path);
         return None;

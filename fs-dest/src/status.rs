@@ -231,12 +231,12 @@ pub enum StatusError {
     /// The socket, its directory or the process serving it is not root's or the caller's, so
     /// its answers cannot be trusted.
     #[error("not using the status socket: {0}")]
-    Untrusted(crate::peer::AccessError),
+    Untrusted(proto::peer::AccessError),
     /// The caller may not reach the socket (another user than root or the server's).
     #[error(
         "cannot reach the status socket: {0} (it is reachable by root and the server's user only)"
     )]
-    Denied(crate::peer::AccessError),
+    Denied(proto::peer::AccessError),
     /// The server refused this caller.
     #[error("status socket {path}: the server refused the request: {reason}")]
     Refused {
@@ -250,7 +250,7 @@ pub enum StatusError {
 /// Connect to the server's socket at `path` if one serves there and it, its directory and the
 /// process behind it are root's or the caller's; `Ok(None)` when no server listens.
 fn connect(path: &Path) -> Result<Option<UnixStream>, StatusError> {
-    match crate::peer::check_socket(path) {
+    match proto::peer::check_socket(path) {
         Ok(()) => {}
         Err(e) if e.is_not_found() => return Ok(None),
         Err(e) if e.is_permission_denied() => return Err(StatusError::Denied(e)),
@@ -273,7 +273,7 @@ fn connect(path: &Path) -> Result<Option<UnixStream>, StatusError> {
             })
         }
     };
-    crate::peer::check_server(&stream, path).map_err(StatusError::Untrusted)?;
+    proto::peer::check_server(&stream, path).map_err(StatusError::Untrusted)?;
     Ok(Some(stream))
 }
 
@@ -462,9 +462,9 @@ pub async fn serve_socket(engine: Arc<Engine>, listener: tokio::net::UnixListene
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        if let Err(why) = crate::peer::admit(&stream) {
+        if let Err(why) = proto::peer::admit(&stream) {
             match &why {
-                crate::peer::Refusal::Stranger { peer, .. } => tracing::warn!(
+                proto::peer::Refusal::Stranger { peer, .. } => tracing::warn!(
                     uid = peer.uid,
                     pid = peer.pid,
                     "status socket: refused a connection from uid {} (pid {}): only root and \
@@ -472,7 +472,7 @@ pub async fn serve_socket(engine: Arc<Engine>, listener: tokio::net::UnixListene
                     peer.uid,
                     peer.pid
                 ),
-                crate::peer::Refusal::Unknown(e) => {
+                proto::peer::Refusal::Unknown(e) => {
                     tracing::warn!("status socket: refused a connection: {e}")
                 }
             }

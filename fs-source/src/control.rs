@@ -228,9 +228,9 @@ pub async fn serve(listener: UnixListener, mirror: Arc<Mirror>, id: Identity, ve
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        if let Err(why) = crate::peer::admit(&stream) {
+        if let Err(why) = proto::peer::admit(&stream) {
             match &why {
-                crate::peer::Refusal::Stranger { peer, .. } => tracing::warn!(
+                proto::peer::Refusal::Stranger { peer, .. } => tracing::warn!(
                     uid = peer.uid,
                     pid = peer.pid,
                     "control socket: refused a connection from uid {} (pid {}): only root and \
@@ -238,7 +238,7 @@ pub async fn serve(listener: UnixListener, mirror: Arc<Mirror>, id: Identity, ve
                     peer.uid,
                     peer.pid
                 ),
-                crate::peer::Refusal::Unknown(e) => {
+                proto::peer::Refusal::Unknown(e) => {
                     tracing::warn!("control socket: refused a connection: {e}")
                 }
             }
@@ -382,7 +382,7 @@ pub async fn request_with(
     };
     // Only a socket that root or we own, in a directory root or we own, served by root or by
     // us: another user's socket could answer anything (see peer.rs).
-    match crate::peer::check_socket(&path) {
+    match proto::peer::check_socket(&path) {
         Ok(()) => {}
         Err(e) if e.is_not_found() => return Err(not_serving(&e)),
         Err(e) if e.is_permission_denied() => anyhow::bail!(
@@ -398,7 +398,7 @@ pub async fn request_with(
     let stream = UnixStream::connect(&path)
         .await
         .map_err(|e| not_serving(&e))?;
-    crate::peer::check_server(&stream, &path).map_err(|e| {
+    proto::peer::check_server(&stream, &path).map_err(|e| {
         anyhow::anyhow!(
             "not talking to the fs-source of {}: {e}",
             mountpoint.display()

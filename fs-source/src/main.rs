@@ -15,7 +15,6 @@ mod inodes;
 mod link;
 mod mirror;
 mod mountpoint;
-mod peer;
 mod recovery;
 mod resync;
 mod tls;
@@ -542,13 +541,13 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     // (SO_PEERCRED) to come from root or our own user (see peer.rs).
     let sock = control::socket_path(&args.mountpoint);
     if let Some(dir) = sock.parent() {
-        peer::private_dir(dir).context("preparing the control socket directory")?;
+        proto::peer::private_dir(dir).context("preparing the control socket directory")?;
     }
     let _ = std::fs::remove_file(&sock);
     let listener = rt
         .block_on(async { tokio::net::UnixListener::bind(&sock) })
         .with_context(|| format!("binding control socket {}", sock.display()))?;
-    peer::restrict_socket(&sock)?;
+    proto::peer::restrict_socket(&sock)?;
     let identity = control::Identity {
         name: args.name.clone(),
         mountpoint: args.mountpoint.display().to_string(),

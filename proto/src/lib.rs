@@ -10,6 +10,8 @@
 //! * [`path`]: validation of the relative paths records carry.
 //! * [`summary`]: what `verify` compares of an entry (metadata and a content hash), computed
 //!   the same way on both sides.
+//! * [`peer`]: who may reach a daemon's control socket, and which socket a client may trust
+//!   (modes, owners, SO_PEERCRED), the same for both daemons.
 //! * [`apply`]: the one piece of code that applies a record to a directory tree, shared by the
 //!   source (its backing volume, at recovery) and the destination (its image, at a CP).
 //!
@@ -21,6 +23,7 @@ pub mod frame;
 pub mod handle;
 pub mod nvlog;
 pub mod path;
+pub mod peer;
 pub mod record;
 pub mod replay;
 pub mod storage;

@@ -4,7 +4,8 @@
 //! only when the socket and its directory belong to root or to the caller, and trusts its
 //! answers only when the process serving it runs as root or as the caller.
 //!
-//! `fs-dest/src/peer.rs` is a copy for the destination's socket; keep the two alike.
+//! Shared by both daemons: `fs-source`'s control socket and `fs-dest`'s `fs-dest.sock` follow
+//! the same rules.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
