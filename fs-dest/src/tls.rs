@@ -21,9 +21,9 @@ pub const ALPN: &[u8] = b"nvmirror/1";
 /// Socket buffer size asked for (send and receive).
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// A connection silent for this long is dead.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Keep-alive interval, well under the idle timeout.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
 
 /// The ring crypto provider, used explicitly so no process-wide default is needed.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -34,7 +34,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// for a long-lived stream carrying bulk writes.
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    // 30 s always fits a QUIC varint; the fallback only guards the conversion.
+    // 2 s always fits a QUIC varint; the fallback only guards the conversion.
     t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
@@ -151,7 +151,7 @@ pub fn server_config(tls_dir: &Path) -> Result<quinn::ServerConfig, TlsError> {
 /// Endpoint settings with a stateless-reset key derived from the destination's private key, so
 /// it is the same after a restart: a source still talking to the previous process gets a
 /// stateless reset at its next packet and reconnects at once, instead of waiting for the idle
-/// timeout (30 s) while its writes wait for acknowledgements.
+/// timeout while its writes wait for acknowledgements.
 fn endpoint_config(tls_dir: &Path) -> Result<quinn::EndpointConfig, TlsError> {
     let path = tls_dir.join("dest.key");
     let key = std::fs::read(&path).map_err(|e| TlsError::File {

@@ -229,7 +229,8 @@ pub async fn run(
         mirror.check_link_timeout();
         tokio::time::sleep(backoff).await;
         mirror.check_link_timeout();
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        // At most a second between attempts: a link that comes back is used within a second.
+        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
 

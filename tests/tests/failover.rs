@@ -372,3 +372,39 @@ fn sync_policy_goes_on_alone_and_drains_the_backlog() {
     c.cp(&mnt);
     assert_trees_equal(&c.dir.join("backing"), &c.image(NAME));
 }
+
+#[test]
+fn a_dead_link_is_noticed_within_seconds_and_a_returning_one_is_used_at_once() {
+    require_netns!("a_dead_link_is_noticed_within_seconds_and_a_returning_one_is_used_at_once");
+    let mut c = Cluster::start("detect", NAME);
+    let backing = c.dir.join("backing");
+    let src = c
+        .mount_source(NAME, &backing, &c.dir.join("source.nvram"), &[], "a")
+        .unwrap_or_else(|e| panic!("mount: {e}"));
+    let mnt = src.mountpoint.clone();
+    c.sources.push(src);
+    fs::write(mnt.join("before"), b"before").expect("write");
+    assert_eq!(c.status(&mnt)["link"], "up");
+    // Keep-alives every half second, 2 s idle timeout: the dead link shows within 3 s (the
+    // bound below leaves room for a loaded machine).
+    let cut = std::time::Instant::now();
+    c.net.set_link(false);
+    wait_until("status shows the link down", Duration::from_secs(6), || {
+        c.status(&mnt)["link"] == "down"
+    });
+    let noticed = cut.elapsed();
+    let back = std::time::Instant::now();
+    c.net.set_link(true);
+    wait_until(
+        "status shows the link up again",
+        Duration::from_secs(6),
+        || c.status(&mnt)["link"] == "up",
+    );
+    eprintln!(
+        "detect: link loss noticed after {noticed:?}, link up again {:?} after it returned",
+        back.elapsed()
+    );
+    fs::write(mnt.join("after"), b"after").expect("writes work again");
+    c.cp(&mnt);
+    assert_trees_equal(&backing, &c.image(NAME));
+}
