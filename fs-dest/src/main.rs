@@ -172,6 +172,9 @@ struct RoleArgs {
     /// The destination root directory.
     #[arg(long)]
     root: PathBuf,
+    /// `promote` even though the source is connected and mirroring (it is fenced at once).
+    #[arg(long)]
+    force: bool,
     /// The source's name.
     #[arg(long)]
     source: String,
@@ -425,7 +428,7 @@ fn role(cmd: &str, a: RoleArgs) -> anyhow::Result<ExitCode> {
     slots::check_name(&a.source)?;
     let bar = std::cell::RefCell::new(LazyBar::new());
     let what = format!("applying the records held for {}", a.source);
-    let reply = status::role_request(&a.root, cmd, &a.source, |p| {
+    let reply = status::role_request(&a.root, cmd, &a.source, a.force, |p| {
         bar.borrow_mut().update(p.done, p.total, &what)
     })
     .with_context(|| format!("asking the server on {} to {cmd}", a.root.display()))?;
@@ -463,7 +466,7 @@ fn role(cmd: &str, a: RoleArgs) -> anyhow::Result<ExitCode> {
                         format!("opening {} and {}", a.root.display(), nvram.display())
                     })?;
                 let r = if cmd == "promote" {
-                    promote::promote(&local.engine, &a.source, |p| {
+                    promote::promote(&local.engine, &a.source, a.force, |p| {
                         bar.borrow_mut().update(p.done, p.total, &what)
                     })
                     .await

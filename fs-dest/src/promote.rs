@@ -175,6 +175,13 @@ pub enum PromoteError {
     /// Demote while the source is connected (cannot be, while promoted, unless racing).
     #[error("source {0} is connected; demote needs it disconnected")]
     Connected(String),
+    /// Promote while the source is connected and mirroring: it is not lost.
+    #[error(
+        "source {0} is connected and mirroring: promoting now would fence a live source. Stop it \
+         (or cut it off) first; a lost source shows as disconnected within 3 s. Pass --force to \
+         promote anyway"
+    )]
+    Live(String),
 }
 
 /// `ROOT/NAME/PROMOTED`.
@@ -320,11 +327,18 @@ async fn disconnect(source: &Source, why: &'static [u8]) {
 pub async fn promote(
     engine: &Arc<Engine>,
     name: &str,
+    force: bool,
     progress: impl Fn(Progress),
 ) -> Result<Outcome, PromoteError> {
     let source = find(engine, name)?;
     let root = engine.root.clone();
     let previous = read_marker(&root, name)?;
+    if previous.is_none() && source.connected() {
+        if !force {
+            return Err(PromoteError::Live(name.to_string()));
+        }
+        tracing::warn!(source = %name, "promoting a connected source (--force): it is fenced now");
+    }
     if let Some(m) = previous.as_ref().filter(|m| m.complete) {
         disconnect(&source, b"promoted").await;
         return Ok(Outcome {

@@ -333,6 +333,7 @@ pub fn role_request(
     root: &Path,
     cmd: &str,
     source: &str,
+    force: bool,
     mut progress: impl FnMut(crate::promote::Progress),
 ) -> Result<RoleReply, StatusError> {
     let path = socket_path(root);
@@ -343,7 +344,7 @@ pub fn role_request(
     let Some(mut stream) = connect(&path)? else {
         return Ok(RoleReply::NoServer);
     };
-    let mut req = serde_json::json!({ "cmd": cmd, "source": source }).to_string();
+    let mut req = serde_json::json!({ "cmd": cmd, "source": source, "force": force }).to_string();
     req.push('\n');
     stream.write_all(req.as_bytes()).map_err(io)?;
     // No read timeout: applying a large backlog takes as long as it takes; progress lines
@@ -502,7 +503,12 @@ pub async fn serve_socket(engine: Arc<Engine>, listener: tokio::net::UnixListene
                         let result = if cmd == "promote" {
                             // Progress lines go out while the records are applied.
                             let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();
-                            let work = crate::promote::promote(&engine, &name, move |p| {
+                            let force = request
+                                .as_ref()
+                                .and_then(|v| v.get("force"))
+                                .and_then(|c| c.as_bool())
+                                .unwrap_or(false);
+                            let work = crate::promote::promote(&engine, &name, force, move |p| {
                                 let _ = ptx.send(p);
                             });
                             tokio::pin!(work);

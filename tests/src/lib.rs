@@ -871,6 +871,17 @@ impl Harness {
             .unwrap_or_else(|| panic!("fs-dest status does not list source {name:?}: {status}"))
     }
 
+    /// Wait (bounded) until the destination no longer counts source `name` as connected: a
+    /// killed source is noticed at the QUIC idle timeout, and `promote` refuses a connected one.
+    #[track_caller]
+    pub fn wait_disconnected(&self, name: &str) {
+        wait_until(
+            &format!("the destination to notice {name} is gone"),
+            Duration::from_secs(15),
+            || self.dest_source_status(name)["connected"] == false,
+        );
+    }
+
     pub fn dest(&mut self) -> &mut Daemon {
         self.dest.as_mut().expect("fs-dest is running")
     }

@@ -132,6 +132,22 @@ fn source_lost_promote_fence_failback() {
         fs::remove_file(root.join("d2/f2")).expect("unlink d2/f2");
     }
 
+    // A live source is not promoted by mistake.
+    let out = c
+        .fs_dest()
+        .args(["promote", "--source", NAME, "--root"])
+        .arg(&c.dest_root)
+        .output()
+        .expect("run fs-dest promote");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success()
+            && text.contains("connected and mirroring")
+            && text.contains("--force"),
+        "promote of a connected source must be refused: {text}"
+    );
+    assert!(!c.dest_root.join(NAME).join("PROMOTED").exists());
+
     // The source host is lost: process killed, backing directory gone.
     src.daemon.signal(libc::SIGKILL);
     src.daemon
@@ -140,6 +156,7 @@ fn source_lost_promote_fence_failback() {
     lazy_unmount(&mnt);
     drop(src);
     fs::remove_dir_all(&backing).expect("delete the lost backing dir");
+    wait_disconnected(&c);
 
     // Promote, while the server runs.
     let out = run_ok(
@@ -255,6 +272,7 @@ fn failback_source_mirrors_again_at_the_new_generation() {
     fs::write(src.mountpoint.join("x"), b"x").unwrap();
     src.stop();
     drop(src);
+    wait_disconnected(&c);
     run_ok(
         c.fs_dest()
             .args(["promote", "--source", NAME, "--root"])
@@ -285,6 +303,28 @@ fn failback_source_mirrors_again_at_the_new_generation() {
     fs::write(src.mountpoint.join("after-failback"), b"y").unwrap();
     c.cp(&src.mountpoint);
     assert_trees_equal(&backing, &c.image(NAME));
+}
+
+/// Wait until the destination no longer counts the source as connected (a lost source is
+/// noticed at the QUIC idle timeout; `promote` refuses a connected one).
+fn wait_disconnected(c: &Cluster) {
+    wait_until(
+        "the destination to notice the source is gone",
+        Duration::from_secs(15),
+        || {
+            let out = c
+                .fs_dest()
+                .args(["status", "--json", "--root"])
+                .arg(&c.dest_root)
+                .output()
+                .expect("run fs-dest status");
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            v["sources"]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|s| s["connected"] == false))
+        },
+    );
 }
 
 /// Mount with `policy`, take the link down, and return the cluster, mount point and source.

@@ -50,6 +50,7 @@ fn promoted_image_has_the_source_mtimes() {
     );
     h.kill_source();
     h.detach_source();
+    h.wait_disconnected("alpha");
     let out = nvmirror_e2e::run_ok(
         h.fs_dest()
             .args(["promote", "--source", "alpha", "--root"])
