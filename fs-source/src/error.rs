@@ -35,6 +35,10 @@ pub enum MirrorError {
     /// Policy `strict` and the destination did not acknowledge within the timeout.
     #[error("destination did not acknowledge within {0:?} (policy strict)")]
     NotMirrored(std::time::Duration),
+    /// Policy `strict` and the link stayed down for the timeout: the operation was refused
+    /// before it was logged or applied.
+    #[error("the link to the destination is down and did not come back within {0:?} (policy strict); nothing was done")]
+    LinkDown(std::time::Duration),
     /// The mirror was refused by the destination (fenced, bad certificate...).
     #[error("mirror stopped: {0}")]
     Stopped(String),
@@ -56,7 +60,7 @@ impl FsError {
             FsError::TooLarge(_) => libc::E2BIG,
             FsError::Mirror(m) => match m {
                 MirrorError::Nvram(_) | MirrorError::Flush(_) => libc::EIO,
-                MirrorError::NotMirrored(_) => libc::EIO,
+                MirrorError::NotMirrored(_) | MirrorError::LinkDown(_) => libc::EIO,
                 MirrorError::Stopped(_) => libc::EIO,
             },
         }

@@ -131,6 +131,11 @@ struct MountArgs {
     /// How long to wait for the destination before mounting, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     connect_wait_ms: u64,
+    /// What to do when the destination is not reachable within --connect-wait-ms: `refuse`
+    /// to mount, or `mount` anyway (records wait in NVRAM). Default: refuse under policy
+    /// strict (where no write could succeed), mount under sync.
+    #[arg(long, value_enum)]
+    on_unreachable: Option<OnUnreachable>,
     /// FUSE worker threads (operations in flight at once).
     #[arg(long, default_value_t = 16)]
     threads: usize,
@@ -403,6 +408,15 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
 }
 
+/// See `--on-unreachable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnUnreachable {
+    /// Do not mount.
+    Refuse,
+    /// Mount; records wait in NVRAM.
+    Mount,
+}
+
 fn mount(args: MountArgs) -> anyhow::Result<()> {
     if !valid_name(&args.name) {
         bail!("invalid source name {:?}: use 1-47 letters, digits, '.', '_' or '-', starting with a letter or digit", args.name);
@@ -579,10 +593,24 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     if let Some(dest) = args.dest {
         match mirror.wait_first_link(Duration::from_millis(args.connect_wait_ms)) {
             Ok(true) => {}
-            Ok(false) => tracing::warn!(
-                "destination {dest} not reachable yet; mounting anyway (policy {:?}), records wait in NVRAM",
-                args.policy
-            ),
+            Ok(false) => {
+                let refuse = match args.on_unreachable {
+                    Some(o) => o == OnUnreachable::Refuse,
+                    None => args.policy == Policy::Strict,
+                };
+                if refuse {
+                    bail!(
+                        "destination {dest} not reachable within {} ms; not mounting (policy {:?}; \
+                         --on-unreachable mount mounts anyway)",
+                        args.connect_wait_ms,
+                        args.policy
+                    );
+                }
+                tracing::warn!(
+                    "destination {dest} not reachable yet; mounting anyway (policy {:?}), records wait in NVRAM",
+                    args.policy
+                )
+            }
             Err(why) => bail!("the destination refused this source: {why}"),
         }
     } else {

@@ -358,9 +358,33 @@ impl Mirror {
         self.max_record
     }
 
+    /// Policy `strict` with the link known down: wait up to the timeout for it to come back,
+    /// then refuse the operation before anything of it is logged or applied (a write that
+    /// cannot be mirrored must not happen).
+    fn wait_link_for_strict(&self) -> Result<(), FsError> {
+        if self.settings.policy != Policy::Strict || self.settings.standalone {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut p = lock(&self.progress);
+        while !p.link_up {
+            let waited = started.elapsed();
+            if waited >= self.settings.timeout {
+                return Err(MirrorError::LinkDown(self.settings.timeout).into());
+            }
+            p = self
+                .progress_changed
+                .wait_timeout(p, self.settings.timeout - waited)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
     /// Start a transaction that can log records needing up to `size_hint` bytes in total.
     /// Waits (back-pressure) while every partition is full.
     pub fn begin(&self, size_hint: usize) -> Result<Txn<'_>, FsError> {
+        self.wait_link_for_strict()?;
         let mut seq = lock(&self.seq);
         let need = frame::padded_len(size_hint + frame::HEADER_LEN);
         let capacity = seq.nvlog.geometry().capacity() - self.times_reserve;

@@ -363,8 +363,9 @@ fn writer(path: std::path::PathBuf) -> std::sync::mpsc::Receiver<std::io::Result
 fn strict_policy_fails_writes_while_the_link_is_down() {
     require_netns!("strict_policy_fails_writes_while_the_link_is_down");
     let (c, mnt) = link_down_setup("strict", "strict");
-    let done = writer(mnt.join("during"));
-    // The write waits at least until the timeout, then fails with EIO.
+    // In flight when the link dies: logged and applied, then EIO after the timeout (it reaches
+    // the destination when the link returns).
+    let done = writer(mnt.join("in-flight"));
     let r = done
         .recv_timeout(Duration::from_secs(60))
         .expect("the write ends after the timeout");
@@ -375,6 +376,18 @@ fn strict_policy_fails_writes_while_the_link_is_down() {
         Duration::from_secs(30),
         || c.status(&mnt)["link"] == "down",
     );
+    // With the link known down, an operation is refused before anything of it is logged or
+    // applied: the file is never created.
+    let done = writer(mnt.join("during"));
+    let r = done
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the write ends after the timeout");
+    let err = r.expect_err("strict: a write with the link down fails");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        !c.dir.join("backing").join("during").exists(),
+        "a create refused under strict left the file behind"
+    );
     // Reads keep working.
     assert_eq!(fs::read(mnt.join("before")).unwrap(), b"before");
     c.net.set_link(true);
@@ -384,6 +397,7 @@ fn strict_policy_fails_writes_while_the_link_is_down() {
     fs::write(mnt.join("after"), b"after").expect("writes work again");
     c.cp(&mnt);
     assert_trees_equal(&c.dir.join("backing"), &c.image(NAME));
+    assert!(!c.image(NAME).join("during").exists());
 }
 
 #[test]

@@ -93,3 +93,47 @@ fn missing_certificates_stop_the_mount() {
         "the failure names the missing file: {text}"
     );
 }
+
+#[test]
+fn strict_refuses_to_mount_without_its_destination() {
+    const TEST: &str = "mount_unreach";
+    require_mount!(TEST);
+    let h = Harness::start(HarnessOptions::new(TEST));
+    h.certs_issue(&h.tls_dir.clone(), "gamma");
+    let backing = h.dir.join("backing-gamma");
+    let mnt = h.dir.join("mnt-gamma");
+    fs::create_dir_all(&backing).expect("backing");
+    fs::create_dir_all(&mnt).expect("mount point");
+    // A UDP port nobody answers on.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
+    let addr = dead.local_addr().expect("addr").to_string();
+    drop(dead);
+    let out = run_with_timeout(
+        h.fs_source()
+            .arg("mount")
+            .arg("--backing")
+            .arg(&backing)
+            .arg("--mountpoint")
+            .arg(&mnt)
+            .args(["--dest", &addr, "--name", "gamma", "--policy", "strict"])
+            .args(["--connect-wait-ms", "1000", "--nvram"])
+            .arg(h.dir.join("gamma.nvram"))
+            .arg("--tls")
+            .arg(&h.tls_dir),
+        Duration::from_secs(30),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "strict must not mount without its destination: {text}"
+    );
+    assert!(
+        text.contains("not reachable"),
+        "the refusal says why: {text}"
+    );
+    assert!(!nvmirror_e2e::is_mounted(&mnt), "nothing stays mounted");
+}
