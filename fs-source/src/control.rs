@@ -68,6 +68,8 @@ pub struct Status {
     pub lag_records: u64,
     /// Seconds the oldest unacknowledged record has waited (0 when in sync).
     pub lag_seconds: f64,
+    /// Seconds since the destination last acknowledged a record (none yet: null).
+    pub last_ack_age_seconds: Option<f64>,
     /// Records moved to the backlog file while the destination was away.
     pub backlog_records: u64,
     /// Bytes in the backlog file.
@@ -164,6 +166,7 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
         } else {
             0.0
         },
+        last_ack_age_seconds: p.last_ack_at.map(|t| t.elapsed().as_secs_f64()),
         backlog_records,
         backlog_bytes,
         cp_count: p.cp_count,

@@ -320,9 +320,13 @@ fn print_status(s: &serde_json::Value) {
         g("mountpoint"),
         g("dest")
     );
+    let last_ack = match s["last_ack_age_seconds"].as_f64() {
+        Some(a) => format!(", last ack {a:.1} s ago"),
+        None => String::new(),
+    };
     let _ = writeln!(
         out,
-        "policy      {} (link {}{})",
+        "policy      {} (link {}{}{last_ack})",
         g("policy"),
         g("link"),
         if g("degraded") == "true" {

@@ -96,6 +96,8 @@ pub struct Progress {
     pub bytes_mirrored: u64,
     /// Since when records wait for an acknowledgement (for lag in seconds).
     pub lagging_since: Option<Instant>,
+    /// When the destination last acknowledged a record (for the status's "last ack ... ago").
+    pub last_ack_at: Option<Instant>,
     /// Set when the destination refused us for good (fenced...).
     pub stopped: Option<String>,
     /// Paths of the image that differ from this volume (records that failed to apply), as
@@ -550,6 +552,7 @@ impl Mirror {
     pub fn on_ack(&self, durable_seq: u64, records: u64, bytes: u64) {
         let mut p = lock(&self.progress);
         if durable_seq > p.acked {
+            p.last_ack_at = Some(Instant::now());
             p.acked = durable_seq;
             p.records_mirrored += records;
             p.bytes_mirrored += bytes;

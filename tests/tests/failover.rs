@@ -447,6 +447,14 @@ fn a_dead_link_is_noticed_within_seconds_and_a_returning_one_is_used_at_once() {
         c.status(&mnt)["link"] == "down"
     });
     let noticed = cut.elapsed();
+    // The status says how long the destination has been silent.
+    let age = c.status(&mnt)["last_ack_age_seconds"]
+        .as_f64()
+        .expect("status gives the age of the last acknowledgement");
+    assert!(
+        age >= 1.5,
+        "last ack {age} s ago, while the link has been down {noticed:?}"
+    );
     let back = std::time::Instant::now();
     c.net.set_link(true);
     wait_until(
