@@ -45,12 +45,32 @@ use crate::mirror::{Mirror, MirrorSettings, Policy};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text (the default) or as one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// See `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines (colours only on a terminal).
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Mount the mirrored filesystem (runs in the foreground until unmounted or signalled).
     Mount(MountArgs),
+    /// Print the man page (roff) of fs-source and its subcommands.
+    Man,
+    /// Print a shell completion script.
+    Completions {
+        /// For which shell.
+        #[arg(long)]
+        shell: clap_complete::Shell,
+    },
     /// Run a consistency point now; returns when the destination has applied it.
     Cp {
         /// The mountpoint of a running fs-source.
@@ -150,19 +170,36 @@ struct MountArgs {
     baseline_rate_mib: f64,
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=warn,fuser::mnt=error"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => fmt.json().init(),
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,fuser=warn,fuser::mnt=error")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Mount(args) => mount(args),
+        Command::Man => {
+            let mut out = std::io::stdout();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut out)
+                .map_err(anyhow::Error::from)
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "fs-source", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Cp { mountpoint } => client(&mountpoint, "cp", false),
         Command::Status { mountpoint, json } => client(&mountpoint, "status", json),
         Command::Verify {
