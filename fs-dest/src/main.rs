@@ -247,7 +247,7 @@ fn parse_size(s: &str) -> Result<usize, String> {
 
 fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
     addr.to_socket_addrs()
-        .with_context(|| format!("--listen {addr}: not an address (IP:PORT)"))?
+        .with_context(|| format!("--listen {addr}: not IP:PORT, [IPv6]:PORT or HOST:PORT"))?
         .next()
         .with_context(|| format!("--listen {addr}: resolves to no address"))
 }

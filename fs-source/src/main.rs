@@ -112,10 +112,11 @@ struct MountArgs {
     /// Where to mount.
     #[arg(long)]
     mountpoint: PathBuf,
-    /// fs-dest's address (IP:PORT). Without it the volume runs unmirrored (e.g. a promoted
-    /// image with no other destination yet): records are still logged in NVRAM and CPs make
-    /// the volume durable, but nothing is sent.
-    #[arg(long)]
+    /// fs-dest's address: IP:PORT (`[::1]:7443` for IPv6) or HOST:PORT (resolved when the
+    /// mount starts). Without it the volume runs unmirrored (e.g. a promoted image with no
+    /// other destination yet): records are still logged in NVRAM and CPs make the volume
+    /// durable, but nothing is sent.
+    #[arg(long, value_parser = parse_dest)]
     dest: Option<SocketAddr>,
     /// This source's name (its certificate's name).
     #[arg(long)]
@@ -447,6 +448,15 @@ fn valid_name(name: &str) -> bool {
         && b[0].is_ascii_alphanumeric()
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+}
+
+/// `--dest`: an address, or a host name and port resolved now (the first address it gives).
+fn parse_dest(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not IP:PORT, [IPv6]:PORT or HOST:PORT ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
 /// See `--on-unreachable`.

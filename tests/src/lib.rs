@@ -518,6 +518,8 @@ impl SourceOptions {
 pub struct HarnessOptions {
     pub test: String,
     pub source: SourceOptions,
+    /// `fs-dest serve --listen` (default `127.0.0.1:0`).
+    pub listen: String,
 }
 
 impl HarnessOptions {
@@ -525,7 +527,13 @@ impl HarnessOptions {
         HarnessOptions {
             test: test.to_string(),
             source: SourceOptions::new("alpha"),
+            listen: "127.0.0.1:0".into(),
         }
+    }
+
+    pub fn listen(mut self, addr: &str) -> HarnessOptions {
+        self.listen = addr.to_string();
+        self
     }
 
     pub fn partition_size_bytes(mut self, bytes: u64) -> HarnessOptions {
@@ -551,6 +559,8 @@ pub struct Harness {
     pub dest: Option<Daemon>,
     /// The address `fs-dest` listens on.
     pub dest_addr: String,
+    /// What `fs-dest serve --listen` is given.
+    pub listen: String,
     pub test: String,
     /// The temp dir holding everything below.
     pub dir: PathBuf,
@@ -599,6 +609,7 @@ impl Harness {
             source: None,
             dest: None,
             dest_addr: String::new(),
+            listen: options.listen.clone(),
             test: options.test.clone(),
             dest_root: dir.join("dest-root"),
             tls_dir: dir.join("tls"),
@@ -650,7 +661,9 @@ impl Harness {
         cmd.arg("serve")
             .arg("--root")
             .arg(&self.dest_root)
-            .args(["--listen", "127.0.0.1:0", "--nvram"])
+            .arg("--listen")
+            .arg(&self.listen)
+            .arg("--nvram")
             .arg(self.dir.join("dest.nvram"))
             .arg("--tls")
             .arg(&self.tls_dir);

@@ -1,0 +1,41 @@
+//! Addresses (issue 12, point 3, in part): the destination listens on an IPv6 address and the
+//! source reaches it by `[IPv6]:PORT`; a source reaches a destination by host name.
+
+use std::fs;
+
+use nvmirror_e2e::{assert_trees_equal, require_mount, Harness, HarnessOptions, SourceOptions};
+
+#[test]
+fn a_destination_on_ipv6_is_mirrored_to() {
+    const TEST: &str = "ipv6";
+    require_mount!(TEST);
+    let h = Harness::start(HarnessOptions::new(TEST).listen("[::1]:0"));
+    assert!(
+        h.dest_addr.starts_with("[::1]:"),
+        "fs-dest listens on {}",
+        h.dest_addr
+    );
+    fs::write(h.mnt().join("over-ipv6"), b"six").expect("write");
+    h.cp();
+    assert_eq!(
+        fs::read(h.image().join("over-ipv6")).expect("mirrored"),
+        b"six"
+    );
+    assert_trees_equal(h.backing(), &h.image());
+}
+
+#[test]
+fn a_destination_is_reached_by_host_name() {
+    const TEST: &str = "hostname";
+    require_mount!(TEST);
+    // Listening on both families, so whichever address `localhost` resolves to first works.
+    let mut h = Harness::start(HarnessOptions::new(TEST).listen("[::]:0"));
+    h.detach_source();
+    let port = h.dest_addr.rsplit(':').next().expect("port").to_string();
+    h.dest_addr = format!("localhost:{port}");
+    h.restart_source(&SourceOptions::new("alpha"))
+        .unwrap_or_else(|e| panic!("mount with --dest localhost:{port}: {e}"));
+    fs::write(h.mnt().join("by-name"), b"n").expect("write");
+    h.cp();
+    assert_eq!(fs::read(h.image().join("by-name")).expect("mirrored"), b"n");
+}
