@@ -128,6 +128,16 @@ impl NetPair {
         cmd
     }
 
+    /// Set the MTU of both ends of the link (a path with a smaller MTU than Ethernet's).
+    pub fn set_mtu(&self, mtu: u32) {
+        for (ns, dev) in [
+            (&self.dest_ns, &self.dest_if),
+            (&self.source_ns, &self.source_if),
+        ] {
+            ip(&["-n", ns, "link", "set", dev, "mtu", &mtu.to_string()]);
+        }
+    }
+
     /// Take the source's end of the link down (the source sees ENETUNREACH, the destination
     /// silence) or up again.
     pub fn set_link(&self, up: bool) {

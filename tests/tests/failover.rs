@@ -470,3 +470,28 @@ fn a_dead_link_is_noticed_within_seconds_and_a_returning_one_is_used_at_once() {
     c.cp(&mnt);
     assert_trees_equal(&backing, &c.image(NAME));
 }
+
+#[test]
+fn large_writes_cross_a_path_with_a_small_mtu() {
+    require_netns!("large_writes_cross_a_path_with_a_small_mtu");
+    let mut c = Cluster::start("mtu", NAME);
+    // IPv6's minimum MTU, smaller than what QUIC's path MTU discovery would otherwise try.
+    c.net.set_mtu(1280);
+    let backing = c.dir.join("backing");
+    let src = c
+        .mount_source(NAME, &backing, &c.dir.join("source.nvram"), &[], "a")
+        .unwrap_or_else(|e| panic!("mount over a 1280-byte MTU: {e}"));
+    let mnt = src.mountpoint.clone();
+    c.sources.push(src);
+    let big: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+    fs::write(mnt.join("big"), &big).expect("an 8 MiB write over a small MTU");
+    for i in 0..4 {
+        fs::write(mnt.join(format!("m{i}")), vec![i as u8; 1 << 20]).expect("1 MiB write");
+    }
+    c.cp(&mnt);
+    assert_eq!(
+        fs::read(c.image(NAME).join("big")).expect("big in the image"),
+        big
+    );
+    assert_trees_equal(&backing, &c.image(NAME));
+}
