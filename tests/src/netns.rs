@@ -128,6 +128,52 @@ impl NetPair {
         cmd
     }
 
+    /// Drop `percent` % of the packets arriving at each end, at random (nftables `numgen`;
+    /// there is no netem here); 0 removes the rule.
+    pub fn set_loss(&self, percent: u32) {
+        for ns in [&self.dest_ns, &self.source_ns] {
+            let _ = run_with_timeout(
+                Command::new("ip").args([
+                    "netns", "exec", ns, "nft", "delete", "table", "inet", "nvmloss",
+                ]),
+                COMMAND_TIMEOUT,
+            );
+            if percent == 0 {
+                continue;
+            }
+            let pct = percent.to_string();
+            let steps: [Vec<&str>; 3] = [
+                vec!["add", "table", "inet", "nvmloss"],
+                vec![
+                    "add",
+                    "chain",
+                    "inet",
+                    "nvmloss",
+                    "input",
+                    "{ type filter hook input priority 0 ; }",
+                ],
+                vec![
+                    "add", "rule", "inet", "nvmloss", "input", "iifname", "!=", "lo", "numgen",
+                    "random", "mod", "100", "<", &pct, "drop",
+                ],
+            ];
+            for step in steps {
+                let out = run_with_timeout(
+                    Command::new("ip")
+                        .args(["netns", "exec", ns, "nft"])
+                        .args(&step),
+                    COMMAND_TIMEOUT,
+                );
+                assert!(
+                    out.status.success(),
+                    "nft {} in {ns}: {}",
+                    step.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+
     /// Set the MTU of both ends of the link (a path with a smaller MTU than Ethernet's).
     pub fn set_mtu(&self, mtu: u32) {
         for (ns, dev) in [

@@ -495,3 +495,49 @@ fn large_writes_cross_a_path_with_a_small_mtu() {
     );
     assert_trees_equal(&backing, &c.image(NAME));
 }
+
+#[test]
+fn the_mirror_keeps_going_through_packet_loss() {
+    require_netns!("the_mirror_keeps_going_through_packet_loss");
+    let mut c = Cluster::start("loss", NAME);
+    let backing = c.dir.join("backing");
+    let src = c
+        .mount_source(NAME, &backing, &c.dir.join("source.nvram"), &[], "a")
+        .unwrap_or_else(|e| panic!("mount: {e}"));
+    let mnt = src.mountpoint.clone();
+    c.sources.push(src);
+    let mut figures = Vec::new();
+    for loss in [0u32, 1, 5] {
+        c.net.set_loss(loss);
+        // Throughput of one 8 MiB write, and the latency of small write+fsync pairs (printed;
+        // the test asserts only that everything arrives, exactly once).
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i ^ loss) as u8).collect();
+        let started = std::time::Instant::now();
+        fs::write(mnt.join(format!("big-{loss}")), &data).expect("8 MiB write under loss");
+        let mib_s = 8.0 / started.elapsed().as_secs_f64();
+        let mut lat = Vec::new();
+        let mut f = fs::File::create(mnt.join(format!("small-{loss}"))).expect("create");
+        for i in 0..100u32 {
+            let t = std::time::Instant::now();
+            f.write_all(&i.to_le_bytes()).expect("small write");
+            f.sync_all().expect("fsync");
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        figures.push(format!(
+            "loss {loss}%: 8 MiB write {mib_s:.1} MiB/s, write+fsync p50 {:?} p99 {:?}",
+            lat[50], lat[98]
+        ));
+        c.cp(&mnt);
+        assert_eq!(
+            fs::read(c.image(NAME).join(format!("big-{loss}"))).expect("big in the image"),
+            data,
+            "loss {loss}%"
+        );
+    }
+    c.net.set_loss(0);
+    for l in &figures {
+        eprintln!("loss: {l}");
+    }
+    assert_trees_equal(&backing, &c.image(NAME));
+}
