@@ -174,6 +174,49 @@ impl NetPair {
         }
     }
 
+    /// Give the source end a new address, then remove the old one `from` (what a DHCP
+    /// renumbering or a failover of a virtual IP does).
+    pub fn move_source_address(&self, from: &str, to: &str) {
+        // Without promote_secondaries, deleting the primary address of a subnet deletes the
+        // new (secondary) one with it.
+        for conf in ["all", self.source_if.as_str()] {
+            let out = run_with_timeout(
+                Command::new("ip").args([
+                    "netns",
+                    "exec",
+                    &self.source_ns,
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv4.conf.{conf}.promote_secondaries=1"),
+                ]),
+                COMMAND_TIMEOUT,
+            );
+            assert!(
+                out.status.success(),
+                "sysctl promote_secondaries: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        ip(&[
+            "-n",
+            &self.source_ns,
+            "addr",
+            "add",
+            &format!("{to}/24"),
+            "dev",
+            &self.source_if,
+        ]);
+        ip(&[
+            "-n",
+            &self.source_ns,
+            "addr",
+            "del",
+            &format!("{from}/24"),
+            "dev",
+            &self.source_if,
+        ]);
+    }
+
     /// Set the MTU of both ends of the link (a path with a smaller MTU than Ethernet's).
     pub fn set_mtu(&self, mtu: u32) {
         for (ns, dev) in [

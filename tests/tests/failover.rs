@@ -541,3 +541,58 @@ fn the_mirror_keeps_going_through_packet_loss() {
     }
     assert_trees_equal(&backing, &c.image(NAME));
 }
+
+#[test]
+fn the_link_follows_a_change_of_the_source_address() {
+    require_netns!("the_link_follows_a_change_of_the_source_address");
+    let mut c = Cluster::start("migrate", NAME);
+    let backing = c.dir.join("backing");
+    let src = c
+        .mount_source(NAME, &backing, &c.dir.join("source.nvram"), &[], "a")
+        .unwrap_or_else(|e| panic!("mount: {e}"));
+    let mnt = src.mountpoint.clone();
+    c.sources.push(src);
+    // Writes go on through the change; each one's time is kept.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, mnt) = (stop.clone(), mnt.clone());
+        std::thread::spawn(move || {
+            let mut worst = Duration::ZERO;
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = std::time::Instant::now();
+                fs::write(mnt.join(format!("w{i}")), i.to_le_bytes()).expect("write");
+                worst = worst.max(t.elapsed());
+                i += 1;
+            }
+            (i, worst)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    c.net
+        .move_source_address(nvmirror_e2e::netns::SOURCE_IP, "10.77.0.3");
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (writes, worst) = writer.join().expect("writer");
+    let s = c.status(&mnt);
+    eprintln!(
+        "migrate: {writes} writes, the slowest took {worst:?}; status link {} degraded {}",
+        s["link"], s["degraded"]
+    );
+    assert_eq!(s["degraded"], false, "the source went on alone: {s}");
+    assert_eq!(s["link"], "up", "{s}");
+    // Followed, not reconnected: one handshake in the source's whole log, and no write waited
+    // for a timeout (a reconnection would take the 2 s idle timeout at least).
+    let log = fs::read_to_string(c.log_dir.join("fs-source-a.log")).expect("the source's log");
+    assert_eq!(
+        log.matches("connected to destination").count(),
+        1,
+        "the link was re-established instead of following the new address:\n{log}"
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "a write stalled {worst:?} over the address change"
+    );
+    c.cp(&mnt);
+    assert_trees_equal(&backing, &c.image(NAME));
+}
