@@ -41,13 +41,7 @@ fn cp_a(from: &Path, to: &Path) {
 #[test]
 fn browse_shows_completed_cps_and_refuses_writes() {
     require_netns!("browse_shows_completed_cps_and_refuses_writes");
-    let mut c = Cluster::start("browse", NAME);
-    let backing = c.dir.join("backing");
-    let src = c
-        .mount_source(NAME, &backing, &c.dir.join("source.nvram"), &[], "a")
-        .unwrap_or_else(|e| panic!("mount: {e}"));
-    let mnt = src.mountpoint.clone();
-    c.sources.push(src);
+    let (mut c, _backing, mnt) = mounted("browse");
     fs::write(mnt.join("f"), b"first").expect("write f");
     c.cp(&mnt);
     let view = c.browse(NAME);
@@ -327,6 +321,18 @@ fn wait_disconnected(c: &Cluster) {
     );
 }
 
+/// A cluster with source NAME mounted (default options): the cluster, backing dir, mount point.
+fn mounted(test: &str) -> (Cluster, std::path::PathBuf, std::path::PathBuf) {
+    let mut c = Cluster::start(test, NAME);
+    let backing = c.dir.join("backing");
+    let src = c
+        .mount_source(NAME, &backing, &c.dir.join("source.nvram"), &[], "a")
+        .unwrap_or_else(|e| panic!("mount: {e}"));
+    let mnt = src.mountpoint.clone();
+    c.sources.push(src);
+    (c, backing, mnt)
+}
+
 /// Mount with `policy`, take the link down, and return the cluster, mount point and source.
 fn link_down_setup(test: &str, policy: &str) -> (Cluster, std::path::PathBuf) {
     let mut c = Cluster::start(test, NAME);
@@ -430,13 +436,7 @@ fn sync_policy_goes_on_alone_and_drains_the_backlog() {
 #[test]
 fn a_dead_link_is_noticed_within_seconds_and_a_returning_one_is_used_at_once() {
     require_netns!("a_dead_link_is_noticed_within_seconds_and_a_returning_one_is_used_at_once");
-    let mut c = Cluster::start("detect", NAME);
-    let backing = c.dir.join("backing");
-    let src = c
-        .mount_source(NAME, &backing, &c.dir.join("source.nvram"), &[], "a")
-        .unwrap_or_else(|e| panic!("mount: {e}"));
-    let mnt = src.mountpoint.clone();
-    c.sources.push(src);
+    let (c, backing, mnt) = mounted("detect");
     fs::write(mnt.join("before"), b"before").expect("write");
     assert_eq!(c.status(&mnt)["link"], "up");
     // Keep-alives every half second, 2 s idle timeout: the dead link shows within 3 s (the
@@ -499,13 +499,7 @@ fn large_writes_cross_a_path_with_a_small_mtu() {
 #[test]
 fn the_mirror_keeps_going_through_packet_loss() {
     require_netns!("the_mirror_keeps_going_through_packet_loss");
-    let mut c = Cluster::start("loss", NAME);
-    let backing = c.dir.join("backing");
-    let src = c
-        .mount_source(NAME, &backing, &c.dir.join("source.nvram"), &[], "a")
-        .unwrap_or_else(|e| panic!("mount: {e}"));
-    let mnt = src.mountpoint.clone();
-    c.sources.push(src);
+    let (c, backing, mnt) = mounted("loss");
     let mut figures = Vec::new();
     for loss in [0u32, 1, 5] {
         c.net.set_loss(loss);
@@ -545,13 +539,7 @@ fn the_mirror_keeps_going_through_packet_loss() {
 #[test]
 fn the_link_follows_a_change_of_the_source_address() {
     require_netns!("the_link_follows_a_change_of_the_source_address");
-    let mut c = Cluster::start("migrate", NAME);
-    let backing = c.dir.join("backing");
-    let src = c
-        .mount_source(NAME, &backing, &c.dir.join("source.nvram"), &[], "a")
-        .unwrap_or_else(|e| panic!("mount: {e}"));
-    let mnt = src.mountpoint.clone();
-    c.sources.push(src);
+    let (c, backing, mnt) = mounted("migrate");
     // Writes go on through the change; each one's time is kept.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
