@@ -167,6 +167,10 @@ enum CertsCommand {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
+    /// A TOML file of options for this command (keys: the long option names); default
+    /// /etc/nvmirror/fs-dest.toml when it exists. Options on the command line override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Root directory: ROOT/NAME/image and ROOT/NAME/journal per source.
     #[arg(long)]
     root: PathBuf,
@@ -563,8 +567,30 @@ fn describe(e: &anyhow::Error) -> String {
     msg
 }
 
+/// Where `fs-dest serve` reads its options when no `--config` is given (if it exists).
+const DEFAULT_CONFIG: &str = "/etc/nvmirror/fs-dest.toml";
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match proto::config::with_config_file(
+        std::env::args_os().collect(),
+        "serve",
+        std::path::Path::new(DEFAULT_CONFIG),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("fs-dest: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Options repeated (the file's, then the command line's): the last one counts.
+    let matches = <Cli as clap::CommandFactory>::command()
+        .args_override_self(true)
+        .mut_subcommand("serve", |c| c.args_override_self(true))
+        .get_matches_from(argv);
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     init_logging(cli.log_format);
     match run(cli) {
         Ok(code) => code,

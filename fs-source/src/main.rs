@@ -62,7 +62,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Mount the mirrored filesystem (runs in the foreground until unmounted or signalled).
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Print the man page (roff) of fs-source and its subcommands.
     Man,
     /// Print a shell completion script.
@@ -109,6 +109,10 @@ struct MountArgs {
     /// The directory holding the real files.
     #[arg(long)]
     backing: PathBuf,
+    /// A TOML file of options for this command (keys: the long option names); default
+    /// /etc/nvmirror/fs-source.toml when it exists. Options on the command line override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Where to mount.
     #[arg(long)]
     mountpoint: PathBuf,
@@ -185,11 +189,33 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Where `fs-source mount` reads its options when no `--config` is given (if it exists).
+const DEFAULT_CONFIG: &str = "/etc/nvmirror/fs-source.toml";
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match proto::config::with_config_file(
+        std::env::args_os().collect(),
+        "mount",
+        Path::new(DEFAULT_CONFIG),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("fs-source: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Options repeated (the file's, then the command line's): the last one counts.
+    let matches = <Cli as clap::CommandFactory>::command()
+        .args_override_self(true)
+        .mut_subcommand("mount", |c| c.args_override_self(true))
+        .get_matches_from(argv);
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Mount(args) => mount(args),
+        Command::Mount(args) => mount(*args),
         Command::Man => {
             let mut out = std::io::stdout();
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())

@@ -19,6 +19,7 @@
 //! values, so it is tested without a mount or a socket.
 
 pub mod apply;
+pub mod config;
 pub mod frame;
 pub mod handle;
 pub mod nvlog;

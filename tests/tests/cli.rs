@@ -62,3 +62,39 @@ fn log_lines_can_be_json() {
         assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
     }
 }
+
+#[test]
+fn a_config_file_sets_options_and_the_command_line_overrides_it() {
+    const TEST: &str = "config_file";
+    nvmirror_e2e::require_mount!(TEST);
+    use nvmirror_e2e::{Harness, HarnessOptions, SourceOptions};
+    let mut h = Harness::start(HarnessOptions::new(TEST));
+    h.detach_source();
+    let config = h.dir.join("fs-source.toml");
+    std::fs::write(&config, "policy = \"strict\"\ntimeout_ms = 4321\n").expect("config");
+    let mut opts = SourceOptions::new("alpha");
+    opts.extra_args = vec!["--config".into(), config.display().to_string()];
+    h.restart_source(&opts)
+        .unwrap_or_else(|e| panic!("mount with a config file: {e}"));
+    assert_eq!(
+        h.status().raw["policy"],
+        "strict",
+        "the file's policy applies"
+    );
+    h.detach_source();
+    opts.extra_args
+        .extend(["--policy".to_string(), "sync".to_string()]);
+    h.restart_source(&opts)
+        .unwrap_or_else(|e| panic!("mount with a config file and --policy: {e}"));
+    assert_eq!(h.status().raw["policy"], "sync", "the command line wins");
+    h.detach_source();
+    std::fs::write(&config, "bogus_option = 1\n").expect("config");
+    let err = match h.restart_source(&opts) {
+        Ok(()) => panic!("an unknown key must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("--bogus-option"),
+        "the refusal names the key: {err}"
+    );
+}
