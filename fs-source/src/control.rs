@@ -70,6 +70,14 @@ pub struct Status {
     pub lag_seconds: f64,
     /// Seconds since the destination last acknowledged a record (none yet: null).
     pub last_ack_age_seconds: Option<f64>,
+    /// Seconds since the last CP completed (none yet: null).
+    pub last_cp_age_seconds: Option<f64>,
+    /// How long the last CP took, in seconds.
+    pub last_cp_seconds: Option<f64>,
+    /// This daemon's version.
+    pub version: &'static str,
+    /// Seconds since this daemon started.
+    pub uptime_seconds: f64,
     /// Records moved to the backlog file while the destination was away.
     pub backlog_records: u64,
     /// Bytes in the backlog file.
@@ -124,6 +132,8 @@ pub struct Identity {
     pub dest: String,
     /// Policy.
     pub policy: Policy,
+    /// When the daemon started.
+    pub started: std::time::Instant,
 }
 
 /// Build the status report.
@@ -167,6 +177,10 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
             0.0
         },
         last_ack_age_seconds: p.last_ack_at.map(|t| t.elapsed().as_secs_f64()),
+        last_cp_age_seconds: p.last_cp.map(|(t, _)| t.elapsed().as_secs_f64()),
+        last_cp_seconds: p.last_cp.map(|(_, d)| d.as_secs_f64()),
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: id.started.elapsed().as_secs_f64(),
         backlog_records,
         backlog_bytes,
         cp_count: p.cp_count,

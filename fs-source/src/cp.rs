@@ -176,6 +176,21 @@ async fn commit(
     backing: &Arc<OwnedFd>,
     next_id: &mut u64,
 ) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let r = commit_inner(mirror, link, p, backing, next_id).await;
+    if r.is_ok() {
+        mirror.note_cp_time(started.elapsed());
+    }
+    r
+}
+
+async fn commit_inner(
+    mirror: &Arc<Mirror>,
+    link: &Arc<LinkShared>,
+    p: usize,
+    backing: &Arc<OwnedFd>,
+    next_id: &mut u64,
+) -> Result<(), String> {
     let Some(last) = mirror.partition_last_seq(p) else {
         return mirror.free_partition(p).map_err(|e| e.to_string());
     };

@@ -101,6 +101,9 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Print again every this many seconds, until interrupted.
+        #[arg(long)]
+        watch: Option<f64>,
     },
 }
 
@@ -228,7 +231,16 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Cp { mountpoint } => client(&mountpoint, "cp", false),
-        Command::Status { mountpoint, json } => client(&mountpoint, "status", json),
+        Command::Status {
+            mountpoint,
+            json,
+            watch: None,
+        } => client(&mountpoint, "status", json),
+        Command::Status {
+            mountpoint,
+            json,
+            watch: Some(every),
+        } => watch_status(&mountpoint, json, every),
         Command::Verify {
             mountpoint,
             repair,
@@ -369,6 +381,20 @@ fn verify_client(mountpoint: &Path, repair: bool, json: bool, rate_mib: f64) -> 
     Ok(())
 }
 
+/// `status --watch`: the status again every `every` seconds (the screen cleared first on a
+/// terminal), until interrupted or the daemon goes away.
+fn watch_status(mountpoint: &Path, json: bool, every: f64) -> anyhow::Result<()> {
+    let every = Duration::from_secs_f64(every.max(0.1));
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        if tty && !json {
+            print!("\x1b[2J\x1b[H");
+        }
+        client(mountpoint, "status", json)?;
+        std::thread::sleep(every);
+    }
+}
+
 fn print_status(s: &serde_json::Value) {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -379,10 +405,12 @@ fn print_status(s: &serde_json::Value) {
     };
     let _ = writeln!(
         out,
-        "source      {} on {} → {}",
+        "source      {} on {} → {} (fs-source {}, up {:.0} s)",
         g("name"),
         g("mountpoint"),
-        g("dest")
+        g("dest"),
+        g("version"),
+        s["uptime_seconds"].as_f64().unwrap_or(0.0)
     );
     let last_ack = match s["last_ack_age_seconds"].as_f64() {
         Some(a) => format!(", last ack {a:.1} s ago"),
@@ -407,9 +435,16 @@ fn print_status(s: &serde_json::Value) {
         g("last_applied_seq"),
         g("lag_records")
     );
+    let last_cp = match (
+        s["last_cp_age_seconds"].as_f64(),
+        s["last_cp_seconds"].as_f64(),
+    ) {
+        (Some(age), Some(took)) => format!(" (last {age:.1} s ago, took {took:.2} s)"),
+        _ => String::new(),
+    };
     let _ = writeln!(
         out,
-        "mirrored    {} records, {} bytes; {} consistency points",
+        "mirrored    {} records, {} bytes; {} consistency points{last_cp}",
         g("records_mirrored"),
         g("bytes_mirrored"),
         g("cp_count")
@@ -647,6 +682,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
             .map(|d| d.to_string())
             .unwrap_or_else(|| "none (unmirrored)".into()),
         policy: args.policy,
+        started: std::time::Instant::now(),
     };
     let verify_slot: control::VerifySlot = Arc::default();
     rt.spawn(control::serve(

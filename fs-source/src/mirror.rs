@@ -98,6 +98,8 @@ pub struct Progress {
     pub lagging_since: Option<Instant>,
     /// When the destination last acknowledged a record (for the status's "last ack ... ago").
     pub last_ack_at: Option<Instant>,
+    /// When the last CP completed, and how long it took.
+    pub last_cp: Option<(Instant, Duration)>,
     /// Set when the destination refused us for good (fenced...).
     pub stopped: Option<String>,
     /// Paths of the image that differ from this volume (records that failed to apply), as
@@ -694,6 +696,11 @@ impl Mirror {
     }
 
     /// Record a completed CP.
+    /// A CP that took `took` completed (for status).
+    pub fn note_cp_time(&self, took: Duration) {
+        lock(&self.progress).last_cp = Some((Instant::now(), took));
+    }
+
     pub fn on_cp_done(&self, applied_seq: u64) {
         let mut p = lock(&self.progress);
         p.applied_remote = p.applied_remote.max(applied_seq);

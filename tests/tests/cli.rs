@@ -98,3 +98,36 @@ fn a_config_file_sets_options_and_the_command_line_overrides_it() {
         "the refusal names the key: {err}"
     );
 }
+
+#[test]
+fn status_tells_version_uptime_and_the_last_cp_and_can_watch() {
+    const TEST: &str = "status_watch";
+    nvmirror_e2e::require_mount!(TEST);
+    use nvmirror_e2e::{Harness, HarnessOptions};
+    let h = Harness::start(HarnessOptions::new(TEST));
+    std::fs::write(h.mnt().join("f"), b"x").expect("write");
+    h.cp();
+    let s = h.status().raw;
+    assert_eq!(s["version"], env!("CARGO_PKG_VERSION"), "{s}");
+    assert!(s["uptime_seconds"].as_f64().is_some_and(|u| u > 0.0), "{s}");
+    assert!(s["last_cp_seconds"].as_f64().is_some(), "a CP ran: {s}");
+    assert!(s["last_cp_age_seconds"].as_f64().is_some(), "{s}");
+    // --watch prints again and again until stopped.
+    let out_path = h.dir.join("watch.out");
+    let out = std::fs::File::create(&out_path).expect("watch output");
+    let mut child = h
+        .fs_source()
+        .args(["status", "--watch", "0.2", "--mountpoint"])
+        .arg(h.mnt())
+        .stdout(out)
+        .spawn()
+        .expect("fs-source status --watch");
+    let printed = |n: usize| {
+        std::fs::read_to_string(&out_path)
+            .is_ok_and(|t| t.matches("consistency points").count() >= n)
+    };
+    let ok = nvmirror_e2e::poll_until(Duration::from_secs(10), || printed(3));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "status --watch printed fewer than 3 reports in 10 s");
+}
