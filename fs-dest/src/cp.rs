@@ -213,6 +213,8 @@ pub fn apply_through(
         .marker_done()
         .map_err(|e| image_err("reading the replay marker", e))?;
     let steps = proto::replay::plan(&window, Some(marker));
+    // The namespace records up to the marker: the image holds them.
+    let upto = window.partition_point(|(s, _)| *s <= marker);
     if marker > floor + 1 {
         tracing::info!(source = %source.name, floor, marker, same_mount,
             "CP: resuming a CP a crash interrupted; records the image already holds are skipped");
@@ -224,7 +226,6 @@ pub fn apply_through(
             How::Handle => {
                 if !same_mount {
                     // Where the file is now, after the namespace records up to the marker.
-                    let upto = window.partition_point(|(s, _)| *s <= marker);
                     for path in op.paths() {
                         if let Some(now) = proto::replay::track(path, &window[step.index + 1..upto])
                         {

@@ -184,20 +184,18 @@ impl Volume {
         self.log_times(txn, inodes, entries);
     }
 
-    /// [`Volume::touched`] for one open file whose path the caller holds (the write path):
-    /// `fstat` of its descriptor, no path resolution.
+    /// [`Volume::touched`] for one open file whose path and handle the caller holds (the
+    /// write path): `fstat` of its descriptor, no path resolution, no table lookup.
     fn touched_open(
         &self,
         txn: &mut crate::mirror::Txn<'_>,
         ino: u64,
         path: Vec<u8>,
         fd: &OwnedFd,
+        handle: Handle,
     ) {
         let entries = match rustix::fs::fstat(fd) {
-            Ok(st) => {
-                let handle = self.handle(Some(ino), &path, Some(fd));
-                vec![times_entry(path, &st, handle)]
-            }
+            Ok(st) => vec![times_entry(path, &st, handle)],
             Err(_) => Vec::new(),
         };
         self.log_times(txn, &[ino], entries);
@@ -583,7 +581,7 @@ impl Volume {
                 |b| Op::encode_write_into(b, &path, off, piece, &handle),
                 || Ok(proto::apply::write_all_at(&*fd, piece, off)?),
             )?;
-            self.touched_open(&mut txn, ino, path, &fd);
+            self.touched_open(&mut txn, ino, path, &fd, handle);
             last = txn.release();
         }
         if let Some(seq) = last {

@@ -168,6 +168,22 @@ impl NotRegular {
     }
 }
 
+/// Open the inode an `O_PATH` descriptor holds with `flags`, through its `/proc` link, only
+/// if it is a regular file (its type is read first; nothing else is ever opened).
+fn reopen_regular(p: &OwnedFd, flags: OFlags) -> Result<OwnedFd, NotRegular> {
+    let st = rustix::fs::fstat(p).map_err(NotRegular::Io)?;
+    let kind = FileType::from_raw_mode(st.st_mode);
+    if kind != FileType::RegularFile {
+        return Err(NotRegular::Kind(kind_name(kind)));
+    }
+    rustix::fs::open(
+        format!("/proc/self/fd/{}", p.as_raw_fd()),
+        flags | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+    )
+    .map_err(NotRegular::Io)
+}
+
 fn kind_name(k: FileType) -> &'static str {
     match k {
         FileType::RegularFile => "regular file",
@@ -269,17 +285,7 @@ impl Tree {
     /// by a record is never opened.
     pub fn open_regular(&self, path: &[u8], flags: OFlags) -> Result<OwnedFd, NotRegular> {
         let p = self.open_at(path, OFlags::PATH).map_err(NotRegular::Io)?;
-        let st = rustix::fs::fstat(&p).map_err(NotRegular::Io)?;
-        let kind = FileType::from_raw_mode(st.st_mode);
-        if kind != FileType::RegularFile {
-            return Err(NotRegular::Kind(kind_name(kind)));
-        }
-        rustix::fs::open(
-            format!("/proc/self/fd/{}", p.as_raw_fd()),
-            flags | OFlags::CLOEXEC | OFlags::NOCTTY,
-            Mode::empty(),
-        )
-        .map_err(NotRegular::Io)
+        reopen_regular(&p, flags)
     }
 
     /// Open the directory `path` as an `O_PATH` descriptor.
@@ -462,7 +468,7 @@ impl Tree {
                     self.forget_cached();
                     rustix::fs::ftruncate(&fd, *size).map_err(|e| fail(e, path))?;
                 }
-                self.setattr(path, *mode, *uid, *gid, None, *atime, *mtime)
+                self.setattr(path, *mode, *uid, *gid, *atime, *mtime)
                     .map_err(|e| fail(e, path))
             }
             Op::Write {
@@ -531,16 +537,8 @@ impl Tree {
             Op::Replace { path, entry } => self.replace(path, entry).map_err(|e| fail(e, path)),
             Op::Times { entries } => {
                 for e in entries {
-                    self.setattr(
-                        &e.path,
-                        None,
-                        None,
-                        None,
-                        None,
-                        Some(e.atime),
-                        Some(e.mtime),
-                    )
-                    .map_err(|err| fail(err, &e.path))?;
+                    self.setattr(&e.path, None, None, None, Some(e.atime), Some(e.mtime))
+                        .map_err(|err| fail(err, &e.path))?;
                 }
                 Ok(())
             }
@@ -652,19 +650,11 @@ impl Tree {
         };
         // Regular files only, checked before anything is opened for real (as `open_regular`).
         let open = |h: &Handle, flags: OFlags| match h.open(&self.root_dir, OFlags::PATH) {
-            Ok(p) => {
-                let st = rustix::fs::fstat(&p).map_err(fail)?;
-                if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-                    return Ok(None);
-                }
-                rustix::fs::open(
-                    format!("/proc/self/fd/{}", p.as_raw_fd()),
-                    flags | OFlags::CLOEXEC | OFlags::NOCTTY,
-                    Mode::empty(),
-                )
-                .map(Some)
-                .map_err(fail)
-            }
+            Ok(p) => match reopen_regular(&p, flags) {
+                Ok(fd) => Ok(Some(fd)),
+                Err(NotRegular::Kind(_)) => Ok(None),
+                Err(NotRegular::Io(e)) => Err(fail(e)),
+            },
             Err(Errno::STALE | Errno::NOENT) => Ok(None),
             Err(e) => Err(fail(e)),
         };
@@ -706,13 +696,10 @@ impl Tree {
             Op::Times { entries } => {
                 let mut n = 0;
                 for e in entries.iter().filter(|e| !e.handle.is_none()) {
+                    // `open` reaches regular files only: others have no content to repair.
                     let Some(fd) = open(&e.handle, OFlags::RDONLY)? else {
                         continue;
                     };
-                    let st = rustix::fs::fstat(&fd).map_err(fail)?;
-                    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-                        continue;
-                    }
                     let times = Timestamps {
                         last_access: ts(e.atime),
                         last_modification: ts(e.mtime),
@@ -986,19 +973,9 @@ impl Tree {
         mode: Option<u32>,
         uid: Option<u32>,
         gid: Option<u32>,
-        size: Option<u64>,
         atime: Option<Timestamp>,
         mtime: Option<Timestamp>,
     ) -> IoResult<()> {
-        if let Some(size) = size {
-            let fd = self
-                .open_regular(path, OFlags::WRONLY)
-                .map_err(|e| match e {
-                    NotRegular::Io(e) => e,
-                    NotRegular::Kind(_) => Errno::INVAL,
-                })?;
-            rustix::fs::ftruncate(&fd, size)?;
-        }
         let (dir, name): (OwnedFd, &[u8]) = match path::split_last(path) {
             Some(_) => self.parent(path)?,
             None => (self.dir(b"")?, b"."),
