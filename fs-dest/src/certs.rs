@@ -299,9 +299,10 @@ fn sign_dest(
 }
 
 /// Renew the destination's certificate (`dir/dest.pem`, `dir/dest.key`): a new key and
-/// certificate with the same names and addresses, valid [`DEST_DAYS`] days, each file replaced
-/// atomically. `fs-dest serve` reads them at its next start; sources keep trusting it (same CA).
-pub fn renew_dest(dir: &Path) -> Result<(), CertError> {
+/// certificate with the same names and addresses plus `extra_sans`, valid [`DEST_DAYS`] days,
+/// each file replaced atomically. `fs-dest serve` reads them at its next start; sources keep
+/// trusting it (same CA). Returns the names and addresses the new certificate carries.
+pub fn renew_dest(dir: &Path, extra_sans: &[String]) -> Result<Vec<String>, CertError> {
     let pem_path = dir.join("dest.pem");
     let pem = read(&pem_path)?;
     let (_, p) =
@@ -337,10 +338,27 @@ pub fn renew_dest(dir: &Path) -> Result<(), CertError> {
             }
         }
     }
+    for s in extra_sans {
+        let san = san_of(s)?;
+        if !sans.contains(&san) {
+            sans.push(san);
+        }
+    }
+    let names = sans.iter().map(san_text).collect();
     let issuer = ca_issuer(dir)?;
     let (key, cert) = sign_dest(&issuer, sans)?;
     replace_file(&dir.join("dest.key"), &key, 0o600)?;
-    replace_file(&pem_path, &cert, 0o644)
+    replace_file(&pem_path, &cert, 0o644)?;
+    Ok(names)
+}
+
+/// A subject alternative name as an operator writes it.
+fn san_text(san: &SanType) -> String {
+    match san {
+        SanType::DnsName(d) => d.as_str().to_string(),
+        SanType::IpAddress(ip) => ip.to_string(),
+        other => format!("{other:?}"),
+    }
 }
 
 /// What `certs revoke` did.
@@ -516,7 +534,16 @@ mod tests {
         issue(dir.path(), "alpha", 30).unwrap();
         assert!(revoke(dir.path(), "nobody").is_err());
         let before = read(&dir.path().join("dest.pem")).unwrap();
-        renew_dest(dir.path()).unwrap();
+        let names = renew_dest(dir.path(), &["10.9.8.7".into(), "localhost".into()]).unwrap();
+        assert!(names.contains(&"nvmirror-dest".to_string()), "{names:?}");
+        assert!(names.contains(&"10.9.8.7".to_string()), "{names:?}");
+        assert_eq!(
+            names.iter().filter(|n| *n == "localhost").count(),
+            1,
+            "a name already there is not added twice: {names:?}"
+        );
+        let again = renew_dest(dir.path(), &[]).unwrap();
+        assert_eq!(again, names, "renewing keeps the names");
         let after = read(&dir.path().join("dest.pem")).unwrap();
         assert_ne!(before, after);
         assert_ne!(

@@ -47,8 +47,10 @@ pub async fn worker(
 ) {
     while let Some(job) = rx.recv().await {
         source.cp_queued.fetch_sub(1, Ordering::AcqRel);
+        let started = std::time::Instant::now();
         let out = match run_cp(&engine, &source, job.last_seq).await {
             Ok(outcome) => {
+                crate::metrics::observe_cp(&source.name, started.elapsed());
                 let (out_of_sync, out_of_sync_total) = {
                     let d = lock(&source.divergences);
                     (d.listed(), d.len() as u64)

@@ -10,6 +10,7 @@
 
 mod browse;
 mod certs;
+mod check;
 mod close_code;
 mod cp;
 mod cp_lock;
@@ -19,6 +20,7 @@ mod error;
 mod fetch;
 mod image_state;
 mod journal;
+mod metrics;
 mod promote;
 mod reseed;
 mod revocation;
@@ -114,6 +116,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Verify the NVRAM file and the journals offline (no server running; read-only):
+    /// headers, records, CRCs, sequence ranges. Exits non-zero when anything fails.
+    Check {
+        /// The destination root directory.
+        #[arg(long)]
+        root: PathBuf,
+        /// Only this source's journals (the NVRAM is checked whole).
+        #[arg(long)]
+        source: Option<String>,
+        /// The NVRAM file (default: the one the last `serve` on ROOT used, recorded in
+        /// ROOT/fs-dest.nvram.json); its geometry is read from its superblock.
+        #[arg(long)]
+        nvram: Option<PathBuf>,
+        /// List every record (sequence numbers, offset, length, operation, paths).
+        #[arg(long)]
+        records: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +174,10 @@ enum CertsCommand {
         /// Days the new certificate is valid.
         #[arg(long, default_value_t = certs::DEFAULT_SOURCE_DAYS)]
         days: u32,
+        /// With `--name dest`: a name or IP address to add to the destination certificate's
+        /// (repeatable), e.g. a new address sources reach it by.
+        #[arg(long)]
+        san: Vec<String>,
     },
     /// Revoke a source's certificate (DIR/NAME.pem): a running `fs-dest serve --tls DIR`
     /// refuses it from then on and closes its connection within seconds.
@@ -187,8 +213,19 @@ struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_PARTITIONS)]
     partitions: usize,
     /// Bytes per NVLOG partition (suffixes K, M, G accepted).
-    #[arg(long, default_value_t = DEFAULT_PARTITION_SIZE, value_parser = parse_size)]
+    #[arg(long, default_value_t = DEFAULT_PARTITION_SIZE, value_parser = proto::config::parse_size)]
     partition_size: usize,
+    /// A link silent this long is dead (QUIC idle timeout; the smaller of the two ends' counts).
+    #[arg(long, default_value_t = proto::timing::DEFAULT_IDLE_TIMEOUT_MS)]
+    idle_timeout_ms: u64,
+    /// A quiet link sends a keep-alive this often (less than half of --idle-timeout-ms).
+    #[arg(long, default_value_t = proto::timing::DEFAULT_KEEP_ALIVE_MS)]
+    keep_alive_ms: u64,
+    /// Serve Prometheus metrics (the figures of `status`, per source) over plain HTTP at
+    /// http://ADDR/metrics, e.g. 127.0.0.1:9448 (port 0 picks one; the address is logged).
+    /// Off by default. See "Metrics" in docs/operations.md.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -210,7 +247,7 @@ struct RoleArgs {
     #[arg(long, default_value_t = DEFAULT_PARTITIONS)]
     partitions: usize,
     /// Bytes per NVLOG partition of that NVRAM file (with --nvram).
-    #[arg(long, default_value_t = DEFAULT_PARTITION_SIZE, value_parser = parse_size)]
+    #[arg(long, default_value_t = DEFAULT_PARTITION_SIZE, value_parser = proto::config::parse_size)]
     partition_size: usize,
     /// Print the outcome as JSON.
     #[arg(long)]
@@ -234,21 +271,6 @@ struct BrowseArgs {
 }
 
 /// Parse a byte count with an optional K/M/G (binary) suffix.
-fn parse_size(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&t[..i], 1usize << 10),
-        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&t[..i], 1 << 20),
-        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&t[..i], 1 << 30),
-        _ => (t, 1),
-    };
-    num.trim()
-        .parse::<usize>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a byte count (e.g. 67108864, 64M)"))
-}
-
 fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
     addr.to_socket_addrs()
         .with_context(|| format!("--listen {addr}: not IP:PORT, [IPv6]:PORT or HOST:PORT"))?
@@ -298,17 +320,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dir.display()
                 );
             }
-            CertsCommand::Renew { dir, name, .. } if name == "dest" => {
-                certs::renew_dest(&dir)
+            CertsCommand::Renew { dir, name, san, .. } if name == "dest" => {
+                let names = certs::renew_dest(&dir, &san)
                     .with_context(|| format!("certs renew dest in {}", dir.display()))?;
                 println!(
-                    "fs-dest: renewed {}/{{dest.pem,dest.key}} (valid for {} days); restart \
-                     fs-dest serve to use them",
+                    "fs-dest: renewed {}/{{dest.pem,dest.key}} (valid for {} days, for {}); \
+                     restart fs-dest serve to use them",
                     dir.display(),
-                    certs::DEST_DAYS
+                    certs::DEST_DAYS,
+                    names.join(", ")
                 );
             }
-            CertsCommand::Renew { dir, name, days } => {
+            CertsCommand::Renew { san, name, .. } if !san.is_empty() => {
+                anyhow::bail!(
+                    "certs renew --name {name}: --san applies to the destination's certificate \
+                     only (--name dest); a source's certificate names the source"
+                );
+            }
+            CertsCommand::Renew {
+                dir, name, days, ..
+            } => {
                 certs::renew(&dir, &name, days)
                     .with_context(|| format!("certs renew {name} in {}", dir.display()))?;
                 println!(
@@ -334,6 +365,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 partition_size: a.partition_size,
             };
             geometry.validate()?;
+            tls::set_timing(proto::timing::LinkTiming::from_millis(
+                a.idle_timeout_ms,
+                a.keep_alive_ms,
+            )?);
+            if let Some(medium) = proto::peer::volatile_medium(&a.nvram) {
+                tracing::warn!(
+                    nvram = %a.nvram.display(),
+                    "the NVRAM file is on {medium}: records acknowledged to the sources survive \
+                     a crash of fs-dest, not a reboot or power cut of this machine before the \
+                     next CP (put it on a DAX/pmem device or a disk file for that)"
+                );
+            }
             let opts = server::ServeOptions {
                 listen: resolve(&a.listen)?,
                 root: a.root,
@@ -345,7 +388,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("cannot start the tokio runtime")?;
-            rt.block_on(server::serve(opts)).context("fs-dest serve")?;
+            rt.block_on(server::serve(opts, a.metrics_listen))
+                .context("fs-dest serve")?;
         }
         Command::Promote(a) => return role("promote", a),
         Command::Demote(a) => return role("demote", a),
@@ -410,6 +454,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", status::render(&report));
             }
+        }
+        Command::Check {
+            root,
+            source,
+            nvram,
+            records,
+            json,
+        } => {
+            let o = check::CheckOptions {
+                root,
+                source,
+                nvram,
+                records,
+            };
+            check::run(&o, json)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -595,7 +654,11 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("fs-dest: error: {}", describe(&e));
+            let msg = describe(&e);
+            eprintln!("fs-dest: error: {msg}");
+            if let Some(hint) = proto::peer::permission_hint("fs-dest", &msg) {
+                eprintln!("fs-dest: {hint}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -334,8 +334,11 @@ impl Server {
 }
 
 /// Run the server until SIGTERM or SIGINT, printing `fs-dest: listening on IP:PORT` once it
-/// accepts connections.
-pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+/// accepts connections; with `metrics_listen`, serve Prometheus metrics there too.
+pub async fn serve(
+    opts: ServeOptions,
+    metrics_listen: Option<SocketAddr>,
+) -> Result<(), ServeError> {
     let sig_err = |source| ServeError::Io {
         what: "cannot install a signal handler",
         path: PathBuf::from("SIGTERM/SIGINT"),
@@ -343,11 +346,43 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     };
     let mut term = signal(SignalKind::terminate()).map_err(sig_err)?;
     let mut int = signal(SignalKind::interrupt()).map_err(sig_err)?;
+    // Bound before anything is opened, so a taken port stops the server at once.
+    let metrics = match metrics_listen {
+        Some(addr) => Some(
+            crate::metrics::bind(addr)
+                .await
+                .map_err(|source| ServeError::Io {
+                    what: "cannot listen for metrics (--metrics-listen) on",
+                    path: PathBuf::from(addr.to_string()),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let server = Server::start(opts).await?;
+    let _metrics_task = metrics.map(|listener| {
+        if let Ok(local) = listener.local_addr() {
+            tracing::info!("serving metrics on http://{local}/metrics");
+        }
+        let registry = Arc::new(crate::metrics::registry(server.engine.clone()));
+        AbortOnDrop(tokio::spawn(crate::metrics::serve(listener, registry)))
+    });
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "fs-dest: listening on {}", server.local_addr());
         let _ = out.flush();
+    }
+    // systemd (Type=notify): ready once sources can connect. Without NOTIFY_SOCKET this does
+    // nothing; a failure to tell systemd is logged, not fatal.
+    let ready = format!("listening on {}", server.local_addr());
+    if let Err(e) = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&ready),
+        ],
+    ) {
+        tracing::warn!("cannot tell systemd that fs-dest is ready: {e}");
     }
     server
         .accept_until(async {
@@ -357,6 +392,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             }
         })
         .await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     server.shutdown().await;
     Ok(())
 }

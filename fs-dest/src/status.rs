@@ -30,6 +30,10 @@ pub struct SourceStatus {
     pub name: String,
     /// A connection currently serves it.
     pub connected: bool,
+    /// The source's address as the destination sees it now (it follows a migration or a NAT
+    /// rebinding); absent when not connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_address: Option<String>,
     /// Its generation (fencing epoch).
     pub generation: Option<u64>,
     /// Highest sequence number held durably (NVRAM or journals).
@@ -131,6 +135,9 @@ pub fn snapshot(engine: &Engine) -> StatusReport {
                 out_of_sync_paths,
                 name: s.name.clone(),
                 connected: s.connected(),
+                peer_address: crate::engine::lock(&s.connection)
+                    .as_ref()
+                    .map(|(_, c)| c.remote_address().to_string()),
                 generation: Some(s.generation.load(Ordering::Relaxed)),
                 durable_seq: Some(s.accepted_seq.load(Ordering::Relaxed)),
                 applied_seq: Some(s.applied_seq.load(Ordering::Relaxed)),
@@ -189,6 +196,7 @@ pub fn offline(root: &Path) -> StatusReport {
                 out_of_sync_paths,
                 name,
                 connected: false,
+                peer_address: None,
                 generation: None,
                 durable_seq: None,
                 applied_seq: None,
@@ -430,6 +438,9 @@ pub fn render(r: &StatusReport) -> String {
         ));
     }
     for x in &r.sources {
+        if let Some(a) = &x.peer_address {
+            s.push_str(&format!("{}: connected from {a}\n", x.name));
+        }
         for p in &x.out_of_sync_paths {
             s.push_str(&format!(
                 "{}: OUT OF SYNC {} (record {}: {})\n",

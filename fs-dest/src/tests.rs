@@ -141,7 +141,9 @@ impl Client {
         let (endpoint, _) = source_tls::client_endpoint(tls, name, addr).unwrap();
         let conn = within(
             "handshake",
-            endpoint.connect(addr, source_tls::SERVER_NAME).unwrap(),
+            endpoint
+                .connect(addr, crate::certs::DEST_SERVER_NAME)
+                .unwrap(),
         )
         .await
         .unwrap();

@@ -8,7 +8,6 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -20,10 +19,17 @@ use crate::error::TlsError;
 pub const ALPN: &[u8] = b"nvmirror/1";
 /// Socket buffer size asked for (send and receive).
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
-/// A connection silent for this long is dead.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Keep-alive interval, well under the idle timeout.
-pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// The link's keep-alive and idle timeout, set once at start from the command line.
+static TIMING: std::sync::OnceLock<proto::timing::LinkTiming> = std::sync::OnceLock::new();
+
+/// Use `timing` for every connection from now on (called once, before the first one).
+pub fn set_timing(timing: proto::timing::LinkTiming) {
+    let _ = TIMING.set(timing);
+}
+
+fn timing() -> proto::timing::LinkTiming {
+    TIMING.get().copied().unwrap_or_default()
+}
 
 /// The ring crypto provider, used explicitly so no process-wide default is needed.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -35,8 +41,8 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // 2 s always fits a QUIC varint; the fallback only guards the conversion.
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(timing().idle_timeout).ok());
+    t.keep_alive_interval(Some(timing().keep_alive));
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
     // Until its Hello is accepted a connection may send only this much (a flood of
     // handshakes must not make the destination buffer megabytes each); the session then

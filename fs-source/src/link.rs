@@ -21,6 +21,8 @@ use crate::mirror::{CpAnswer, Mirror};
 pub struct LinkSettings {
     /// Destination address.
     pub dest: SocketAddr,
+    /// The name (DNS name or IP address) the destination's certificate must carry.
+    pub server_name: String,
     /// Directory with ca.pem, NAME.pem, NAME.key.
     pub tls_dir: PathBuf,
     /// This source's name.
@@ -148,21 +150,36 @@ enum LinkError {
     Unexpected(String),
 }
 
-/// The TLS alert that ended a connection, if the peer (or we) refused the TLS handshake.
-fn tls_alert(e: &LinkError) -> Option<u64> {
+/// How a TLS handshake failed, when one did.
+enum TlsFailure {
+    /// The destination refused ours, with this alert.
+    Remote(u64),
+    /// We refused the destination's certificate: rustls's reason.
+    Local(String),
+}
+
+/// The TLS failure that ended a connection, if the peer (or we) refused the TLS handshake.
+fn tls_failure(e: &LinkError) -> Option<TlsFailure> {
     let conn = match e {
         LinkError::Connection(c) => c,
         LinkError::Write(quinn::WriteError::ConnectionLost(c)) => c,
         LinkError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c))) => c,
         _ => return None,
     };
-    let code = match conn {
-        quinn::ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
-        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
-        _ => return None,
-    };
     // QUIC carries TLS alerts as CRYPTO_ERROR codes 0x100 + alert.
-    (0x100..=0x1ff).contains(&code).then_some(code - 0x100)
+    let is_alert = |code: u64| (0x100..=0x1ff).contains(&code);
+    match conn {
+        quinn::ConnectionError::ConnectionClosed(close)
+            if is_alert(u64::from(close.error_code)) =>
+        {
+            Some(TlsFailure::Remote(u64::from(close.error_code) - 0x100))
+        }
+        // A transport error is one this end detected: our verification of the destination.
+        quinn::ConnectionError::TransportError(t) if is_alert(u64::from(t.code)) => {
+            Some(TlsFailure::Local(t.reason.clone()))
+        }
+        _ => None,
+    }
 }
 
 /// Run the link forever: connect, stream records, reconnect with backoff.
@@ -176,8 +193,19 @@ pub async fn run(
     loop {
         let result = session(&mirror, &settings, &shared, &mut control_rx).await;
         let result = match result {
-            Err(e) => match tls_alert(&e) {
-                Some(44) => Err(LinkError::Refused(format!(
+            Err(e) => match tls_failure(&e) {
+                Some(TlsFailure::Local(reason)) => Err(LinkError::Refused(format!(
+                    "this source refused the certificate of the destination {}: {reason}. It must \
+                     carry the name this source reaches it by, {:?} (--dest, or --dest-name): \
+                     add it on the destination with `fs-dest certs renew --name dest --san {}` \
+                     and restart `fs-dest serve`, or give --dest-name a name the certificate \
+                     carries; {}/ca.pem must be the CA that signed it",
+                    settings.dest,
+                    settings.server_name,
+                    settings.server_name,
+                    settings.tls_dir.display()
+                ))),
+                Some(TlsFailure::Remote(44)) => Err(LinkError::Refused(format!(
                     "the destination {} refused this source's certificate {}/{}.pem: it has been \
                      revoked (have the destination's operator issue a new one with `fs-dest certs \
                      issue --name {}`)",
@@ -186,7 +214,7 @@ pub async fn run(
                     settings.name,
                     settings.name
                 ))),
-                Some(45) => Err(LinkError::Refused(format!(
+                Some(TlsFailure::Remote(45)) => Err(LinkError::Refused(format!(
                     "the destination {} refused this source's certificate {}/{}.pem: it has \
                      expired, or is not valid yet (check this machine's clock; renew it with \
                      `fs-dest certs renew --name {}`)",
@@ -195,7 +223,7 @@ pub async fn run(
                     settings.name,
                     settings.name
                 ))),
-                Some(alert) => Err(LinkError::Refused(format!(
+                Some(TlsFailure::Remote(alert)) => Err(LinkError::Refused(format!(
                     "the destination {} rejected the TLS handshake (alert {alert}{}): check that {}/{}.pem is \
                      signed by the destination's CA and that {}/ca.pem is the destination's CA",
                     settings.dest,
@@ -331,7 +359,7 @@ async fn session(
     let (endpoint, _cfg) =
         crate::tls::client_endpoint(&settings.tls_dir, &settings.name, settings.dest)?;
     let conn = endpoint
-        .connect(settings.dest, crate::tls::SERVER_NAME)?
+        .connect(settings.dest, &settings.server_name)?
         .await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let logged = mirror.progress(|p| p.logged);

@@ -6,6 +6,7 @@
 
 mod backlog;
 mod baseline;
+mod check;
 mod control;
 mod cp;
 mod error;
@@ -13,6 +14,7 @@ mod fuse;
 mod identity;
 mod inodes;
 mod link;
+mod metrics;
 mod mirror;
 mod mountpoint;
 mod recovery;
@@ -105,6 +107,22 @@ enum Command {
         #[arg(long)]
         watch: Option<f64>,
     },
+    /// Verify the NVRAM and backlog files offline (no daemon running; read-only): headers,
+    /// records, CRCs, sequence ranges. Exits non-zero when anything fails verification.
+    Check {
+        /// The NVRAM file (`mount --nvram`); its geometry is read from its superblock.
+        #[arg(long)]
+        nvram: PathBuf,
+        /// The backlog file (default: NVRAM.backlog, when it exists).
+        #[arg(long)]
+        backlog: Option<PathBuf>,
+        /// List every record (sequence number, offset, length, operation, paths).
+        #[arg(long)]
+        records: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -124,7 +142,11 @@ struct MountArgs {
     /// other destination yet): records are still logged in NVRAM and CPs make the volume
     /// durable, but nothing is sent.
     #[arg(long, value_parser = parse_dest)]
-    dest: Option<SocketAddr>,
+    dest: Option<Dest>,
+    /// The name or address the destination's certificate must carry (default: the host of
+    /// --dest, as written there). Its certificate names what `fs-dest certs init --san` gave.
+    #[arg(long)]
+    dest_name: Option<String>,
     /// This source's name (its certificate's name).
     #[arg(long)]
     name: String,
@@ -138,8 +160,8 @@ struct MountArgs {
     /// Number of NVLOG partitions.
     #[arg(long, default_value_t = proto::nvlog::DEFAULT_PARTITIONS)]
     partitions: usize,
-    /// Bytes per NVLOG partition (multiple of 4096, at least 65536).
-    #[arg(long, default_value_t = proto::nvlog::DEFAULT_PARTITION_SIZE)]
+    /// Bytes per NVLOG partition (multiple of 4096, at least 65536; suffixes K, M, G accepted).
+    #[arg(long, default_value_t = proto::nvlog::DEFAULT_PARTITION_SIZE, value_parser = proto::config::parse_size)]
     partition_size: usize,
     /// What to do when the destination does not acknowledge in time.
     #[arg(long, value_enum, default_value_t = Policy::Sync)]
@@ -176,6 +198,17 @@ struct MountArgs {
     /// writes keep most of the link (0: no limit).
     #[arg(long, default_value_t = 0.0)]
     baseline_rate_mib: f64,
+    /// A link silent this long is dead (QUIC idle timeout; the smaller of the two ends' counts).
+    #[arg(long, default_value_t = proto::timing::DEFAULT_IDLE_TIMEOUT_MS)]
+    idle_timeout_ms: u64,
+    /// A quiet link sends a keep-alive this often (less than half of --idle-timeout-ms).
+    #[arg(long, default_value_t = proto::timing::DEFAULT_KEEP_ALIVE_MS)]
+    keep_alive_ms: u64,
+    /// Serve Prometheus metrics (the figures of `status`) over plain HTTP at
+    /// http://ADDR/metrics, e.g. 127.0.0.1:9447 (port 0 picks one; the address is logged).
+    /// Off by default. See "Metrics" in docs/operations.md.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -247,11 +280,21 @@ fn main() -> ExitCode {
             json,
             rate_mib,
         } => verify_client(&mountpoint, repair, json, rate_mib),
+        Command::Check {
+            nvram,
+            backlog,
+            records,
+            json,
+        } => check::run(&nvram, backlog.as_deref(), records, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fs-source: {e:#}");
+            let msg = format!("{e:#}");
+            eprintln!("fs-source: {msg}");
+            if let Some(hint) = proto::peer::permission_hint("fs-source", &msg) {
+                eprintln!("fs-source: {hint}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -511,13 +554,41 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
 }
 
-/// `--dest`: an address, or a host name and port resolved now (the first address it gives).
-fn parse_dest(s: &str) -> Result<SocketAddr, String> {
+/// `--dest`: where fs-dest is, and the host as written (the name its certificate must carry).
+#[derive(Debug, Clone)]
+struct Dest {
+    /// The address (a host name is resolved when the mount starts; the first address).
+    addr: SocketAddr,
+    /// The host part: a DNS name, an IPv4 address or an IPv6 address without brackets.
+    host: String,
+}
+
+/// `--dest`: IP:PORT, [IPv6]:PORT or HOST:PORT.
+fn parse_dest(s: &str) -> Result<Dest, String> {
     use std::net::ToSocketAddrs;
-    s.to_socket_addrs()
-        .map_err(|e| format!("{s:?} is not IP:PORT, [IPv6]:PORT or HOST:PORT ({e})"))?
+    let bad = |why: String| format!("{s:?} is not IP:PORT, [IPv6]:PORT or HOST:PORT ({why})");
+    let host = match s.strip_prefix('[') {
+        Some(rest) => rest
+            .split_once("]:")
+            .map(|(h, _)| h)
+            .ok_or_else(|| bad("no ']:PORT' after the IPv6 address".into()))?,
+        None => s
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .ok_or_else(|| bad("no ':PORT'".into()))?,
+    };
+    if host.contains(':') && !s.starts_with('[') {
+        return Err(bad("write an IPv6 address in brackets".into()));
+    }
+    let addr = s
+        .to_socket_addrs()
+        .map_err(|e| bad(e.to_string()))?
         .next()
-        .ok_or_else(|| format!("{s:?} resolves to no address"))
+        .ok_or_else(|| format!("{s:?} resolves to no address"))?;
+    Ok(Dest {
+        addr,
+        host: host.to_string(),
+    })
 }
 
 /// See `--on-unreachable`.
@@ -530,6 +601,10 @@ enum OnUnreachable {
 }
 
 fn mount(args: MountArgs) -> anyhow::Result<()> {
+    tls::set_timing(proto::timing::LinkTiming::from_millis(
+        args.idle_timeout_ms,
+        args.keep_alive_ms,
+    )?);
     if !valid_name(&args.name) {
         bail!("invalid source name {:?}: use 1-47 letters, digits, '.', '_' or '-', starting with a letter or digit", args.name);
     }
@@ -551,6 +626,14 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 
     let (storage, _) = MmapStorage::open(&args.nvram, geometry.region_len())?;
+    if let Some(medium) = proto::peer::volatile_medium(&args.nvram) {
+        tracing::warn!(
+            nvram = %args.nvram.display(),
+            "the NVRAM file is on {medium}: acknowledged writes survive a crash of fs-source, \
+             not a reboot or power cut of this machine before the next CP (put it on a DAX/pmem \
+             device or a disk file for that)"
+        );
+    }
     let tls = match (&args.dest, &args.tls) {
         (Some(_), None) => bail!(
             "--dest needs --tls DIR (ca.pem, {0}.pem, {0}.key)",
@@ -640,11 +723,12 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", args.backing.display()))?,
     );
     let (link_shared, control_rx) = link::shared();
-    if let (Some(dest), Some(tls_dir)) = (args.dest, tls) {
+    if let (Some(dest), Some(tls_dir)) = (args.dest.clone(), tls) {
         rt.spawn(link::run(
             mirror.clone(),
             link::LinkSettings {
-                dest,
+                dest: dest.addr,
+                server_name: args.dest_name.clone().unwrap_or(dest.host),
                 tls_dir,
                 name: args.name.clone(),
                 volume: volume_id.clone(),
@@ -679,11 +763,21 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         mountpoint: args.mountpoint.display().to_string(),
         dest: args
             .dest
-            .map(|d| d.to_string())
+            .as_ref()
+            .map(|d| d.addr.to_string())
             .unwrap_or_else(|| "none (unmirrored)".into()),
         policy: args.policy,
         started: std::time::Instant::now(),
     };
+    if let Some(addr) = args.metrics_listen {
+        let metrics = rt
+            .block_on(metrics::bind(addr))
+            .with_context(|| format!("--metrics-listen {addr}: cannot listen"))?;
+        let local = metrics.local_addr().unwrap_or(addr);
+        tracing::info!("serving metrics on http://{local}/metrics");
+        let registry = Arc::new(metrics::registry(mirror.clone(), identity.clone()));
+        rt.spawn(metrics::serve(metrics, registry));
+    }
     let verify_slot: control::VerifySlot = Arc::default();
     rt.spawn(control::serve(
         listener,
@@ -703,7 +797,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     // Meet the destination before serving clients: a refusal (foreign certificate, fenced
     // source) is reported now instead of after the first write. An unreachable destination
     // does not stop the mount: the policy decides what writes do meanwhile.
-    if let Some(dest) = args.dest {
+    if let Some(dest) = args.dest.as_ref().map(|d| d.addr) {
         match mirror.wait_first_link(Duration::from_millis(args.connect_wait_ms)) {
             Ok(true) => {}
             Ok(false) => {
@@ -784,6 +878,32 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     println!("fs-source: mounted {}", args.mountpoint.display());
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    // systemd (Type=notify): ready once mounted, which is after the first handshake with the
+    // destination (or after --connect-wait-ms with --on-unreachable mount).
+    let ready = match &args.dest {
+        Some(d) if mirror.progress(|p| p.link_up) => {
+            format!(
+                "mounted {}, mirroring to {}",
+                args.mountpoint.display(),
+                d.addr
+            )
+        }
+        Some(d) => format!(
+            "mounted {}, destination {} not reachable yet",
+            args.mountpoint.display(),
+            d.addr
+        ),
+        None => format!("mounted {}, unmirrored", args.mountpoint.display()),
+    };
+    if let Err(e) = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&ready),
+        ],
+    ) {
+        tracing::warn!("cannot tell systemd that fs-source is ready: {e}");
+    }
 
     // Run until a signal arrives or someone unmounts us.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -805,6 +925,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
             }
         }
         tracing::info!("signal received: unmounting {}", mountpoint.display());
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         if let Err(e) = rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::empty()) {
             tracing::warn!(
                 "unmount of {} failed ({e}); detaching it",

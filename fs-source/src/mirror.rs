@@ -32,8 +32,8 @@ pub enum Policy {
     Sync,
 }
 
-/// Offsets of the source's cursors in the NVLOG user area.
-mod cursor {
+/// Offsets of the source's cursors in the NVLOG user area (also read by `fs-source check`).
+pub(crate) mod cursor {
     /// Highest sequence number logged *and* applied to the backing directory.
     pub const APPLIED_SEQ: usize = 0;
     /// Generation of the volume (raised by a promotion).
@@ -698,6 +698,7 @@ impl Mirror {
     /// Record a completed CP.
     /// A CP that took `took` completed (for status).
     pub fn note_cp_time(&self, took: Duration) {
+        crate::metrics::observe_cp(took);
         lock(&self.progress).last_cp = Some((Instant::now(), took));
     }
 

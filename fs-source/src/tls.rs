@@ -2,13 +2,12 @@
 //!
 //! Loads `DIR/ca.pem` (the CA that signed the destination's certificate), `DIR/NAME.pem` and
 //! `DIR/NAME.key` (this source's client certificate, made with `fs-dest certs issue`). The
-//! destination is verified under the name `nvmirror-dest`, with ALPN `nvmirror/1`, TLS 1.3 and
+//! destination is verified under the name it is reached by (`--dest`'s host or `--dest-name`), with ALPN `nvmirror/1`, TLS 1.3 and
 //! the ring provider. The UDP socket gets 4 MiB buffers (quinn does not enlarge them).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -16,14 +15,19 @@ use thiserror::Error;
 
 /// ALPN protocol identifier of this protocol version.
 pub const ALPN: &[u8] = b"nvmirror/1";
-/// The name the destination's certificate must carry.
-pub const SERVER_NAME: &str = "nvmirror-dest";
 /// Socket buffer size asked for (send and receive).
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
-/// A connection silent for this long is dead.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Keep-alive interval, well under the idle timeout.
-pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// The link's keep-alive and idle timeout, set once at start from the command line.
+static TIMING: std::sync::OnceLock<proto::timing::LinkTiming> = std::sync::OnceLock::new();
+
+/// Use `timing` for every connection from now on (called once, before the first one).
+pub fn set_timing(timing: proto::timing::LinkTiming) {
+    let _ = TIMING.set(timing);
+}
+
+fn timing() -> proto::timing::LinkTiming {
+    TIMING.get().copied().unwrap_or_default()
+}
 
 /// Why the client endpoint could not be built.
 #[derive(Debug, Error)]
@@ -57,12 +61,13 @@ pub enum ClientTlsError {
     },
 }
 
-/// Transport settings (the same as the destination's): 2 s idle timeout (a dead link or peer is noticed within 3 s), 0.5 s keep-alive,
-/// windows large enough for bulk writes on one long-lived stream.
+/// Transport settings (the same as the destination's): the idle timeout and keep-alive of
+/// [`set_timing`] (default 2 s and 0.5 s: a dead link or peer is noticed within 3 s), windows
+/// large enough for bulk writes on one long-lived stream.
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(timing().idle_timeout).ok());
+    t.keep_alive_interval(Some(timing().keep_alive));
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
     t.receive_window(quinn::VarInt::from_u32(32 << 20));
     t.send_window(32 << 20);
@@ -180,7 +185,7 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, ClientTlsError> {
 
 /// A client endpoint for source `name`, bound to an ephemeral port of the same address family
 /// as `dest`, with its default client configuration set. Connect with
-/// `endpoint.connect(dest, SERVER_NAME)`. Must be called inside a tokio runtime.
+/// `endpoint.connect(dest, server_name)`. Must be called inside a tokio runtime.
 pub fn client_endpoint(
     tls_dir: &Path,
     name: &str,

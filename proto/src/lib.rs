@@ -12,6 +12,8 @@
 //!   the same way on both sides.
 //! * [`peer`]: who may reach a daemon's control socket, and which socket a client may trust
 //!   (modes, owners, SO_PEERCRED), the same for both daemons.
+//! * [`inspect`]: offline verification of the daemons' files (NVRAM, backlog, journals) for
+//!   `fs-source check` and `fs-dest check`.
 //! * [`apply`]: the one piece of code that applies a record to a directory tree, shared by the
 //!   source (its backing volume, at recovery) and the destination (its image, at a CP).
 //!
@@ -22,6 +24,8 @@ pub mod apply;
 pub mod config;
 pub mod frame;
 pub mod handle;
+pub mod inspect;
+pub mod metrics_http;
 pub mod nvlog;
 pub mod path;
 pub mod peer;
@@ -29,6 +33,7 @@ pub mod record;
 pub mod replay;
 pub mod storage;
 pub mod summary;
+pub mod timing;
 pub mod wire;
 
 pub use frame::{Frame, FrameError, FrameHeader};

@@ -51,9 +51,12 @@ pub const DEFAULT_PARTITIONS: usize = 2;
 /// Most partitions one log may have.
 pub const MAX_PARTITIONS: usize = 64;
 
-const MAGIC: &[u8; 8] = b"NVMLOG\0\x01";
-const PART_MAGIC: &[u8; 8] = b"NVPART\0\x01";
-const VERSION: u32 = 1;
+/// The magic number at offset 0 of the superblock.
+pub const MAGIC: &[u8; 8] = b"NVMLOG\0\x01";
+/// The magic number at the start of each partition header.
+pub const PART_MAGIC: &[u8; 8] = b"NVPART\0\x01";
+/// The superblock format version written and read.
+pub const VERSION: u32 = 1;
 
 /// Which daemon a log belongs to; stored so that one is never opened as the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -335,3 +335,63 @@ mod tests {
         assert!(check_socket(&dir.join("missing")).is_err_and(|e| e.is_not_found()));
     }
 }
+
+/// A hint for an operator who ran a daemon command without root and got a permission error:
+/// the daemons mount FUSE, keep every file's owner and mode, use `trusted.*` attributes and
+/// root's control sockets, so the bare "Permission denied" of one system call would not say
+/// what to do. `None` when running as root or when `message` is not a permission error.
+pub fn permission_hint(program: &str, message: &str) -> Option<String> {
+    let denied = message.contains("Permission denied")
+        || message.contains("Operation not permitted")
+        || message.contains("os error 13")
+        || message.contains("os error 1)");
+    (denied && !rustix::process::geteuid().is_root()).then(|| {
+        format!(
+            "hint: {program} runs as root (FUSE mounts, file owners and modes, trusted.* \
+             attributes, root's control sockets under /run/nvmirror); run it as root, e.g. \
+             with sudo"
+        )
+    })
+}
+
+/// What medium holds `path` when it does not survive a reboot or a power cut (tmpfs, ramfs):
+/// an NVRAM file there protects acknowledged records against a crash of the daemon only.
+pub fn volatile_medium(path: &Path) -> Option<&'static str> {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    let st = match rustix::fs::statfs(path) {
+        Ok(st) => st,
+        // Not made yet: where it will be made.
+        Err(_) => rustix::fs::statfs(path.parent()?).ok()?,
+    };
+    #[allow(clippy::unnecessary_cast)] // f_type is i64 or u32 depending on the target
+    match (st.f_type as u64) & 0xffff_ffff {
+        TMPFS_MAGIC => Some("tmpfs"),
+        RAMFS_MAGIC => Some("ramfs"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+
+    #[test]
+    fn volatile_media_are_named() {
+        // /dev/shm is tmpfs on Linux; a temp dir under the target dir usually is not.
+        if Path::new("/dev/shm").is_dir() {
+            assert_eq!(volatile_medium(Path::new("/dev/shm")), Some("tmpfs"));
+        }
+        assert_eq!(volatile_medium(Path::new("/proc")), None);
+    }
+
+    #[test]
+    fn only_permission_errors_get_the_root_hint() {
+        assert!(permission_hint("fs-source mount", "mounting /m: No such file").is_none());
+        let h = permission_hint(
+            "fs-source mount",
+            "mounting /m: Permission denied (os error 13)",
+        );
+        assert_eq!(h.is_some(), !rustix::process::geteuid().is_root());
+    }
+}

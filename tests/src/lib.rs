@@ -520,6 +520,8 @@ pub struct HarnessOptions {
     pub source: SourceOptions,
     /// `fs-dest serve --listen` (default `127.0.0.1:0`).
     pub listen: String,
+    /// More arguments for `fs-dest serve` (also when it is restarted).
+    pub dest_args: Vec<String>,
 }
 
 impl HarnessOptions {
@@ -528,7 +530,22 @@ impl HarnessOptions {
             test: test.to_string(),
             source: SourceOptions::new("alpha"),
             listen: "127.0.0.1:0".into(),
+            dest_args: Vec::new(),
         }
+    }
+
+    /// Adds arguments to `fs-dest serve`.
+    pub fn dest_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.dest_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds arguments to the source's `fs-source mount`.
+    pub fn source_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.source
+            .extra_args
+            .extend(args.into_iter().map(Into::into));
+        self
     }
 
     pub fn listen(mut self, addr: &str) -> HarnessOptions {
@@ -571,6 +588,8 @@ pub struct Harness {
     /// NVMIRROR_RUN_DIR for every command of this test.
     pub run_dir: PathBuf,
     pub log_dir: PathBuf,
+    /// More arguments for `fs-dest serve` ([`HarnessOptions::dest_args`]).
+    pub dest_args: Vec<String>,
     temp: Option<tempfile::TempDir>,
 }
 
@@ -615,6 +634,7 @@ impl Harness {
             tls_dir: dir.join("tls"),
             run_dir: dir.join("run"),
             log_dir: dir.join("logs"),
+            dest_args: options.dest_args.clone(),
             dir,
             temp: Some(temp),
         };
@@ -666,7 +686,8 @@ impl Harness {
             .arg("--nvram")
             .arg(self.dir.join("dest.nvram"))
             .arg("--tls")
-            .arg(&self.tls_dir);
+            .arg(&self.tls_dir)
+            .args(&self.dest_args);
         let (daemon, addr) = Daemon::spawn(
             "fs-dest",
             &mut cmd,
@@ -1107,7 +1128,8 @@ impl Harness {
             .args(["--listen", &self.dest_addr, "--nvram"])
             .arg(self.dir.join("dest.nvram"))
             .arg("--tls")
-            .arg(&self.tls_dir);
+            .arg(&self.tls_dir)
+            .args(&self.dest_args);
         let (daemon, _addr) = Daemon::spawn(
             "fs-dest",
             &mut cmd,

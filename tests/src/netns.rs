@@ -217,6 +217,75 @@ impl NetPair {
         ]);
     }
 
+    /// A NAT rebinding as the destination sees it: from now on the source's UDP packets to
+    /// `dest_port` leave from a new port (the same address), and replies to that port reach the
+    /// source's socket as before. Stateless nftables port rewriting in the source namespace,
+    /// before conntrack: the source's socket never changes, exactly as behind a NAT whose
+    /// mapping expired. Returns (the socket's real port, the port the destination now sees).
+    pub fn rebind_source_port(&self, dest_port: u16) -> (u16, u16) {
+        let out = run_with_timeout(
+            Command::new("ip").args(["netns", "exec", &self.source_ns, "ss", "-Hunap"]),
+            COMMAND_TIMEOUT,
+        );
+        let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+        let ports: Vec<u16> = listing
+            .lines()
+            .filter(|l| l.contains("\"fs-source\""))
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .filter_map(|local| local.rsplit(':').next()?.parse().ok())
+            .collect();
+        assert_eq!(
+            ports.len(),
+            1,
+            "one fs-source UDP socket in the source namespace:\n{listing}"
+        );
+        let real = ports[0];
+        let seen = if real == 40_000 { 40_001 } else { 40_000 };
+        let (real_s, seen_s, dport) = (real.to_string(), seen.to_string(), dest_port.to_string());
+        let steps: [Vec<&str>; 5] = [
+            vec!["add", "table", "inet", "nvmnat"],
+            vec![
+                "add",
+                "chain",
+                "inet",
+                "nvmnat",
+                "out",
+                "{ type filter hook output priority -300 ; }",
+            ],
+            vec![
+                "add",
+                "chain",
+                "inet",
+                "nvmnat",
+                "in",
+                "{ type filter hook prerouting priority -300 ; }",
+            ],
+            vec![
+                "add", "rule", "inet", "nvmnat", "out", "udp", "sport", &real_s, "udp", "dport",
+                &dport, "udp", "sport", "set", &seen_s,
+            ],
+            vec![
+                "add", "rule", "inet", "nvmnat", "in", "udp", "dport", &seen_s, "udp", "sport",
+                &dport, "udp", "dport", "set", &real_s,
+            ],
+        ];
+        for step in steps {
+            let out = run_with_timeout(
+                Command::new("ip")
+                    .args(["netns", "exec", &self.source_ns, "nft"])
+                    .args(&step),
+                COMMAND_TIMEOUT,
+            );
+            assert!(
+                out.status.success(),
+                "nft {}: {}",
+                step.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        (real, seen)
+    }
+
     /// Set the MTU of both ends of the link (a path with a smaller MTU than Ethernet's).
     pub fn set_mtu(&self, mtu: u32) {
         for (ns, dev) in [
@@ -254,6 +323,229 @@ impl Drop for NetPair {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Distance: delay, reordering and a bandwidth limit (issue 11, issue 12)
+
+/// The NFQUEUE queue number the delay rules use (queues are per network namespace).
+const DELAY_QUEUE: &str = "7447";
+
+/// Reordering on top of a delay: `percent` % of the packets, chosen at random, are held `extra`
+/// longer than the others, so that packets sent after them overtake them.
+#[derive(Clone, Copy, Debug)]
+pub struct Reorder {
+    /// Share of the packets held longer, 0–100.
+    pub percent: f64,
+    /// How much longer.
+    pub extra: std::time::Duration,
+}
+
+/// A delay installed by [`NetPair::set_delay`]. Dropping it (also when the test panics) removes
+/// the iptables rules and stops the `nvm-netdelay` processes, which release every packet they
+/// still hold. Keep it in a named variable: `let _ = net.set_delay(..)` drops it at once.
+#[must_use = "the delay is removed when this guard is dropped"]
+pub struct NetDelay {
+    /// `(namespace, interface)` of each rule installed.
+    rules: Vec<(String, String)>,
+    /// One tool per namespace (each delays the packets arriving in its namespace).
+    tools: Vec<Daemon>,
+    /// The tools' logs.
+    logs: Option<tempfile::TempDir>,
+}
+
+/// The iptables arguments (after `-I`/`-D`) of the delay rule for `dev`.
+fn delay_rule(dev: &str) -> [&str; 9] {
+    [
+        "INPUT",
+        "-i",
+        dev,
+        "-j",
+        "NFQUEUE",
+        "--queue-num",
+        DELAY_QUEUE,
+        // Fail-open: if nvm-netdelay dies, packets pass (undelayed) instead of being dropped.
+        "--queue-bypass",
+        "-w",
+    ]
+}
+
+impl NetDelay {
+    /// The pids of the `nvm-netdelay` processes (destination namespace first), for a test that
+    /// kills one to check that the rules fail open.
+    pub fn tool_pids(&self) -> Vec<i32> {
+        self.tools.iter().map(Daemon::pid).collect()
+    }
+
+    /// Removes the delay now; returns each tool's exit summary line
+    /// (`nvm-netdelay: exit: packets N reordered R ...`, "" if it printed none).
+    pub fn stop(mut self) -> Vec<String> {
+        self.remove()
+    }
+
+    fn remove(&mut self) -> Vec<String> {
+        // Rules first (new packets are no longer queued), then the tools (which accept what
+        // they hold on SIGTERM).
+        for (ns, dev) in self.rules.drain(..) {
+            let out = run_with_timeout(
+                Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{ns}"))
+                    .args(["--", "iptables", "-D"])
+                    .args(delay_rule(&dev)),
+                COMMAND_TIMEOUT,
+            );
+            if !out.status.success() && Path::new(&format!("/run/netns/{ns}")).exists() {
+                eprintln!(
+                    "removing the delay rule in {ns}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let mut summaries = Vec::new();
+        for mut tool in self.tools.drain(..) {
+            match tool.terminate(SHUTDOWN_TIMEOUT) {
+                Some(s) if s.success() => {}
+                other => eprintln!("{} did not exit cleanly: {other:?}", tool.name),
+            }
+            let log = fs::read_to_string(&tool.log).unwrap_or_default();
+            summaries.push(
+                log.lines()
+                    .find(|l| l.starts_with("nvm-netdelay: exit:"))
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+            if std::thread::panicking() {
+                eprintln!("==== {} ====\n{log}", tool.name);
+            }
+        }
+        self.logs.take();
+        summaries
+    }
+}
+
+impl Drop for NetDelay {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+impl NetPair {
+    /// Delays every packet crossing the link by `one_way` in each direction (a round trip of
+    /// 2 × `one_way`), optionally reordering some (see [`Reorder`]), until the returned guard is
+    /// dropped. There is no netem here: an iptables rule in each namespace sends the packets
+    /// arriving on the veth to NFQUEUE, and an `nvm-netdelay` process started in that namespace
+    /// (a child of this test) holds them. The tools are ready (queue bound) before the rules go
+    /// in, so no packet slips through undelayed.
+    ///
+    /// The rules are on INPUT, the receiving side, not on OUTPUT: a packet held on OUTPUT stays
+    /// charged to the sending socket's send buffer, so a bulk sender would be throttled by its
+    /// own socket (its sends block or fail) instead of seeing a long wire; on INPUT the sender's
+    /// socket is done with the packet, as with a real link, and the loss rule is there too.
+    /// Everything arriving on the veth is delayed (QUIC's UDP and ICMP alike, so `ping` sees
+    /// it; use `ping -U`, since ping's kernel receive timestamp is taken before INPUT).
+    #[track_caller]
+    pub fn set_delay(&self, one_way: std::time::Duration, reorder: Option<Reorder>) -> NetDelay {
+        let logs = tempfile::Builder::new()
+            .prefix("nvm-netdelay-")
+            .tempdir()
+            .expect("temp dir for nvm-netdelay logs");
+        let mut delay = NetDelay {
+            rules: Vec::new(),
+            tools: Vec::new(),
+            logs: None,
+        };
+        let ms = format!("{}", one_way.as_secs_f64() * 1000.0);
+        for (i, (ns, dev)) in [
+            (&self.dest_ns, &self.dest_if),
+            (&self.source_ns, &self.source_if),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut cmd = NetPair::command_in(ns, &bin("nvm-netdelay"));
+            cmd.args(["--queue", DELAY_QUEUE, "--delay-ms", &ms]);
+            if let Some(r) = reorder {
+                cmd.args(["--reorder-percent", &r.percent.to_string()])
+                    .args([
+                        "--reorder-extra-ms",
+                        &(r.extra.as_secs_f64() * 1000.0).to_string(),
+                    ])
+                    .args([
+                        "--seed",
+                        &(std::process::id() as u64 * 2 + i as u64).to_string(),
+                    ]);
+            }
+            let (tool, _) = Daemon::spawn(
+                &format!("nvm-netdelay {ns}"),
+                &mut cmd,
+                &logs.path().join(format!("{ns}.log")),
+                "nvm-netdelay: ready",
+                STARTUP_TIMEOUT,
+            )
+            .unwrap_or_else(|e| panic!("nvm-netdelay did not start in {ns}: {e}"));
+            delay.tools.push(tool);
+            let out = run_with_timeout(
+                Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{ns}"))
+                    .args(["--", "iptables", "-I"])
+                    .args(delay_rule(dev)),
+                COMMAND_TIMEOUT,
+            );
+            assert!(
+                out.status.success(),
+                "iptables NFQUEUE rule in {ns} (apt-get install iptables): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            delay.rules.push((ns.clone(), dev.clone()));
+        }
+        delay.logs = Some(logs);
+        delay
+    }
+
+    /// Limits each direction of the link to `mbit` Mbit/s (`tc qdisc ... tbf` on the egress of
+    /// both veth ends); 0 removes the limit. The namespaces' deletion removes it too.
+    #[track_caller]
+    pub fn set_rate(&self, mbit: u32) {
+        for (ns, dev) in [
+            (&self.dest_ns, &self.dest_if),
+            (&self.source_ns, &self.source_if),
+        ] {
+            if mbit == 0 {
+                let _ = run_with_timeout(
+                    Command::new("tc").args(["-n", ns, "qdisc", "del", "dev", dev, "root"]),
+                    COMMAND_TIMEOUT,
+                );
+                continue;
+            }
+            // The bucket holds 4 ms of traffic, and at least one 64 KiB GSO packet (tbf
+            // segments packets larger than its bucket, but a bucket below one MTU drops them).
+            let burst = (u64::from(mbit) * 1_000_000 / 8 / 250).max(64 * 1024);
+            let out = run_with_timeout(
+                Command::new("tc").args([
+                    "-n",
+                    ns,
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    &format!("{mbit}mbit"),
+                    "burst",
+                    &burst.to_string(),
+                    "latency",
+                    "50ms",
+                ]),
+                COMMAND_TIMEOUT,
+            );
+            assert!(
+                out.status.success(),
+                "tc tbf in {ns}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }

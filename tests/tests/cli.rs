@@ -131,3 +131,62 @@ fn status_tells_version_uptime_and_the_last_cp_and_can_watch() {
     let _ = child.wait();
     assert!(ok, "status --watch printed fewer than 3 reports in 10 s");
 }
+
+#[test]
+fn an_nvram_file_on_tmpfs_is_warned_about() {
+    if !std::path::Path::new("/dev/shm").is_dir() {
+        eprintln!("SKIP an_nvram_file_on_tmpfs_is_warned_about: no /dev/shm");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let nvram = format!("/dev/shm/nvmirror-cli-{}.nvram", std::process::id());
+    let (ok, _, err) = out(Command::new(bin("fs-dest"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--nvram",
+            &nvram,
+            "--root",
+        ])
+        .arg(dir.path().join("root"))
+        .arg("--tls")
+        .arg(dir.path().join("no-tls")));
+    let _ = std::fs::remove_file(&nvram);
+    assert!(!ok, "serve without certificates fails");
+    assert!(
+        err.contains("is on tmpfs") && err.contains("power cut"),
+        "a tmpfs NVRAM is warned about: {err}"
+    );
+}
+
+#[test]
+fn a_permission_error_without_root_hints_at_root() {
+    const TEST: &str = "non_root_hint";
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIP {TEST}: needs root to run a command as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod temp dir");
+    // A backing directory and mount point `nobody` may see but not write, as on a real source.
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("root dir");
+    std::fs::create_dir(dir.path().join("mnt")).expect("mount point");
+    let (ok2, _, err2) = out(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin("fs-source"))
+        .args(["mount", "--name", "alpha", "--backing"])
+        .arg(&root)
+        .arg("--mountpoint")
+        .arg(dir.path().join("mnt"))
+        .arg("--nvram")
+        .arg(root.join("alpha.nvram")));
+    assert!(!ok2, "a mount by nobody fails: {err2}");
+    assert!(
+        err2.contains("hint: fs-source runs as root"),
+        "the failure says to run as root: {err2}"
+    );
+}

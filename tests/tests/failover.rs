@@ -536,50 +536,120 @@ fn the_mirror_keeps_going_through_packet_loss() {
     assert_trees_equal(&backing, &c.image(NAME));
 }
 
-#[test]
-fn the_link_follows_a_change_of_the_source_address() {
-    require_netns!("the_link_follows_a_change_of_the_source_address");
-    let (c, backing, mnt) = mounted("migrate");
-    // Writes go on through the change; each one's time is kept.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+/// Writes go on (one small file each, one at a time) while `change` alters the network path;
+/// returns the number of writes and the slowest one. The change happens after 50 writes and
+/// the writer stops after 300 more, so the change is surrounded by traffic on both sides.
+fn writes_across(mnt: &Path, change: impl FnOnce()) -> (u32, Duration) {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let done = std::sync::Arc::new(AtomicU32::new(0));
     let writer = {
-        let (stop, mnt) = (stop.clone(), mnt.clone());
+        let (stop, done, mnt) = (stop.clone(), done.clone(), mnt.to_path_buf());
         std::thread::spawn(move || {
             let mut worst = Duration::ZERO;
             let mut i = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Relaxed) {
                 let t = std::time::Instant::now();
                 fs::write(mnt.join(format!("w{i}")), i.to_le_bytes()).expect("write");
                 worst = worst.max(t.elapsed());
                 i += 1;
+                done.store(i, Relaxed);
             }
             (i, worst)
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
-    c.net
-        .move_source_address(nvmirror_e2e::netns::SOURCE_IP, "10.77.0.3");
-    std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (writes, worst) = writer.join().expect("writer");
-    let s = c.status(&mnt);
+    let progress = |n: u32, what: &str| {
+        wait_until(what, Duration::from_secs(30), || {
+            done.load(Relaxed) >= n || writer.is_finished()
+        })
+    };
+    progress(50, "50 writes before the change");
+    change();
+    let after = done.load(Relaxed) + 300;
+    progress(after, "300 writes after the change");
+    stop.store(true, Relaxed);
+    writer.join().expect("writer")
+}
+
+/// After a path change: not degraded, link up, followed without a second handshake (a
+/// reconnection would take the 2 s idle timeout at least), no write stalled a second.
+fn assert_followed(c: &Cluster, mnt: &Path, what: &str, writes: u32, worst: Duration) {
+    let s = c.status(mnt);
     eprintln!(
-        "migrate: {writes} writes, the slowest took {worst:?}; status link {} degraded {}",
+        "{what}: {writes} writes, the slowest took {worst:?}; status link {} degraded {}",
         s["link"], s["degraded"]
     );
-    assert_eq!(s["degraded"], false, "the source went on alone: {s}");
-    assert_eq!(s["link"], "up", "{s}");
-    // Followed, not reconnected: one handshake in the source's whole log, and no write waited
-    // for a timeout (a reconnection would take the 2 s idle timeout at least).
+    assert_eq!(
+        s["degraded"], false,
+        "{what}: the source went on alone: {s}"
+    );
+    assert_eq!(s["link"], "up", "{what}: {s}");
     let log = fs::read_to_string(c.log_dir.join("fs-source-a.log")).expect("the source's log");
     assert_eq!(
         log.matches("connected to destination").count(),
         1,
-        "the link was re-established instead of following the new address:\n{log}"
+        "{what}: the link was re-established instead of following the new path:\n{log}"
     );
     assert!(
         worst < Duration::from_secs(1),
-        "a write stalled {worst:?} over the address change"
+        "{what}: a write stalled {worst:?}"
+    );
+}
+
+/// The destination's view of where source NAME is now.
+fn peer_address(c: &Cluster) -> String {
+    let out = c
+        .fs_dest()
+        .args(["status", "--json", "--root"])
+        .arg(&c.dest_root)
+        .output()
+        .expect("run fs-dest status");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    v["sources"][0]["peer_address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no peer address in {v}"))
+        .to_string()
+}
+
+#[test]
+fn the_link_follows_a_change_of_the_source_address() {
+    require_netns!("the_link_follows_a_change_of_the_source_address");
+    let (c, backing, mnt) = mounted("migrate");
+    let before = peer_address(&c);
+    assert!(
+        before.starts_with(nvmirror_e2e::netns::SOURCE_IP),
+        "{before}"
+    );
+    let (writes, worst) = writes_across(&mnt, || {
+        c.net
+            .move_source_address(nvmirror_e2e::netns::SOURCE_IP, "10.77.0.3")
+    });
+    assert_followed(&c, &mnt, "address change", writes, worst);
+    let now = peer_address(&c);
+    assert!(now.starts_with("10.77.0.3:"), "the destination sees {now}");
+    c.cp(&mnt);
+    assert_trees_equal(&backing, &c.image(NAME));
+}
+
+#[test]
+fn the_link_follows_a_nat_rebinding() {
+    require_netns!("the_link_follows_a_nat_rebinding");
+    let (c, backing, mnt) = mounted("rebind");
+    let dest_port: u16 = c
+        .dest_addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("destination port");
+    let mut ports = None;
+    let (writes, worst) = writes_across(&mnt, || ports = Some(c.net.rebind_source_port(dest_port)));
+    let (real, seen) = ports.expect("rebound");
+    assert_followed(&c, &mnt, "NAT rebinding", writes, worst);
+    let now = peer_address(&c);
+    assert_eq!(
+        now,
+        format!("{}:{seen}", nvmirror_e2e::netns::SOURCE_IP),
+        "the destination follows the new port (the socket's own is {real})"
     );
     c.cp(&mnt);
     assert_trees_equal(&backing, &c.image(NAME));

@@ -1,9 +1,13 @@
-//! Addresses (issue 12, point 3, in part): the destination listens on an IPv6 address and the
-//! source reaches it by `[IPv6]:PORT`; a source reaches a destination by host name.
+//! Addresses and names (issue 12, point 3): the destination listens on an IPv6 address and the
+//! source reaches it by `[IPv6]:PORT`; a source reaches a destination by host name; the
+//! destination's certificate must carry the name the source reaches it by, and a mismatch is a
+//! clear error until `certs renew --name dest --san` adds the name.
 
 use std::fs;
 
-use nvmirror_e2e::{assert_trees_equal, require_mount, Harness, HarnessOptions, SourceOptions};
+use nvmirror_e2e::{
+    assert_trees_equal, require_mount, run_ok, Harness, HarnessOptions, SourceOptions,
+};
 
 /// This machine has IPv6 on its loopback (a kernel booted with `ipv6.disable=1` has not: the
 /// tests then say so and pass, like the mount tests without root).
@@ -56,4 +60,56 @@ fn a_destination_is_reached_by_host_name() {
     fs::write(h.mnt().join("by-name"), b"n").expect("write");
     h.cp();
     assert_eq!(fs::read(h.image().join("by-name")).expect("mirrored"), b"n");
+}
+
+#[test]
+fn a_certificate_without_the_destinations_name_is_refused_by_name() {
+    const TEST: &str = "san";
+    require_mount!(TEST);
+    let mut h = Harness::start(HarnessOptions::new(TEST));
+    h.detach_source();
+    let mut opts = SourceOptions::new("alpha");
+    opts.extra_args = vec!["--dest-name".into(), "mirror.example".into()];
+    let err = match h.restart_source(&opts) {
+        Ok(()) => panic!("a destination whose certificate lacks mirror.example was accepted"),
+        Err(e) => e,
+    };
+    let out = &err.daemon_output;
+    assert!(
+        out.contains("refused the certificate of the destination")
+            && out.contains("mirror.example")
+            && out.contains("certs renew --name dest --san mirror.example"),
+        "the mismatch names the name and the fix: {out}"
+    );
+    assert!(
+        !err.left_mounted,
+        "a refused destination leaves nothing mounted"
+    );
+
+    // The operator adds the name; the destination serves the new certificate after a restart.
+    let said = run_ok(
+        h.fs_dest()
+            .args([
+                "certs",
+                "renew",
+                "--name",
+                "dest",
+                "--san",
+                "mirror.example",
+                "--dir",
+            ])
+            .arg(&h.tls_dir),
+    );
+    assert!(
+        said.contains("mirror.example"),
+        "renew lists the names: {said}"
+    );
+    h.kill_dest();
+    h.restart_dest()
+        .unwrap_or_else(|e| panic!("fs-dest with the renewed certificate: {e}"));
+    h.restart_source(&opts)
+        .unwrap_or_else(|e| panic!("mount with a certificate that names mirror.example: {e}"));
+    fs::write(h.mnt().join("named"), b"ok").expect("write");
+    h.cp();
+    assert_eq!(fs::read(h.image().join("named")).expect("mirrored"), b"ok");
 }
