@@ -50,7 +50,9 @@ pub async fn worker(
         let started = std::time::Instant::now();
         let out = match run_cp(&engine, &source, job.last_seq).await {
             Ok(outcome) => {
-                crate::metrics::observe_cp(&source.name, started.elapsed());
+                let took = started.elapsed();
+                crate::metrics::observe_cp(&source.name, took);
+                *lock(&source.stats.last_cp) = Some((std::time::Instant::now(), took));
                 let (out_of_sync, out_of_sync_total) = {
                     let d = lock(&source.divergences);
                     (d.listed(), d.len() as u64)
@@ -60,8 +62,9 @@ pub async fn worker(
                         failed = outcome.failed, out_of_sync = out_of_sync_total,
                         "CP done, but the image is out of sync with the source at {out_of_sync_total} path(s); the source resends them");
                 } else {
-                    tracing::debug!(source = %source.name, id = job.id, partition = job.partition,
-                        applied_seq = outcome.applied_seq, "CP done");
+                    tracing::info!(source = %source.name, id = job.id, partition = job.partition,
+                        applied_seq = outcome.applied_seq, seconds = format!("{:.3}", took.as_secs_f64()),
+                        "CP done");
                 }
                 Out::Control(Control::CpDone {
                     id: job.id,

@@ -86,6 +86,19 @@ pub struct Stats {
     pub cp_count: AtomicU64,
     /// Records that failed to apply at a CP.
     pub apply_errors: AtomicU64,
+    /// When the last CP completed and how long it took.
+    pub last_cp: Mutex<Option<(std::time::Instant, std::time::Duration)>>,
+    /// When the last record arrived.
+    pub last_record_at: Mutex<Option<std::time::Instant>>,
+    /// Records and bytes accepted in the last seconds.
+    pub recent: Mutex<proto::rate::RecentRate>,
+}
+
+/// Seconds since this process started, for [`proto::rate::RecentRate`].
+pub fn now_secs() -> u64 {
+    static START: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    START.elapsed().as_secs()
 }
 
 /// The sequence stream of a source, owned by its current connection.
@@ -442,6 +455,8 @@ pub struct Engine {
     pub pre_auth: Arc<tokio::sync::Semaphore>,
     /// Connections turned away because [`Engine::pre_auth`] was exhausted (logged in bursts).
     pub pre_auth_refused: AtomicU64,
+    /// When the server started (status: uptime).
+    pub started: std::time::Instant,
 }
 
 /// Most connections at once between the start of their handshake and a valid `Hello`.
@@ -558,6 +573,7 @@ impl Engine {
             next_conn_id: AtomicU64::new(1),
             pre_auth: Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED)),
             pre_auth_refused: AtomicU64::new(0),
+            started: std::time::Instant::now(),
         });
         for (index, slot) in engine.slots.load_all() {
             let none = BTreeSet::new();

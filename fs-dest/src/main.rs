@@ -115,6 +115,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Print again every this many seconds, until interrupted.
+        #[arg(long)]
+        watch: Option<f64>,
     },
     /// Verify the NVRAM file and the journals offline (no server running; read-only):
     /// headers, records, CRCs, sequence ranges. Exits non-zero when anything fails.
@@ -233,7 +236,8 @@ struct RoleArgs {
     /// The destination root directory.
     #[arg(long)]
     root: PathBuf,
-    /// `promote` even though the source is connected and mirroring (it is fenced at once).
+    /// With `promote`: promote even though the source is connected and mirroring (it is
+    /// fenced at once). `demote` ignores it.
     #[arg(long)]
     force: bool,
     /// The source's name.
@@ -444,15 +448,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             browse::run(&a.root, &a.source, &a.mountpoint, a.threads)
                 .with_context(|| format!("browse {}", a.source))?;
         }
-        Command::Status { root, json } => {
-            let report = match status::query(&root)? {
-                Some(r) => r,
-                None => status::offline(&root),
-            };
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print!("{}", status::render(&report));
+        Command::Status { root, json, watch } => {
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            loop {
+                let report = match status::query(&root)? {
+                    Some(r) => r,
+                    None => status::offline(&root),
+                };
+                let mut text = String::new();
+                if watch.is_some() && tty && !json {
+                    text.push_str("\x1b[2J\x1b[H");
+                }
+                if json {
+                    text.push_str(&serde_json::to_string(&report)?);
+                    text.push('\n');
+                } else {
+                    text.push_str(&status::render(&report));
+                }
+                use std::io::Write as _;
+                // A closed pipe (`| head`) ends the watch.
+                let mut out = std::io::stdout().lock();
+                if out
+                    .write_all(text.as_bytes())
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    break;
+                }
+                drop(out);
+                match watch {
+                    Some(every) => {
+                        std::thread::sleep(std::time::Duration::from_secs_f64(every.max(0.1)))
+                    }
+                    None => break,
+                }
             }
         }
         Command::Check {

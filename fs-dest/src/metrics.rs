@@ -9,9 +9,8 @@
 //!
 //! The HTTP side is shared with fs-source: [`proto::metrics_http`].
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
@@ -23,7 +22,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::engine::{lock, Engine};
+use crate::engine::Engine;
 use crate::status::{self, SourceStatus};
 
 /// The label set of a per-source series.
@@ -41,16 +40,11 @@ type CpFamily = Family<SourceLabel, Histogram, fn() -> Histogram>;
 static CP_DURATIONS: LazyLock<CpFamily> =
     LazyLock::new(|| Family::new_with_constructor(cp_histogram as fn() -> Histogram));
 
-/// When each source's last CP completed, and how long it took.
-static LAST_CP: LazyLock<Mutex<HashMap<String, (Instant, Duration)>>> =
-    LazyLock::new(Mutex::default);
-
 /// Count a completed CP of `source` that took `took`.
 pub fn observe_cp(source: &str, took: Duration) {
     CP_DURATIONS
         .get_or_create(&[("source", source.to_string())])
         .observe(took.as_secs_f64());
-    lock(&*LAST_CP).insert(source.to_string(), (Instant::now(), took));
 }
 
 /// The figures of `fs-dest status`, read from the engine at each scrape.
@@ -225,7 +219,6 @@ impl Collector for DestCollector {
             ),
             |s| n(s.cp_count),
         )?;
-        let last_cp = lock(&*LAST_CP).clone();
         per_source(
             e,
             sources,
@@ -235,11 +228,7 @@ impl Collector for DestCollector {
                  the first since this server started).",
                 Gauge,
             ),
-            |s| {
-                last_cp
-                    .get(&s.name)
-                    .map(|(at, _)| at.elapsed().as_secs_f64())
-            },
+            |s| s.last_cp_age_seconds,
         )?;
         per_source(
             e,
@@ -250,7 +239,18 @@ impl Collector for DestCollector {
                  since this server started).",
                 Gauge,
             ),
-            |s| last_cp.get(&s.name).map(|(_, took)| took.as_secs_f64()),
+            |s| s.last_cp_seconds,
+        )?;
+        per_source(
+            e,
+            sources,
+            (
+                "nvmirror_dest_last_record_age_seconds",
+                "Seconds since the source's last record arrived (absent before the first since \
+                 this server started).",
+                Gauge,
+            ),
+            |s| s.last_record_age_seconds,
         )?;
         CP_DURATIONS.encode(e.encode_descriptor(
             "nvmirror_dest_cp_duration_seconds",

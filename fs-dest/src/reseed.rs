@@ -128,7 +128,8 @@ struct Walk<'a> {
     opts: &'a Options,
     summary: Summary,
     /// (dev, ino) in the source tree → the target path of the group's first name.
-    links: HashMap<(u64, u64), PathBuf>,
+    /// First name (target path, path relative to the tree) of each multiply linked inode.
+    links: HashMap<(u64, u64), (PathBuf, PathBuf)>,
     progress: &'a mut dyn FnMut(u64),
     out: &'a mut dyn Write,
 }
@@ -260,7 +261,7 @@ impl Walk<'_> {
     ) -> Result<(), ReseedError> {
         let key = (fm.dev(), fm.ino());
         if fm.nlink() > 1 {
-            if let Some(first) = self.links.get(&key).cloned() {
+            if let Some((first, first_rel)) = self.links.get(&key).cloned() {
                 let first_ino = first.symlink_metadata().ok().map(|m| m.ino());
                 if tm.as_ref().is_some_and(|t| Some(t.ino()) == first_ino) {
                     self.summary.skipped += 1;
@@ -269,14 +270,15 @@ impl Walk<'_> {
                 if tm.is_some() {
                     self.remove(tp, rel)?;
                 }
-                self.report("link", rel, &format!(" => {}", first.display()));
+                self.report("link", rel, &format!(" => {}", first_rel.display()));
                 self.summary.created += 1;
                 if !self.opts.dry_run {
                     fs::hard_link(&first, tp).map_err(io("cannot create hard link", tp))?;
                 }
                 return Ok(());
             }
-            self.links.insert(key, tp.to_path_buf());
+            self.links
+                .insert(key, (tp.to_path_buf(), rel.to_path_buf()));
         }
         let data_equal = match &tm {
             Some(t) if t.len() == fm.len() && t.nlink() == fm.nlink() => same_content(fp, tp)?,

@@ -328,6 +328,12 @@ async fn reader(
                             .stats
                             .bytes_received
                             .fetch_add(bytes as u64, Ordering::Relaxed);
+                        lock(&source.stats.recent).add(
+                            crate::engine::now_secs(),
+                            done.len() as u64,
+                            bytes as u64,
+                        );
+                        *lock(&source.stats.last_record_at) = Some(std::time::Instant::now());
                         let _ = tx.send(Out::Appended {
                             dest_seq: outcome.last_dest_seq,
                             src_seq: last,

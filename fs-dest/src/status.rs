@@ -24,7 +24,7 @@ pub fn socket_path(root: &Path) -> PathBuf {
 }
 
 /// One source's state. Sequence numbers are `null` when the server is not running.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SourceStatus {
     /// Source name.
     pub name: String,
@@ -58,6 +58,21 @@ pub struct SourceStatus {
     pub out_of_sync: u64,
     /// The first of them, with the error that made them differ.
     pub out_of_sync_paths: Vec<OutOfSyncPath>,
+    /// Seconds since its last CP completed (absent before the first since the server started).
+    #[serde(default)]
+    pub last_cp_age_seconds: Option<f64>,
+    /// How long that CP took.
+    #[serde(default)]
+    pub last_cp_seconds: Option<f64>,
+    /// Seconds since its last record arrived.
+    #[serde(default)]
+    pub last_record_age_seconds: Option<f64>,
+    /// Records and bytes accepted per second over the last 10 s.
+    #[serde(default)]
+    pub recent: proto::rate::Rates,
+    /// Its image was promoted to a primary volume (ROOT/NAME/PROMOTED): the source is fenced.
+    #[serde(default)]
+    pub promoted: bool,
 }
 
 /// One path of an image that differs from its source.
@@ -117,6 +132,12 @@ pub struct StatusReport {
     pub sources: Vec<SourceStatus>,
     /// The destination NVLOG (empty when not running).
     pub nvlog: NvlogStatus,
+    /// The server's version ("" when not running).
+    #[serde(default)]
+    pub version: String,
+    /// Seconds since the server started (absent when not running).
+    #[serde(default)]
+    pub uptime_seconds: Option<f64>,
 }
 
 /// A report of the running engine.
@@ -129,6 +150,10 @@ pub fn snapshot(engine: &Engine) -> StatusReport {
                 &crate::engine::lock(&s.divergences),
                 s.baseline_needed.load(Ordering::Relaxed),
             );
+            // Each lock on its own statement: a guard lives to the end of its statement.
+            let last_cp = *crate::engine::lock(&s.stats.last_cp);
+            let last_record = *crate::engine::lock(&s.stats.last_record_at);
+            let recent = crate::engine::lock(&s.stats.recent).rates(crate::engine::now_secs());
             SourceStatus {
                 sync,
                 out_of_sync,
@@ -146,6 +171,11 @@ pub fn snapshot(engine: &Engine) -> StatusReport {
                 cp_count: s.stats.cp_count.load(Ordering::Relaxed),
                 apply_errors: s.stats.apply_errors.load(Ordering::Relaxed),
                 journal_bytes: s.journal_bytes(),
+                last_cp_age_seconds: last_cp.map(|(at, _)| at.elapsed().as_secs_f64()),
+                last_cp_seconds: last_cp.map(|(_, took)| took.as_secs_f64()),
+                last_record_age_seconds: last_record.map(|at| at.elapsed().as_secs_f64()),
+                recent,
+                promoted: crate::promote::marker_path(&engine.root, &s.name).exists(),
             }
         })
         .collect();
@@ -156,6 +186,8 @@ pub fn snapshot(engine: &Engine) -> StatusReport {
         nvlog: NvlogStatus {
             partitions: engine.partition_fill(),
         },
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_seconds: Some(engine.started.elapsed().as_secs_f64()),
     }
 }
 
@@ -190,6 +222,7 @@ pub fn offline(root: &Path) -> StatusReport {
                 .flatten()
                 .is_some_and(|r| !r.baseline_complete);
             let (sync, out_of_sync, out_of_sync_paths) = sync_state(&divergences, baseline_needed);
+            let promoted = crate::promote::marker_path(root, &name).exists();
             sources.push(SourceStatus {
                 sync,
                 out_of_sync,
@@ -205,6 +238,11 @@ pub fn offline(root: &Path) -> StatusReport {
                 cp_count: 0,
                 apply_errors: 0,
                 journal_bytes,
+                last_cp_age_seconds: None,
+                last_cp_seconds: None,
+                last_record_age_seconds: None,
+                recent: proto::rate::Rates::default(),
+                promoted,
             });
         }
     }
@@ -214,6 +252,8 @@ pub fn offline(root: &Path) -> StatusReport {
         listen: String::new(),
         sources,
         nvlog: NvlogStatus::default(),
+        version: String::new(),
+        uptime_seconds: None,
     }
 }
 
@@ -393,11 +433,27 @@ pub fn role_request(
     })
 }
 
+/// `3d 4h`, `2h 5m`, `7m 3s`, `12 s`.
+fn uptime(secs: f64) -> String {
+    let t = secs as u64;
+    match t {
+        0..=59 => format!("{t} s"),
+        60..=3599 => format!("{}m {}s", t / 60, t % 60),
+        3600..=86_399 => format!("{}h {}m", t / 3600, t % 3600 / 60),
+        _ => format!("{}d {}h", t / 86_400, t % 86_400 / 3600),
+    }
+}
+
 /// A readable table.
 pub fn render(r: &StatusReport) -> String {
     let mut s = String::new();
     if r.running {
-        s.push_str(&format!("fs-dest: running, listening on {}\n", r.listen));
+        s.push_str(&format!(
+            "fs-dest {}: running for {}, listening on {}\n",
+            r.version,
+            uptime(r.uptime_seconds.unwrap_or(0.0)),
+            r.listen
+        ));
     } else {
         s.push_str("fs-dest: the server is not running (showing what is on disk)\n");
     }
@@ -440,6 +496,25 @@ pub fn render(r: &StatusReport) -> String {
     for x in &r.sources {
         if let Some(a) = &x.peer_address {
             s.push_str(&format!("{}: connected from {a}\n", x.name));
+        }
+        if x.promoted {
+            s.push_str(&format!(
+                "{}: PROMOTED: the image is a primary volume; the old source is fenced\n",
+                x.name
+            ));
+        }
+        if r.running {
+            let age = |v: Option<f64>| v.map_or("never".to_string(), |a| format!("{a:.1} s ago"));
+            s.push_str(&format!(
+                "{}: {:.1} records/s, {:.2} MiB/s (last 10 s); last record {}; last CP {}{}\n",
+                x.name,
+                x.recent.records_per_second,
+                x.recent.bytes_per_second / (1024.0 * 1024.0),
+                age(x.last_record_age_seconds),
+                age(x.last_cp_age_seconds),
+                x.last_cp_seconds
+                    .map_or(String::new(), |t| format!(" (took {t:.2} s)"))
+            ));
         }
         for p in &x.out_of_sync_paths {
             s.push_str(&format!(

@@ -94,6 +94,11 @@ pub struct Status {
     pub records_mirrored: u64,
     /// Bytes acknowledged since start.
     pub bytes_mirrored: u64,
+    /// Records and bytes acknowledged per second over the last 10 s.
+    pub recent: proto::rate::Rates,
+    /// While records wait for the destination (catching up after a link loss): seconds until
+    /// they are all acknowledged at the recent rate; absent when nothing waits or nothing moves.
+    pub catch_up_eta_seconds: Option<f64>,
     /// NVLOG partitions.
     pub partitions: Vec<PartitionStatus>,
     /// "in-sync", "out-of-sync" (paths of the image differ: records failed to apply; they are
@@ -154,72 +159,79 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
     // Taken before the progress lock: the sequencer lock is always taken first.
     let generation = mirror.generation();
     let standalone = mirror.standalone();
-    mirror.progress(|p| Status {
-        name: id.name.clone(),
-        mountpoint: id.mountpoint.clone(),
-        dest: id.dest.clone(),
-        policy: id.policy,
-        generation,
-        last_logged_seq: p.logged,
-        last_flushed_seq: p.flushed,
-        last_acked_seq: p.acked,
-        last_applied_seq: p.applied_remote,
-        lag_records: if standalone {
+    mirror.progress(|p| {
+        let lag_records = if standalone {
             0
         } else {
             p.logged.saturating_sub(p.acked)
-        },
-        lag_seconds: if p.acked < p.logged && !standalone {
-            p.lagging_since
-                .map(|t| t.elapsed().as_secs_f64())
-                .unwrap_or(0.0)
-        } else {
-            0.0
-        },
-        last_ack_age_seconds: p.last_ack_at.map(|t| t.elapsed().as_secs_f64()),
-        last_cp_age_seconds: p.last_cp.map(|(t, _)| t.elapsed().as_secs_f64()),
-        last_cp_seconds: p.last_cp.map(|(_, d)| d.as_secs_f64()),
-        version: env!("CARGO_PKG_VERSION"),
-        uptime_seconds: id.started.elapsed().as_secs_f64(),
-        backlog_records,
-        backlog_bytes,
-        cp_count: p.cp_count,
-        link: if standalone {
-            "none"
-        } else if p.link_up {
-            "up"
-        } else {
-            "down"
-        },
-        degraded: p.degraded,
-        stopped: p.stopped.clone(),
-        records_mirrored: p.records_mirrored,
-        bytes_mirrored: p.bytes_mirrored,
-        partitions,
-        sync: if standalone {
-            "none"
-        } else if p.baseline.incomplete() {
-            "baseline"
-        } else if p.out_of_sync_total > 0 {
-            "out-of-sync"
-        } else if p.resync_pending > 0 {
-            "resyncing"
-        } else {
-            "in-sync"
-        },
-        resync_pending: p.resync_pending,
-        out_of_sync: p.out_of_sync_total,
-        out_of_sync_paths: p
-            .out_of_sync
-            .iter()
-            .take(20)
-            .map(|d| OutOfSyncPath {
-                path: String::from_utf8_lossy(&d.path).into_owned(),
-                seq: d.seq,
-                error: d.error.clone(),
-            })
-            .collect(),
-        baseline: p.baseline.clone(),
+        };
+        let recent = p.recent.rates(crate::mirror::now_secs());
+        Status {
+            name: id.name.clone(),
+            mountpoint: id.mountpoint.clone(),
+            dest: id.dest.clone(),
+            policy: id.policy,
+            generation,
+            last_logged_seq: p.logged,
+            last_flushed_seq: p.flushed,
+            last_acked_seq: p.acked,
+            last_applied_seq: p.applied_remote,
+            lag_records,
+            lag_seconds: if p.acked < p.logged && !standalone {
+                p.lagging_since
+                    .map(|t| t.elapsed().as_secs_f64())
+                    .unwrap_or(0.0)
+            } else {
+                0.0
+            },
+            last_ack_age_seconds: p.last_ack_at.map(|t| t.elapsed().as_secs_f64()),
+            last_cp_age_seconds: p.last_cp.map(|(t, _)| t.elapsed().as_secs_f64()),
+            last_cp_seconds: p.last_cp.map(|(_, d)| d.as_secs_f64()),
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: id.started.elapsed().as_secs_f64(),
+            backlog_records,
+            backlog_bytes,
+            cp_count: p.cp_count,
+            link: if standalone {
+                "none"
+            } else if p.link_up {
+                "up"
+            } else {
+                "down"
+            },
+            degraded: p.degraded,
+            stopped: p.stopped.clone(),
+            records_mirrored: p.records_mirrored,
+            bytes_mirrored: p.bytes_mirrored,
+            recent,
+            catch_up_eta_seconds: (lag_records > 0 && recent.records_per_second > 0.0)
+                .then(|| lag_records as f64 / recent.records_per_second),
+            partitions,
+            sync: if standalone {
+                "none"
+            } else if p.baseline.incomplete() {
+                "baseline"
+            } else if p.out_of_sync_total > 0 {
+                "out-of-sync"
+            } else if p.resync_pending > 0 {
+                "resyncing"
+            } else {
+                "in-sync"
+            },
+            resync_pending: p.resync_pending,
+            out_of_sync: p.out_of_sync_total,
+            out_of_sync_paths: p
+                .out_of_sync
+                .iter()
+                .take(20)
+                .map(|d| OutOfSyncPath {
+                    path: String::from_utf8_lossy(&d.path).into_owned(),
+                    seq: d.seq,
+                    error: d.error.clone(),
+                })
+                .collect(),
+            baseline: p.baseline.clone(),
+        }
     })
 }
 
@@ -365,7 +377,11 @@ async fn handle(
             let (tx, rx) = tokio::sync::oneshot::channel();
             mirror.cp_command(CpCommand::Demand(tx));
             match rx.await {
-                Ok(Ok(applied)) => serde_json::json!({"ok": true, "applied_seq": applied}),
+                Ok(Ok(applied)) => serde_json::json!({
+                    "ok": true,
+                    "applied_seq": applied,
+                    "standalone": mirror.standalone(),
+                }),
                 Ok(Err(e)) => serde_json::json!({"ok": false, "error": e}),
                 Err(_) => serde_json::json!({"ok": false, "error": "the CP driver stopped"}),
             }

@@ -179,7 +179,15 @@ async fn commit(
     let started = std::time::Instant::now();
     let r = commit_inner(mirror, link, p, backing, next_id).await;
     if r.is_ok() {
-        mirror.note_cp_time(started.elapsed());
+        let took = started.elapsed();
+        mirror.note_cp_time(took);
+        let (applied, standalone) = (mirror.progress(|p| p.applied_remote), mirror.standalone());
+        tracing::info!(
+            partition = p,
+            applied_at_destination = (!standalone).then_some(applied),
+            seconds = format!("{:.3}", took.as_secs_f64()),
+            "CP done"
+        );
     }
     r
 }

@@ -95,6 +95,17 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         rate_mib: f64,
     },
+    /// Wait until the destination has acknowledged every record logged so far (after a link
+    /// loss: until the catch-up is over and mirroring is synchronous again), showing progress.
+    /// Fails when --timeout passes first, or when the mirror stops.
+    Wait {
+        /// The mountpoint of a running fs-source.
+        #[arg(long)]
+        mountpoint: PathBuf,
+        /// Give up after this many seconds (0: wait as long as it takes).
+        #[arg(long, default_value_t = 0.0)]
+        timeout: f64,
+    },
     /// Show the mirror's state.
     Status {
         /// The mountpoint of a running fs-source.
@@ -264,6 +275,10 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Cp { mountpoint } => client(&mountpoint, "cp", false),
+        Command::Wait {
+            mountpoint,
+            timeout,
+        } => wait_caught_up(&mountpoint, timeout),
         Command::Status {
             mountpoint,
             json,
@@ -315,13 +330,17 @@ fn client(mountpoint: &Path, cmd: &str, json: bool) -> anyhow::Result<()> {
                     .unwrap_or("unknown error")
             );
         }
-        println!(
-            "consistency point done; destination applied up to record {}",
-            reply
-                .get("applied_seq")
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0)
-        );
+        if reply.get("standalone").and_then(|v| v.as_bool()) == Some(true) {
+            println!("consistency point done; the volume is durable (unmirrored: no destination)");
+        } else {
+            println!(
+                "consistency point done; destination applied up to record {}",
+                reply
+                    .get("applied_seq")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0)
+            );
+        }
     } else if json {
         println!("{reply}");
     } else {
@@ -426,6 +445,62 @@ fn verify_client(mountpoint: &Path, repair: bool, json: bool, rate_mib: f64) -> 
 
 /// `status --watch`: the status again every `every` seconds (the screen cleared first on a
 /// terminal), until interrupted or the daemon goes away.
+/// `fs-source wait`: poll status until nothing waits for the destination.
+fn wait_caught_up(mountpoint: &Path, timeout: f64) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let started = std::time::Instant::now();
+    let target = rt.block_on(control::request(mountpoint, "status"))?["last_logged_seq"]
+        .as_u64()
+        .unwrap_or(0);
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "catching up {bar:30} {pos}/{len} records ({per_sec}, ETA {eta}) {msg}",
+    ) {
+        bar.set_style(style);
+    }
+    let mut first_acked = None;
+    loop {
+        let s = rt.block_on(control::request(mountpoint, "status"))?;
+        if let Some(why) = s["stopped"].as_str() {
+            bar.abandon();
+            bail!("the mirror stopped: {why}");
+        }
+        if s["link"] == "none" {
+            bar.finish_and_clear();
+            println!(
+                "fs-source: {} is unmirrored: nothing to wait for",
+                mountpoint.display()
+            );
+            return Ok(());
+        }
+        let acked = s["last_acked_seq"].as_u64().unwrap_or(0);
+        let base = *first_acked.get_or_insert(acked);
+        bar.set_length(target.saturating_sub(base));
+        bar.set_position(acked.min(target).saturating_sub(base));
+        bar.set_message(format!("link {}", s["link"].as_str().unwrap_or("?")));
+        if acked >= target {
+            bar.finish_and_clear();
+            println!(
+                "fs-source: the destination holds every record up to {target} (waited {:.1} s)",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if timeout > 0.0 && started.elapsed().as_secs_f64() >= timeout {
+            bar.abandon();
+            bail!(
+                "timed out after {timeout} s: the destination holds records up to {acked} of {target} \
+                 (link {})",
+                s["link"].as_str().unwrap_or("?")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn watch_status(mountpoint: &Path, json: bool, every: f64) -> anyhow::Result<()> {
     let every = Duration::from_secs_f64(every.max(0.1));
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -491,6 +566,20 @@ fn print_status(s: &serde_json::Value) {
         g("records_mirrored"),
         g("bytes_mirrored"),
         g("cp_count")
+    );
+    let rate = |k: &str| s["recent"][k].as_f64().unwrap_or(0.0);
+    let _ = writeln!(
+        out,
+        "throughput  {:.1} records/s, {:.2} MiB/s (last 10 s){}",
+        rate("records_per_second"),
+        rate("bytes_per_second") / (1024.0 * 1024.0),
+        match s["catch_up_eta_seconds"].as_f64() {
+            Some(eta) => format!(
+                "; catching up: {} records left, about {eta:.0} s",
+                g("lag_records")
+            ),
+            None => String::new(),
+        }
     );
     let _ = writeln!(
         out,

@@ -67,6 +67,12 @@ pub struct Sequencer {
 }
 
 /// Progress counters shared by FUSE threads, the flusher and the network tasks.
+/// Seconds since this process started, for [`proto::rate::RecentRate`].
+pub fn now_secs() -> u64 {
+    static START: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+    START.elapsed().as_secs()
+}
+
 #[derive(Debug, Default)]
 pub struct Progress {
     /// Highest sequence number committed (logged and applied locally).
@@ -98,6 +104,8 @@ pub struct Progress {
     pub lagging_since: Option<Instant>,
     /// When the destination last acknowledged a record (for the status's "last ack ... ago").
     pub last_ack_at: Option<Instant>,
+    /// Records and bytes acknowledged in the last seconds (status: recent throughput).
+    pub recent: proto::rate::RecentRate,
     /// When the last CP completed, and how long it took.
     pub last_cp: Option<(Instant, Duration)>,
     /// Set when the destination refused us for good (fenced...).
@@ -558,6 +566,7 @@ impl Mirror {
             p.acked = durable_seq;
             p.records_mirrored += records;
             p.bytes_mirrored += bytes;
+            p.recent.add(now_secs(), records, bytes);
             if p.degraded && p.acked >= p.logged {
                 tracing::info!("destination caught up: synchronous mirroring again");
                 p.degraded = false;
@@ -695,13 +704,13 @@ impl Mirror {
         p.applied_remote = p.applied_remote.max(applied_seq);
     }
 
-    /// Record a completed CP.
     /// A CP that took `took` completed (for status).
     pub fn note_cp_time(&self, took: Duration) {
         crate::metrics::observe_cp(took);
         lock(&self.progress).last_cp = Some((Instant::now(), took));
     }
 
+    /// Record a completed CP.
     pub fn on_cp_done(&self, applied_seq: u64) {
         let mut p = lock(&self.progress);
         p.applied_remote = p.applied_remote.max(applied_seq);

@@ -29,6 +29,7 @@ pub mod metrics_http;
 pub mod nvlog;
 pub mod path;
 pub mod peer;
+pub mod rate;
 pub mod record;
 pub mod replay;
 pub mod storage;

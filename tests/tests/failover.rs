@@ -9,7 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use nvmirror_e2e::netns::{can_use_netns, Cluster};
-use nvmirror_e2e::{assert_trees_equal, lazy_unmount, require_mount, run_ok, wait_until, Rng};
+use nvmirror_e2e::{
+    assert_trees_equal, lazy_unmount, require_mount, run_ok, run_with_timeout, wait_until, Rng,
+};
 
 const NAME: &str = "alpha";
 
@@ -421,7 +423,33 @@ fn sync_policy_goes_on_alone_and_drains_the_backlog() {
     let s = c.status(&mnt);
     assert_eq!(s["degraded"], true, "{s}");
     assert!(s["lag_records"].as_u64().unwrap_or(0) > 0, "{s}");
+    // `fs-source wait` does not claim a catch-up that has not happened.
+    let wait = |timeout: &str| {
+        run_with_timeout(
+            c.fs_source()
+                .args(["wait", "--timeout", timeout, "--mountpoint"])
+                .arg(&mnt),
+            Duration::from_secs(150),
+        )
+    };
+    let early = wait("1");
+    assert!(
+        !early.status.success()
+            && String::from_utf8_lossy(&early.stderr).contains("timed out after 1 s"),
+        "wait with the link down: {early:?}"
+    );
     c.net.set_link(true);
+    let caught_up = wait("120");
+    assert!(
+        caught_up.status.success()
+            && String::from_utf8_lossy(&caught_up.stdout)
+                .contains("the destination holds every record"),
+        "wait after the link returned: {caught_up:?}"
+    );
+    assert!(
+        c.status(&mnt)["last_acked_seq"].as_u64() >= s["last_logged_seq"].as_u64(),
+        "wait returned before the destination held what was logged when it started"
+    );
     wait_until("the backlog drains", Duration::from_secs(120), || {
         let s = c.status(&mnt);
         s["link"] == "up"
