@@ -2,8 +2,6 @@
 //! offline, with no server running. Files are only read (opened read-only, never created);
 //! the verification is `proto::inspect`'s, the slot table is decoded by `slots.rs`.
 
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -14,21 +12,9 @@ use crate::journal;
 use crate::server;
 use crate::slots::{self, Slot, MAX_SLOTS, SLOT_LEN};
 
-/// Read a whole file without opening it for writing.
+/// Read a whole file without opening it for writing (see [`proto::storage::read_regular`]).
 fn read_only(path: &Path) -> anyhow::Result<Vec<u8>> {
-    // A FIFO would block the open, a socket cannot be read: neither is a daemon's file.
-    use std::os::unix::fs::FileTypeExt;
-    let t = std::fs::metadata(path)
-        .with_context(|| format!("cannot stat {}", path.display()))?
-        .file_type();
-    if t.is_fifo() || t.is_socket() || t.is_dir() {
-        anyhow::bail!("{} is not a file", path.display());
-    }
-    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(bytes)
+    Ok(proto::storage::read_regular(path)?)
 }
 
 /// The used slots of the slot table in an NVRAM image (as many as the file holds).

@@ -776,6 +776,8 @@ impl Engine {
     /// Wrap each checked source frame in a destination frame (origin = `slot`) and append it
     /// to the shared NVLOG, waiting for the destager when every partition is full
     /// (back-pressure). Stops at the first error; the outcome says how far it got.
+    /// The caller must call [`Engine::flush_once`] afterwards: the frames are acknowledged
+    /// only once flushed.
     pub async fn append_batch(&self, slot: usize, frames: &[Checked<'_>]) -> AppendOutcome {
         let mut out = AppendOutcome::default();
         let mut nested = Vec::with_capacity(frames.len());
@@ -822,11 +824,13 @@ impl Engine {
                     }
                 }
             }
-            if out.appended > before {
-                self.flush_signal.notify();
-            }
             if out.error.is_some() {
                 return out;
+            }
+            // The caller flushes what it appended (one msync for the batch, no thread hop);
+            // only frames that will wait here for space go to the flusher thread meanwhile.
+            if out.appended > before && out.appended < nested.len() {
+                self.flush_signal.notify();
             }
             if rotated || out.appended < nested.len() {
                 self.destage_signal.notify();

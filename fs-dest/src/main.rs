@@ -218,6 +218,12 @@ struct ServeArgs {
     /// Bytes per NVLOG partition (suffixes K, M, G accepted).
     #[arg(long, default_value_t = DEFAULT_PARTITION_SIZE, value_parser = proto::config::parse_size)]
     partition_size: usize,
+    /// Threads serving the sources' connections (QUIC, TLS, record intake). One keeps every
+    /// acknowledgement on the thread that received its record (the lowest latency); more
+    /// spread the encryption of many busy sources over cores. CPs and destaging have their
+    /// own threads either way.
+    #[arg(long, default_value_t = 1)]
+    io_threads: usize,
     /// A link silent this long is dead (QUIC idle timeout; the smaller of the two ends' counts).
     #[arg(long, default_value_t = proto::timing::DEFAULT_IDLE_TIMEOUT_MS)]
     idle_timeout_ms: u64,
@@ -389,6 +395,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 geometry,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(a.io_threads.max(1))
+                .thread_name("fs-dest-io")
                 .enable_all()
                 .build()
                 .context("cannot start the tokio runtime")?;

@@ -3,31 +3,16 @@
 //! the verification itself is `proto::inspect`'s, the user area is decoded with the offsets
 //! `mirror.rs` writes.
 
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use proto::inspect::{self, FileReport, Header, Options, Report, SourceCursors, UserArea};
 use proto::nvlog::{Role, SUPERBLOCK_LEN, USER_AREA_OFFSET};
 
 use crate::mirror::cursor;
 
-/// Read a whole file without opening it for writing.
-pub fn read_only(path: &Path) -> anyhow::Result<Vec<u8>> {
-    // A FIFO would block the open, a socket cannot be read: neither is a daemon's file.
-    use std::os::unix::fs::FileTypeExt;
-    let t = std::fs::metadata(path)
-        .with_context(|| format!("cannot stat {}", path.display()))?
-        .file_type();
-    if t.is_fifo() || t.is_socket() || t.is_dir() {
-        anyhow::bail!("{} is not a file", path.display());
-    }
-    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(bytes)
+/// Read a whole file without opening it for writing (see [`proto::storage::read_regular`]).
+fn read_only(path: &Path) -> anyhow::Result<Vec<u8>> {
+    Ok(proto::storage::read_regular(path)?)
 }
 
 /// The source's cursors in the user area of an NVRAM image (`None` if the file is too short).

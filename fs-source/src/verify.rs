@@ -88,6 +88,9 @@ pub struct VerifyProgress {
     pub bytes_total: u64,
 }
 
+/// How often a running verify logs its progress.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
 struct Verifier<'a> {
     volume: &'a Volume,
     link: &'a LinkShared,
@@ -97,6 +100,8 @@ struct Verifier<'a> {
     progress: VerifyProgress,
     report_progress: &'a mut dyn FnMut(&VerifyProgress),
     last_report: Instant,
+    /// When progress was last logged (every [`LOG_EVERY`]).
+    last_log: Instant,
     /// Path → why it is suspect, and the backing summary it was seen with.
     suspects: BTreeMap<Vec<u8>, (Vec<String>, Option<EntrySummary>)>,
     /// Hard-linked files: path → inode, on each side.
@@ -121,6 +126,17 @@ impl Verifier<'_> {
         if force || self.last_report.elapsed() >= Duration::from_millis(200) {
             (self.report_progress)(&self.progress);
             self.last_report = Instant::now();
+        }
+        if self.last_log.elapsed() >= LOG_EVERY {
+            let p = &self.progress;
+            tracing::info!(
+                phase = p.phase,
+                entries = p.entries_done,
+                bytes = p.bytes_done,
+                seconds = format!("{:.0}", self.started.elapsed().as_secs_f64()),
+                "verify: in progress"
+            );
+            self.last_log = Instant::now();
         }
     }
 
@@ -439,6 +455,7 @@ pub fn run(
         },
         report_progress,
         last_report: Instant::now(),
+        last_log: Instant::now(),
         suspects: BTreeMap::new(),
         local_links: BTreeMap::new(),
         remote_links: BTreeMap::new(),

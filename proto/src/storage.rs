@@ -271,3 +271,28 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
         (**self).describe()
     }
 }
+
+/// Read a whole file a daemon did not necessarily write (offline checks), never opening it for
+/// writing: a FIFO (the open would block), a socket or a directory is refused as not a file.
+pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::FileTypeExt;
+    let ctx = |e: io::Error, what: &str| {
+        io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+    };
+    let t = std::fs::metadata(path)
+        .map_err(|e| ctx(e, "cannot stat"))?
+        .file_type();
+    if t.is_fifo() || t.is_socket() || t.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a file", path.display()),
+        ));
+    }
+    let mut bytes = Vec::new();
+    File::open(path)
+        .map_err(|e| ctx(e, "cannot open"))?
+        .read_to_end(&mut bytes)
+        .map_err(|e| ctx(e, "cannot read"))?;
+    Ok(bytes)
+}
