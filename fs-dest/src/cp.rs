@@ -197,6 +197,10 @@ pub fn apply_through(
     let mut window: Vec<(u64, Op)> = Vec::with_capacity(records.len());
     let mut failed = 0u64;
     let mut changed = false;
+    // Where syncfs is not durable (FUSE: GlusterFS...), every path the records touch is
+    // fsynced one by one before the CP completes (see docs/image-filesystems.md).
+    let mut touched =
+        (!proto::fscheck::syncfs_durable(tree.root_fd())).then(proto::fscheck::Touched::default);
     for (seq, bytes) in &records {
         match frame::decode(bytes)
             .map_err(|e| e.to_string())
@@ -269,6 +273,9 @@ pub fn apply_through(
                 .map_err(|e| image_err("setting the replay marker", e))?;
         }
         let applied = tree.apply(op, mode);
+        if let Some(t) = touched.as_mut() {
+            t.note(op);
+        }
         if exchange && applied.is_ok() {
             tree.set_marker_done(*seq)
                 .map_err(|e| image_err("setting the replay marker", e))?;
@@ -328,6 +335,17 @@ pub fn apply_through(
         rustix::fs::Mode::empty(),
     )
     .map_err(|e| sync_err(e.into()))?;
+    if let Some(t) = &touched {
+        let started = std::time::Instant::now();
+        let n = t.fsync_all(&tree).map_err(|(path, e)| {
+            sync_err(std::io::Error::other(format!(
+                "fsync of {:?}: {e}",
+                String::from_utf8_lossy(&path)
+            )))
+        })?;
+        tracing::debug!(source = %source.name, paths = n, seconds = started.elapsed().as_secs_f64(),
+            "CP: fsynced each touched path (the image's syncfs is not durable)");
+    }
     rustix::fs::syncfs(&image).map_err(|e| sync_err(e.into()))?;
     // The out-of-sync set is durable before the applied cursor moves past the failures.
     if changed {

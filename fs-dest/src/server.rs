@@ -45,6 +45,16 @@ pub enum ServeError {
     /// Another server runs on this root.
     #[error("another fs-dest already serves {0} (its lock file {1} is held)")]
     AlreadyRunning(PathBuf, PathBuf),
+    /// The root's filesystem cannot hold a correct image (see docs/image-filesystems.md).
+    #[error("{root}: its filesystem ({fs_type}) cannot hold an image: it lacks {missing}")]
+    ImageFs {
+        /// The root directory.
+        root: PathBuf,
+        /// The filesystem's type.
+        fs_type: String,
+        /// What it lacks, and what that costs.
+        missing: String,
+    },
     /// An I/O step failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -55,6 +65,45 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// Check what the root's filesystem offers (`proto::fscheck::probe`, in a scratch directory):
+/// refuse to serve when it cannot hold a correct image, and log what is missing and what that
+/// costs otherwise. Without root, `trusted.*` xattrs and device nodes are out of reach whatever
+/// the filesystem, so their absence is not held against it.
+fn check_image_fs(root: &Path) -> Result<(), ServeError> {
+    let caps = proto::fscheck::probe(root).map_err(|e| ServeError::Io {
+        what: "cannot check the filesystem of",
+        path: root.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let is_root = rustix::process::geteuid().is_root();
+    let missing: Vec<_> = caps
+        .missing_for_image()
+        .into_iter()
+        .filter(|m| is_root || !(m.what.starts_with("trusted") || m.what.starts_with("mknod")))
+        .collect();
+    let fatal: Vec<String> = missing
+        .iter()
+        .filter(|m| m.fatal)
+        .map(|m| format!("{} ({})", m.what, m.consequence))
+        .collect();
+    if !fatal.is_empty() {
+        return Err(ServeError::ImageFs {
+            root: root.to_path_buf(),
+            fs_type: caps.fs_type,
+            missing: fatal.join("; "),
+        });
+    }
+    if missing.is_empty() {
+        tracing::info!(root = %root.display(), fs = %caps.fs_type,
+            "image filesystem offers everything an image needs");
+    }
+    for m in &missing {
+        tracing::warn!(root = %root.display(), fs = %caps.fs_type, missing = m.what,
+            "image filesystem lacks {}: {}", m.what, m.consequence);
+    }
+    Ok(())
 }
 
 /// Hold `ROOT/fs-dest.lock` so two servers never share a root (and its NVRAM cursors).
@@ -255,6 +304,7 @@ impl Server {
             source,
         })?;
         let root_lock = lock_root(&opts.root)?;
+        check_image_fs(&opts.root)?;
         let engine = Engine::open(&opts.root, &opts.nvram, opts.geometry)?;
         write_nvram_config(&opts.root, &opts.nvram, opts.geometry);
         let (flusher, destager) = spawn_workers(&engine, &opts.nvram)?;

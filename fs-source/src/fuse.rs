@@ -36,6 +36,8 @@ const ENTRY_TTL: Duration = Duration::from_secs(1);
 /// The fuser `Filesystem` over a [`Volume`].
 pub struct FuseAdapter {
     volume: Arc<Volume>,
+    /// Ask the kernel for its writeback cache (`--writeback-cache`).
+    writeback_cache: bool,
 }
 
 impl FuseAdapter {
@@ -43,9 +45,14 @@ impl FuseAdapter {
         Generation(self.volume.generation(st.st_ino))
     }
 
-    /// Wrap a volume.
-    pub fn new(volume: Arc<Volume>) -> Self {
-        FuseAdapter { volume }
+    /// Wrap a volume; with `writeback_cache`, writes return once in the kernel's page cache
+    /// and are mirrored when the kernel writes them back, at the latest at fsync or close.
+    pub fn new(volume: Arc<Volume>, writeback_cache: bool) -> Self {
+        volume.set_writeback_cache(writeback_cache);
+        FuseAdapter {
+            volume,
+            writeback_cache,
+        }
     }
 }
 
@@ -141,6 +148,14 @@ impl Filesystem for FuseAdapter {
         let _ = config.set_max_readahead(1 << 20);
         // readdirplus: a listing brings the attributes along (ls -l, find) when the kernel
         // thinks it helps.
+        if self.writeback_cache {
+            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
+                tracing::warn!(
+                    "the kernel does not offer the FUSE writeback cache ({missing:?}): every \
+                     write is mirrored before it returns, as without --writeback-cache"
+                );
+            }
+        }
         if std::env::var_os("NVMIRROR_NO_READDIRPLUS").is_none() {
             let _ = config.add_capabilities(
                 InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,

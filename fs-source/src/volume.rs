@@ -112,6 +112,9 @@ pub struct Volume {
     changed: Mutex<std::collections::HashSet<u64>>,
     /// The baseline, told about renames that move entries it has not sent yet.
     baseline: std::sync::OnceLock<Arc<crate::baseline::Baseline>>,
+    /// `--writeback-cache`: the kernel may read a page of a file opened write-only (to merge
+    /// a partial write), so such files are opened read-write on the backing side.
+    writeback_cache: std::sync::atomic::AtomicBool,
 }
 
 impl Volume {
@@ -128,7 +131,21 @@ impl Volume {
             next_orphan: AtomicU64::new(1),
             changed: Mutex::new(std::collections::HashSet::new()),
             baseline: std::sync::OnceLock::new(),
+            writeback_cache: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Serve with the kernel's writeback cache (see `--writeback-cache`).
+    pub fn set_writeback_cache(&self, on: bool) {
+        self.writeback_cache.store(on, Ordering::Relaxed);
+    }
+
+    /// How to open the backing file for a FUSE open with `flags`.
+    fn access(&self, flags: i32) -> OFlags {
+        match open_access(flags) {
+            OFlags::WRONLY if self.writeback_cache.load(Ordering::Relaxed) => OFlags::RDWR,
+            a => a,
+        }
     }
 
     /// Install the baseline (see [`crate::baseline`]).
@@ -516,7 +533,7 @@ impl Volume {
             uid,
             gid,
         };
-        let access = open_access(flags);
+        let access = self.access(flags);
         let seq = txn.next_seq();
         let fd = txn.record(
             |b| op.encode_into(b),
@@ -543,7 +560,7 @@ impl Volume {
     /// Open a file.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
         let path = self.table().path(ino)?;
-        let fd = self.tree.open_at(&path, open_access(flags))?;
+        let fd = self.tree.open_at(&path, self.access(flags))?;
         self.table().opened(ino, 1);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.files).insert(fh, (ino, Arc::new(fd)));

@@ -443,7 +443,7 @@ impl Tree {
                         _ => {}
                     }
                 }
-                match rustix::fs::renameat_with(&odir, os(oname), &ndir, os(nname), flags) {
+                match rename_entries(&odir, oname, &ndir, nname, flags, from, to) {
                     Ok(()) => Ok(()),
                     // Already renamed: the old name is gone and the new one exists.
                     Err(Errno::NOENT) if replay && !flags.contains(RenameFlags::EXCHANGE) => Ok(()),
@@ -1028,6 +1028,123 @@ impl Tree {
         };
         write_all_at(fd, data, offset).map_err(NotRegular::Io)
     }
+}
+
+/// Prefix of the name an emulated `RENAME_EXCHANGE` parks `from` under, in `from`'s directory,
+/// between its renames; the name ends with a hash of the record's two paths (see
+/// [`exchange_tmp_name`]), so finding it means an emulated exchange of those very paths that a
+/// crash interrupted, which the next try of the record (a replay) finishes.
+pub const EXCHANGE_TMP_PREFIX: &str = ".nvmirror-exchange.";
+
+/// Set once a filesystem answered `renameat2` flags with `EINVAL` (see [`rename_entries`]).
+static RENAME2_EMULATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True when this process had to emulate `RENAME_NOREPLACE` or `RENAME_EXCHANGE` (a
+/// filesystem without them, as GlusterFS's FUSE client).
+pub fn rename2_emulated() -> bool {
+    RENAME2_EMULATED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The temporary name of an emulated exchange of `from` and `to`: [`EXCHANGE_TMP_PREFIX`] and
+/// the FNV-1a hash of both paths in hex.
+pub fn exchange_tmp_name(from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in from.iter().chain(&[0u8]).chain(to) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{EXCHANGE_TMP_PREFIX}{h:016x}").into_bytes()
+}
+
+/// True when one path is the other or lies beneath it: renames the kernel refuses with
+/// `EINVAL` by itself, whatever the filesystem. Lexical, which is exact here: no component of
+/// a record's path is a symlink (`RESOLVE_NO_SYMLINKS`).
+fn nested(a: &[u8], b: &[u8]) -> bool {
+    let under = |x: &[u8], y: &[u8]| y.len() > x.len() && y.starts_with(x) && y[x.len()] == b'/';
+    a == b || under(a, b) || under(b, a)
+}
+
+fn exists_at(dir: &OwnedFd, name: &[u8]) -> IoResult<bool> {
+    match rustix::fs::statat(dir, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(_) => Ok(true),
+        Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `renameat2(odir/oname, ndir/nname, flags)` for the record renaming `from` to `to`, emulated
+/// where the filesystem has no `RENAME_NOREPLACE` / `RENAME_EXCHANGE` (a FUSE server without
+/// `FUSE_RENAME2`, such as GlusterFS's, makes the kernel answer `EINVAL`). The emulation relies
+/// on the caller being the tree's only writer, which both daemons are (the source under its
+/// sequencer lock, the destination under the CP lock):
+///
+/// * `NOREPLACE`: `EEXIST` if `nname` exists, else a plain rename;
+/// * `EXCHANGE`: three plain renames through [`exchange_tmp_name`] in `odir`. Not atomic: a
+///   reader (`browse`) may see one of the names missing for a moment, and a crash between the
+///   renames leaves the temporary name, from which the next try of the record finishes.
+pub fn rename_entries(
+    odir: &OwnedFd,
+    oname: &[u8],
+    ndir: &OwnedFd,
+    nname: &[u8],
+    flags: RenameFlags,
+    from: &[u8],
+    to: &[u8],
+) -> IoResult<()> {
+    let emulable = RenameFlags::NOREPLACE | RenameFlags::EXCHANGE;
+    let exchange = flags.contains(RenameFlags::EXCHANGE);
+    match rustix::fs::renameat_with(odir, os(oname), ndir, os(nname), flags) {
+        Ok(()) => Ok(()),
+        // One name is gone: an emulated exchange a crash interrupted, if it parked an entry.
+        Err(Errno::NOENT) if exchange && !nested(from, to) => {
+            let tmp = exchange_tmp_name(from, to);
+            if exists_at(odir, &tmp)? {
+                RENAME2_EMULATED.store(true, std::sync::atomic::Ordering::Relaxed);
+                finish_exchange(odir, oname, ndir, nname, &tmp)
+            } else {
+                Err(Errno::NOENT)
+            }
+        }
+        Err(Errno::INVAL)
+            if !flags.is_empty() && (flags - emulable).is_empty() && !nested(from, to) =>
+        {
+            RENAME2_EMULATED.store(true, std::sync::atomic::Ordering::Relaxed);
+            // renameat2 reports a missing source first.
+            rustix::fs::statat(odir, os(oname), AtFlags::SYMLINK_NOFOLLOW)?;
+            let target = exists_at(ndir, nname)?;
+            if exchange {
+                if !target {
+                    return Err(Errno::NOENT);
+                }
+                let tmp = exchange_tmp_name(from, to);
+                if exists_at(odir, &tmp)? {
+                    return Err(Errno::EXIST);
+                }
+                rustix::fs::renameat(odir, os(oname), odir, os(&tmp))?;
+                finish_exchange(odir, oname, ndir, nname, &tmp)
+            } else if target {
+                Err(Errno::EXIST)
+            } else {
+                rustix::fs::renameat(odir, os(oname), ndir, os(nname))
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The rest of an emulated exchange once `odir/oname` is parked at `tmp` (in `odir`): `nname`
+/// moves to `oname` (unless that is done already), then the parked entry to `nname`.
+fn finish_exchange(
+    odir: &OwnedFd,
+    oname: &[u8],
+    ndir: &OwnedFd,
+    nname: &[u8],
+    tmp: &[u8],
+) -> IoResult<()> {
+    if !exists_at(odir, oname)? {
+        rustix::fs::renameat(ndir, os(nname), odir, os(oname))?;
+    }
+    rustix::fs::renameat(odir, os(tmp), ndir, os(nname))
 }
 
 fn uid_of(u: u32) -> Uid {
@@ -1719,5 +1836,44 @@ mod tests {
         std::fs::create_dir(outer.path().join("tree/d")).unwrap();
         assert!(t.open_at(b"d/../../secret", OFlags::RDONLY).is_err());
         assert!(t.parent(b"d/../../x").is_err());
+    }
+
+    #[test]
+    fn nested_paths_are_recognised() {
+        assert!(nested(b"a", b"a"));
+        assert!(nested(b"a", b"a/b"));
+        assert!(nested(b"a/b/c", b"a"));
+        assert!(!nested(b"a", b"ab"));
+        assert!(!nested(b"a/b", b"a/c"));
+        assert_ne!(exchange_tmp_name(b"x", b"y"), exchange_tmp_name(b"y", b"x"));
+        assert!(exchange_tmp_name(b"x", b"y").starts_with(EXCHANGE_TMP_PREFIX.as_bytes()));
+    }
+
+    /// An emulated exchange (a filesystem without `RENAME_EXCHANGE`) that a crash interrupted
+    /// after either of its first two renames is finished by the next try of the record.
+    #[test]
+    fn an_interrupted_emulated_exchange_is_finished() {
+        for after_second in [false, true] {
+            let (d, t) = tree();
+            std::fs::create_dir(d.path().join("d")).unwrap();
+            std::fs::write(d.path().join("d/x"), b"x").unwrap();
+            std::fs::write(d.path().join("y"), b"y").unwrap();
+            let tmp = String::from_utf8(exchange_tmp_name(b"d/x", b"y")).unwrap();
+            // First rename: d/x parked.
+            std::fs::rename(d.path().join("d/x"), d.path().join("d").join(&tmp)).unwrap();
+            if after_second {
+                std::fs::rename(d.path().join("y"), d.path().join("d/x")).unwrap();
+            }
+            let op = Op::Rename {
+                from: b"d/x".to_vec(),
+                to: b"y".to_vec(),
+                flags: libc::RENAME_EXCHANGE,
+                handle: crate::handle::Handle::none(),
+            };
+            t.apply(&op, ApplyMode::Replay).unwrap();
+            assert_eq!(std::fs::read(d.path().join("d/x")).unwrap(), b"y");
+            assert_eq!(std::fs::read(d.path().join("y")).unwrap(), b"x");
+            assert!(!d.path().join("d").join(&tmp).exists());
+        }
     }
 }

@@ -23,6 +23,7 @@
 pub mod apply;
 pub mod config;
 pub mod frame;
+pub mod fscheck;
 pub mod handle;
 pub mod inspect;
 pub mod metrics_http;

@@ -16,6 +16,7 @@
 //! Waiting is done with [`wait_until`], which polls a condition with a deadline: no test
 //! sleeps in place of synchronisation.
 
+pub mod fleet;
 pub mod netns;
 pub mod tree;
 pub mod workload;
@@ -522,6 +523,9 @@ pub struct HarnessOptions {
     pub listen: String,
     /// More arguments for `fs-dest serve` (also when it is restarted).
     pub dest_args: Vec<String>,
+    /// `fs-dest serve --root` to use instead of `<temp>/dest-root` (an image on another
+    /// filesystem); created if missing, never removed by the harness.
+    pub dest_root: Option<PathBuf>,
 }
 
 impl HarnessOptions {
@@ -531,7 +535,14 @@ impl HarnessOptions {
             source: SourceOptions::new("alpha"),
             listen: "127.0.0.1:0".into(),
             dest_args: Vec::new(),
+            dest_root: None,
         }
+    }
+
+    /// Puts the destination's `--root` at `path` (see the field of that name).
+    pub fn dest_root(mut self, path: impl Into<PathBuf>) -> Self {
+        self.dest_root = Some(path.into());
+        self
     }
 
     /// Adds arguments to `fs-dest serve`.
@@ -630,7 +641,10 @@ impl Harness {
             dest_addr: String::new(),
             listen: options.listen.clone(),
             test: options.test.clone(),
-            dest_root: dir.join("dest-root"),
+            dest_root: options
+                .dest_root
+                .clone()
+                .unwrap_or_else(|| dir.join("dest-root")),
             tls_dir: dir.join("tls"),
             run_dir: dir.join("run"),
             log_dir: dir.join("logs"),

@@ -373,10 +373,13 @@ fn delay_rule(dev: &str) -> [&str; 9] {
 }
 
 impl NetDelay {
-    /// The pids of the `nvm-netdelay` processes (destination namespace first), for a test that
-    /// kills one to check that the rules fail open.
-    pub fn tool_pids(&self) -> Vec<i32> {
-        self.tools.iter().map(Daemon::pid).collect()
+    /// SIGKILLs the `nvm-netdelay` processes and waits until they are reaped (their queues are
+    /// unbound then), leaving the rules in place: a test of fail-open. Packets they held at that
+    /// moment are lost, as when a real delay box crashes.
+    pub fn kill_tools(&mut self) {
+        for tool in &mut self.tools {
+            tool.kill_and_reap();
+        }
     }
 
     /// Removes the delay now; returns each tool's exit summary line
