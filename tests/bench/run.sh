@@ -4,6 +4,7 @@
 #
 #   sudo tests/bench/run.sh [ROUNDS]           # default 1 round
 #   WORKLOADS="seqwrite randfsync meta" SEQ_SIZE=1G tests/bench/run.sh 3
+#   WRITEBACK=1 tests/bench/run.sh              # plus a source with --writeback-cache
 #
 # fs-dest and fs-source run from a release build on loopback with NVRAM on /dev/shm. Prints the
 # raw lines and a summary with ratios to the plain directory (see shared/bench/summarize.py).
@@ -31,7 +32,7 @@ export NVMIRROR_RUN_DIR=$W/run
 mkdir -p "$W"/{native,bind-backing,bind-mnt,backing,mnt,dest,run}
 pids=()
 cleanup() {
-  for m in "$W/mnt" "$W/bind-mnt"; do umount -l "$m" 2>/dev/null || true; done
+  for m in "$W/mnt" "$W/mnt-wb" "$W/bind-mnt"; do umount -l "$m" 2>/dev/null || true; done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$W" /dev/shm/nvmirror-bench-$$-*
@@ -45,6 +46,7 @@ wait_line() { # FILE PATTERN
 
 "$BIN/fs-dest" certs init --dir "$W/tls" >/dev/null
 "$BIN/fs-dest" certs issue --dir "$W/tls" --name bench >/dev/null
+"$BIN/fs-dest" certs issue --dir "$W/tls" --name benchwb >/dev/null
 "$BIN/fs-dest" serve --root "$W/dest" --listen 127.0.0.1:0 --nvram /dev/shm/nvmirror-bench-$$-dest \
   --tls "$W/tls" >"$W/dest.out" 2>"$W/dest.err" &
 pids+=($!)
@@ -54,11 +56,22 @@ addr=$(sed -n 's/^fs-dest: listening on //p' "$W/dest.out")
   --nvram /dev/shm/nvmirror-bench-$$-source --tls "$W/tls" >"$W/source.out" 2>"$W/source.err" &
 pids+=($!)
 wait_line "$W/source.out" mounted
+systems=(native="$W/native" bindfs="$W/bind-mnt" nvmirror="$W/mnt")
+# WRITEBACK=1: also a source mounted with --writeback-cache (writes return from the page cache;
+# fsync and close when mirrored), as the column nvmirror-wb.
+if [ "${WRITEBACK:-0}" = 1 ]; then
+  mkdir -p "$W/backing-wb" "$W/mnt-wb"
+  "$BIN/fs-source" mount --backing "$W/backing-wb" --mountpoint "$W/mnt-wb" --dest "$addr" \
+    --name benchwb --nvram /dev/shm/nvmirror-bench-$$-source-wb --tls "$W/tls" --writeback-cache \
+    >"$W/source-wb.out" 2>"$W/source-wb.err" &
+  pids+=($!)
+  wait_line "$W/source-wb.out" mounted
+  systems+=(nvmirror-wb="$W/mnt-wb")
+fi
 bindfs -o big_writes "$W/bind-backing" "$W/bind-mnt" 2>/dev/null || bindfs "$W/bind-backing" "$W/bind-mnt"
 
 raw=$W/bench.raw
-PEERBENCH_BASE=$W/pb "$BENCH/peerbench.sh" -r "$ROUNDS" -o "$raw" \
-  native="$W/native" bindfs="$W/bind-mnt" nvmirror="$W/mnt"
+PEERBENCH_BASE=$W/pb "$BENCH/peerbench.sh" -r "$ROUNDS" -o "$raw" "${systems[@]}"
 echo
 python3 "$BENCH/summarize.py" "$raw"
 echo

@@ -30,6 +30,10 @@ use crate::{
 pub const DEST_IP: &str = "10.77.0.1";
 /// The source host's address (inside its namespace only).
 pub const SOURCE_IP: &str = "10.77.0.2";
+/// The destination's IPv6 address (after [`NetPair::add_ipv6`]).
+pub const DEST_IP6: &str = "fd77::1";
+/// The source's IPv6 address (after [`NetPair::add_ipv6`]).
+pub const SOURCE_IP6: &str = "fd77::2";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -284,6 +288,27 @@ impl NetPair {
             );
         }
         (real, seen)
+    }
+
+    /// Give both ends an IPv6 address ([`DEST_IP6`], [`SOURCE_IP6`], /64) usable at once
+    /// (`nodad`: no duplicate address detection delay).
+    pub fn add_ipv6(&self) {
+        for (ns, dev, addr) in [
+            (&self.dest_ns, &self.dest_if, DEST_IP6),
+            (&self.source_ns, &self.source_if, SOURCE_IP6),
+        ] {
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+        }
     }
 
     /// Set the MTU of both ends of the link (a path with a smaller MTU than Ethernet's).
@@ -579,8 +604,10 @@ pub struct Cluster {
     pub dest: Option<Daemon>,
     /// The namespaces (deleted last).
     pub net: NetPair,
-    /// `10.77.0.1:PORT`.
+    /// `10.77.0.1:PORT` (`[fd77::1]:PORT` for [`Cluster::start_ipv6`]).
     pub dest_addr: String,
+    /// The address `fs-dest serve` listens on, without the port.
+    listen_host: String,
     /// The test's name.
     pub test: String,
     /// The temp dir.
@@ -599,6 +626,15 @@ pub struct Cluster {
 impl Cluster {
     /// Namespaces, certificates for source `name`, and `fs-dest serve` on 10.77.0.1.
     pub fn start(test: &str, name: &str) -> Cluster {
+        Cluster::start_on(test, name, false)
+    }
+
+    /// The same over IPv6: `fs-dest serve` on `[fd77::1]`, its certificate naming fd77::1.
+    pub fn start_ipv6(test: &str, name: &str) -> Cluster {
+        Cluster::start_on(test, name, true)
+    }
+
+    fn start_on(test: &str, name: &str, ipv6: bool) -> Cluster {
         let base = std::env::var_os("NVMIRROR_TEST_TMPDIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
@@ -609,12 +645,20 @@ impl Cluster {
         let dir = temp.path().to_path_buf();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
         let net = NetPair::create();
+        if ipv6 {
+            net.add_ipv6();
+        }
         let mut c = Cluster {
             sources: Vec::new(),
             browses: Vec::new(),
             dest: None,
             net,
             dest_addr: String::new(),
+            listen_host: if ipv6 {
+                format!("[{DEST_IP6}]")
+            } else {
+                DEST_IP.to_string()
+            },
             test: test.to_string(),
             dest_root: dir.join("dest-root"),
             tls_dir: dir.join("tls"),
@@ -628,7 +672,9 @@ impl Cluster {
         }
         run_ok(
             c.fs_dest()
-                .args(["certs", "init", "--san", DEST_IP, "--dir"])
+                .args([
+                    "certs", "init", "--san", DEST_IP, "--san", DEST_IP6, "--dir",
+                ])
                 .arg(&c.tls_dir),
         );
         run_ok(
@@ -647,7 +693,7 @@ impl Cluster {
             .arg("serve")
             .arg("--root")
             .arg(&self.dest_root)
-            .args(["--listen", &format!("{DEST_IP}:0"), "--nvram"])
+            .args(["--listen", &format!("{}:0", self.listen_host), "--nvram"])
             .arg(self.dir.join("dest.nvram"))
             .arg("--tls")
             .arg(&self.tls_dir);

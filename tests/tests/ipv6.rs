@@ -113,3 +113,61 @@ fn a_certificate_without_the_destinations_name_is_refused_by_name() {
     h.cp();
     assert_eq!(fs::read(h.image().join("named")).expect("mirrored"), b"ok");
 }
+
+#[test]
+fn a_source_mirrors_across_an_ipv6_link_between_hosts() {
+    const TEST: &str = "ipv6_netns";
+    require_mount!(TEST);
+    if !nvmirror_e2e::netns::can_use_netns(TEST) {
+        return;
+    }
+    let mut c = nvmirror_e2e::netns::Cluster::start_ipv6("ipv6ns", "alpha");
+    assert!(
+        c.dest_addr.starts_with("[fd77::1]:"),
+        "fs-dest listens on {}",
+        c.dest_addr
+    );
+    let backing = c.dir.join("backing");
+    let src = c
+        .mount_source("alpha", &backing, &c.dir.join("source.nvram"), &[], "a")
+        .unwrap_or_else(|e| panic!("mount over IPv6: {e}"));
+    let mnt = src.mountpoint.clone();
+    c.sources.push(src);
+    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    fs::write(mnt.join("big"), &big).expect("write over IPv6");
+    fs::create_dir(mnt.join("d")).expect("mkdir");
+    fs::rename(mnt.join("big"), mnt.join("d/big")).expect("rename");
+    c.cp(&mnt);
+    assert_eq!(
+        fs::read(c.image("alpha").join("d/big")).expect("mirrored"),
+        big
+    );
+    assert_trees_equal(&backing, &c.image("alpha"));
+    let out = c
+        .fs_dest()
+        .args(["status", "--json", "--root"])
+        .arg(&c.dest_root)
+        .output()
+        .expect("fs-dest status");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let peer = v["sources"][0]["peer_address"].as_str().unwrap_or_default();
+    assert!(
+        peer.starts_with("[fd77::2]:"),
+        "the destination sees the source at its IPv6 address: {v}"
+    );
+    // Across the link too, a name the certificate does not carry is refused before mounting.
+    match c.mount_source(
+        "alpha",
+        &c.dir.join("backing-b"),
+        &c.dir.join("source-b.nvram"),
+        &["--dest-name", "mirror.example"],
+        "b",
+    ) {
+        Ok(_) => panic!("a certificate without mirror.example was accepted"),
+        Err(e) => assert!(
+            e.to_string()
+                .contains("certs renew --name dest --san mirror.example"),
+            "the refusal names the fix: {e}"
+        ),
+    }
+}
