@@ -233,6 +233,9 @@ pub struct Mirror {
     partition_freed: Condvar,
     progress: Mutex<Progress>,
     progress_changed: Condvar,
+    /// Notified when the link, the baseline, the sync state or a CP changes, not on every
+    /// acknowledgement: the baseline/resync supervisor waits on it without waking per ack.
+    state_changed: Condvar,
     storage: Arc<MmapStorage>,
     /// Frames for the sender.
     pub outbox: Mutex<Outbox>,
@@ -349,6 +352,7 @@ impl Mirror {
                 ..Default::default()
             }),
             progress_changed: Condvar::new(),
+            state_changed: Condvar::new(),
             storage,
             outbox: Mutex::new(Outbox::default()),
             outbox_ready: Notify::new(),
@@ -570,6 +574,7 @@ impl Mirror {
             if p.degraded && p.acked >= p.logged {
                 tracing::info!("destination caught up: synchronous mirroring again");
                 p.degraded = false;
+                self.state_changed.notify_all();
                 self.degraded_watch.send_replace(false);
             }
             p.lagging_since = (p.acked < p.logged).then(Instant::now);
@@ -665,6 +670,7 @@ impl Mirror {
             p.link_down_since.or(Some(Instant::now()))
         };
         self.progress_changed.notify_all();
+        self.state_changed.notify_all();
     }
 
     /// Wait up to `timeout` for the first connection to the destination. Returns `Ok(true)` when
@@ -696,6 +702,7 @@ impl Mirror {
         let mut p = lock(&self.progress);
         p.stopped = Some(why);
         self.progress_changed.notify_all();
+        self.state_changed.notify_all();
     }
 
     /// The destination told us (in its welcome) how far its image is applied.
@@ -716,6 +723,7 @@ impl Mirror {
         p.applied_remote = p.applied_remote.max(applied_seq);
         p.cp_count += 1;
         self.progress_changed.notify_all();
+        self.state_changed.notify_all();
     }
 
     /// Record what the destination says of the image's divergences (at a handshake or a CP).
@@ -732,6 +740,7 @@ impl Mirror {
         p.out_of_sync = listed;
         p.out_of_sync_total = total;
         self.progress_changed.notify_all();
+        self.state_changed.notify_all();
     }
 
     /// Change the baseline's progress.
@@ -739,6 +748,7 @@ impl Mirror {
         let mut p = lock(&self.progress);
         f(&mut p.baseline);
         self.progress_changed.notify_all();
+        self.state_changed.notify_all();
     }
 
     /// How many paths are being resent or wait for a resend.
@@ -746,12 +756,13 @@ impl Mirror {
         let mut p = lock(&self.progress);
         p.resync_pending = n;
         self.progress_changed.notify_all();
+        self.state_changed.notify_all();
     }
 
     /// Wait up to `timeout` for any change of progress (for the resync task).
     pub fn wait_progress(&self, timeout: Duration) {
         let p = lock(&self.progress);
-        let _ = self.progress_changed.wait_timeout(p, timeout);
+        let _ = self.state_changed.wait_timeout(p, timeout);
     }
 
     /// A snapshot of the counters.
