@@ -96,6 +96,9 @@ pub struct Status {
     pub bytes_mirrored: u64,
     /// Records and bytes acknowledged per second over the last 10 s.
     pub recent: proto::rate::Rates,
+    /// The asynchronous second leg (`--async-dest`), when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub async_leg: Option<AsyncLegStatus>,
     /// While records wait for the destination (catching up after a link loss): seconds until
     /// they are all acknowledged at the recent rate; absent when nothing waits or nothing moves.
     pub catch_up_eta_seconds: Option<f64>,
@@ -159,6 +162,7 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
     // Taken before the progress lock: the sequencer lock is always taken first.
     let generation = mirror.generation();
     let standalone = mirror.standalone();
+    let async_leg = async_leg_status(mirror, mirror.progress(|p| p.logged));
     mirror.progress(|p| {
         let lag_records = if standalone {
             0
@@ -204,6 +208,7 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
             records_mirrored: p.records_mirrored,
             bytes_mirrored: p.bytes_mirrored,
             recent,
+            async_leg,
             catch_up_eta_seconds: (lag_records > 0 && recent.records_per_second > 0.0)
                 .then(|| lag_records as f64 / recent.records_per_second),
             partitions,
@@ -232,6 +237,63 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
                 .collect(),
             baseline: p.baseline.clone(),
         }
+    })
+}
+
+/// The asynchronous leg in `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AsyncLegStatus {
+    /// The second destination.
+    pub dest: String,
+    /// "up", "down" or "stopped".
+    pub link: &'static str,
+    /// Highest record it acknowledged.
+    pub acked_seq: u64,
+    /// Highest record applied to its image.
+    pub applied_seq: u64,
+    /// Records logged that it has not acknowledged.
+    pub lag_records: u64,
+    /// Since when the oldest of them waits, seconds.
+    pub lag_seconds: f64,
+    /// Seconds since it last acknowledged something.
+    pub last_ack_age_seconds: Option<f64>,
+    /// Records kept for it in the spill file (freed from NVRAM, not acknowledged).
+    pub spill_records: u64,
+    /// Their bytes.
+    pub spill_bytes: u64,
+    /// Why it stopped for good, if it did.
+    pub stopped: Option<String>,
+}
+
+fn async_leg_status(mirror: &Mirror, logged: u64) -> Option<AsyncLegStatus> {
+    let leg = mirror.async_leg()?;
+    let (lag_records, lag_seconds) = leg.lag(logged);
+    let (spill_records, spill_bytes) = {
+        let s = leg.spill.lock().unwrap_or_else(|p| p.into_inner());
+        (s.records, s.bytes)
+    };
+    let p = leg
+        .progress
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    Some(AsyncLegStatus {
+        dest: p.dest,
+        link: if p.stopped.is_some() {
+            "stopped"
+        } else if p.link_up {
+            "up"
+        } else {
+            "down"
+        },
+        acked_seq: p.acked,
+        applied_seq: p.applied,
+        lag_records,
+        lag_seconds,
+        last_ack_age_seconds: p.last_ack_at.map(|t| t.elapsed().as_secs_f64()),
+        spill_records,
+        spill_bytes,
+        stopped: p.stopped,
     })
 }
 

@@ -4,6 +4,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod async_leg;
 mod backlog;
 mod baseline;
 mod check;
@@ -158,6 +159,15 @@ struct MountArgs {
     /// --dest, as written there). Its certificate names what `fs-dest certs init --san` gave.
     #[arg(long)]
     dest_name: Option<String>,
+    /// A second destination, mirrored asynchronously (allowed to lag; nothing waits for it):
+    /// its own journals, CPs and image, promotable like the first. Needs --dest and --tls.
+    /// Records it has not acknowledged are kept in NVRAM, then in NVRAM.async.
+    #[arg(long, value_parser = parse_dest, requires = "dest")]
+    async_dest: Option<Dest>,
+    /// The name or address the second destination's certificate must carry (default: the
+    /// host of --async-dest).
+    #[arg(long)]
+    async_dest_name: Option<String>,
     /// This source's name (its certificate's name).
     #[arg(long)]
     name: String,
@@ -574,6 +584,26 @@ fn print_status(s: &serde_json::Value) {
         g("bytes_mirrored"),
         g("cp_count")
     );
+    if let Some(a) = s.get("async_leg").filter(|a| a.is_object()) {
+        let _ = writeln!(
+            out,
+            "async leg   {}: link {}, acked {} applied {} (lag {} records, {:.1} s){}{}",
+            a["dest"].as_str().unwrap_or("?"),
+            a["link"].as_str().unwrap_or("?"),
+            a["acked_seq"],
+            a["applied_seq"],
+            a["lag_records"],
+            a["lag_seconds"].as_f64().unwrap_or(0.0),
+            match a["spill_records"].as_u64() {
+                Some(n) if n > 0 => format!("; {n} records kept for it in NVRAM.async"),
+                _ => String::new(),
+            },
+            a["stopped"]
+                .as_str()
+                .map(|w| format!("; STOPPED: {w}"))
+                .unwrap_or_default()
+        );
+    }
     let rate = |k: &str| s["recent"][k].as_f64().unwrap_or(0.0);
     let _ = writeln!(
         out,
@@ -760,6 +790,19 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         &backlog_path,
     )
     .with_context(|| format!("opening NVRAM {}", args.nvram.display()))?;
+    // Before a new generation is set (which empties the leg's spill file with the NVRAM).
+    let async_leg = match &args.async_dest {
+        Some(dest) => {
+            let spill = PathBuf::from(format!("{}.async", args.nvram.display()));
+            let leg = Arc::new(
+                async_leg::AsyncLeg::open(&spill, &dest.addr.to_string())
+                    .map_err(|e| anyhow::anyhow!("the asynchronous leg's spill file: {e}"))?,
+            );
+            mirror.set_async_leg(leg.clone());
+            Some(leg)
+        }
+        None => None,
+    };
     let mut replay = replay;
     if let Some(g) = args.generation {
         if mirror.set_generation(g).map_err(anyhow::Error::msg)? {
@@ -819,6 +862,21 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", args.backing.display()))?,
     );
     let (link_shared, control_rx) = link::shared();
+    if let (Some(dest), Some(tls_dir), Some(leg)) =
+        (args.async_dest.clone(), tls.clone(), async_leg.clone())
+    {
+        rt.spawn(async_leg::run(
+            mirror.clone(),
+            leg,
+            async_leg::LegSettings {
+                dest: dest.addr,
+                server_name: args.async_dest_name.clone().unwrap_or(dest.host),
+                tls_dir,
+                name: args.name.clone(),
+                volume: volume_id.clone(),
+            },
+        ));
+    }
     if let (Some(dest), Some(tls_dir)) = (args.dest.clone(), tls) {
         rt.spawn(link::run(
             mirror.clone(),

@@ -219,6 +219,36 @@ impl Collector for SourceCollector {
             &l,
             u32::from(s.link == "up"),
         )?;
+        if let Some(a) = &s.async_leg {
+            gauge(
+                e,
+                "nvmirror_source_async_link_up",
+                "1 while the asynchronous second leg (--async-dest) is connected, else 0.",
+                &l,
+                u32::from(a.link == "up"),
+            )?;
+            gauge(
+                e,
+                "nvmirror_source_async_lag_records",
+                "Records logged that the asynchronous second leg has not acknowledged.",
+                &l,
+                a.lag_records as i64,
+            )?;
+            gauge(
+                e,
+                "nvmirror_source_async_lag_seconds",
+                "Since when the oldest record unacknowledged by the second leg waits, seconds.",
+                &l,
+                a.lag_seconds,
+            )?;
+            gauge(
+                e,
+                "nvmirror_source_async_applied_seq",
+                "Highest record applied to the second destination's image.",
+                &l,
+                a.applied_seq as i64,
+            )?;
+        }
         gauge(
             e,
             "nvmirror_source_degraded",

@@ -246,6 +246,8 @@ pub struct Mirror {
     cp_tx: mpsc::UnboundedSender<CpCommand>,
     /// Unacknowledged records moved out of NVRAM while running alone.
     backlog: Mutex<Backlog>,
+    /// The asynchronous second leg, when there is one (`--async-dest`).
+    async_leg: std::sync::OnceLock<Arc<crate::async_leg::AsyncLeg>>,
     /// True while policy `sync` runs without the destination (for the CP driver).
     pub degraded_watch: watch::Sender<bool>,
     settings: MirrorSettings,
@@ -355,6 +357,7 @@ impl Mirror {
             state_changed: Condvar::new(),
             storage,
             outbox: Mutex::new(Outbox::default()),
+            async_leg: std::sync::OnceLock::new(),
             outbox_ready: Notify::new(),
             acked_watch: watch::channel(0).0,
             cp_tx,
@@ -638,6 +641,7 @@ impl Mirror {
         lock(&self.backlog)
             .append(&frames)
             .map_err(|e| MirrorError::Flush(std::io::Error::other(e.to_string())))?;
+        self.keep_for_async_leg(&seq, p)?;
         seq.nvlog.free(p)?;
         self.partition_freed.notify_all();
         Ok(n)
@@ -773,6 +777,7 @@ impl Mirror {
     /// Free partition `p` after its CP and wake writers waiting for room.
     pub fn free_partition(&self, p: usize) -> Result<(), MirrorError> {
         let mut seq = lock(&self.seq);
+        self.keep_for_async_leg(&seq, p)?;
         seq.nvlog.free(p)?;
         self.partition_freed.notify_all();
         Ok(())
@@ -868,6 +873,86 @@ impl Mirror {
             .frames
             .push_back((seq_no, Bytes::from(buf)));
         self.outbox_ready.notify_one();
+        if let Some(leg) = self.async_leg.get() {
+            leg.note_logged();
+        }
+    }
+
+    /// Serve an asynchronous second leg from now on (before the first record is logged).
+    pub fn set_async_leg(&self, leg: Arc<crate::async_leg::AsyncLeg>) {
+        let _ = self.async_leg.set(leg);
+    }
+
+    /// The asynchronous leg, if there is one.
+    pub fn async_leg(&self) -> Option<&Arc<crate::async_leg::AsyncLeg>> {
+        self.async_leg.get()
+    }
+
+    /// Before partition `p` is freed: its records the asynchronous leg has not acknowledged go
+    /// to the leg's spill file (durably).
+    fn keep_for_async_leg(&self, seq: &Sequencer, p: usize) -> Result<(), MirrorError> {
+        match self.async_leg.get() {
+            Some(leg) => leg
+                .keep(seq.nvlog.frames(p))
+                .map_err(|e| MirrorError::Flush(std::io::Error::other(e))),
+            None => Ok(()),
+        }
+    }
+
+    /// The oldest record the asynchronous leg could still be sent (spill file, then NVRAM).
+    pub fn async_first_held(&self, leg: &crate::async_leg::AsyncLeg) -> Option<u64> {
+        let seq = lock(&self.seq);
+        let from_spill = lock(&leg.spill).first_seq;
+        let from_nvram = seq
+            .nvlog
+            .partitions_in_order()
+            .first()
+            .and_then(|&p| seq.nvlog.partition(p).first_seq);
+        from_spill.or(from_nvram)
+    }
+
+    /// Up to about `max_bytes` of frames above `after` for the asynchronous leg: from its spill
+    /// file first, then from NVRAM; never a gap.
+    pub fn async_frames_after(
+        &self,
+        leg: &crate::async_leg::AsyncLeg,
+        after: u64,
+        max_bytes: usize,
+    ) -> Vec<(u64, Bytes)> {
+        let seq = lock(&self.seq);
+        let mut out = Vec::new();
+        let mut taken = 0;
+        {
+            let mut spill = lock(&leg.spill);
+            if spill.last_seq.is_some_and(|last| last > after) {
+                match spill.frames_after(after) {
+                    Ok(frames) => {
+                        for (s, b) in frames {
+                            if taken >= max_bytes {
+                                return out;
+                            }
+                            taken += b.len();
+                            out.push((s, b));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        return out;
+                    }
+                }
+            }
+        }
+        let after = out.last().map_or(after, |(s, _)| *s);
+        for p in seq.nvlog.partitions_in_order() {
+            if taken >= max_bytes {
+                break;
+            }
+            for (s, b) in seq.nvlog.frames_after(p, after, max_bytes - taken) {
+                taken += b.len();
+                out.push((s, Bytes::from(b)));
+            }
+        }
+        out
     }
 
     /// Take every frame with a sequence number above `after` from the NVLOG (for resending
@@ -955,6 +1040,9 @@ impl Mirror {
         p.applied_remote = 0;
         p.dirty.clear();
         lock(&self.outbox).frames.clear();
+        if let Some(leg) = self.async_leg.get() {
+            leg.reset().map_err(|e| e.to_string())?;
+        }
         Ok(true)
     }
 

@@ -668,6 +668,40 @@ impl<S: Storage> NvLog<S> {
         out
     }
 
+    /// Copy out the frames of partition `p` with a sequence number above `after`, in order,
+    /// stopping once `max_bytes` are taken: frames before are skipped by their headers, without
+    /// copying them (a reader following the log reads only what is new).
+    pub fn frames_after(&self, p: usize, after: u64, max_bytes: usize) -> Vec<(u64, Vec<u8>)> {
+        let info = &self.parts[p];
+        if info.last_seq.is_none_or(|last| last <= after) {
+            return Vec::new();
+        }
+        let start = self.partition_base(p) + PARTITION_HEADER_LEN;
+        let (mut off, mut taken, mut out) = (0, 0, Vec::new());
+        while off + frame::HEADER_LEN <= info.used {
+            let mut h = [0u8; frame::HEADER_LEN];
+            self.storage.read_at(start + off, &mut h);
+            let Ok(header) = frame::parse_header(&h) else {
+                break; // cannot happen for frames this log wrote or scanned
+            };
+            let len = header.frame_len();
+            if off + len > info.used {
+                break;
+            }
+            if header.seq > after {
+                let mut bytes = vec![0u8; len];
+                self.storage.read_at(start + off, &mut bytes);
+                taken += len;
+                out.push((header.seq, bytes));
+                if taken >= max_bytes {
+                    break;
+                }
+            }
+            off += frame::padded_len(len);
+        }
+        out
+    }
+
     /// Partitions holding records, oldest records first.
     pub fn partitions_in_order(&self) -> Vec<usize> {
         let mut v: Vec<usize> = (0..self.geometry.partitions)
