@@ -783,6 +783,25 @@ mod tests {
     }
 
     #[test]
+    fn frames_after_skips_what_the_reader_has_and_stops_at_the_limit() {
+        let (mut log, _s) = fresh();
+        for seq in 1..=10 {
+            append(&mut log, seq, &[seq as u8; 100]).unwrap();
+        }
+        let all = log.frames(0);
+        let after = log.frames_after(0, 4, usize::MAX);
+        assert_eq!(
+            after.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            (5..=10).collect::<Vec<_>>()
+        );
+        assert_eq!(after[0].1, all[4], "the frame bytes, exactly as logged");
+        let limited = log.frames_after(0, 0, 1);
+        assert_eq!(limited.len(), 1, "stops once the limit is reached");
+        assert!(log.frames_after(0, 10, usize::MAX).is_empty());
+        assert!(log.frames_after(1, 0, usize::MAX).is_empty(), "an empty partition");
+    }
+
+    #[test]
     fn full_partition_rotates_and_free_forgets_old_frames() {
         let (mut log, s) = fresh();
         let mut seq = 0;
