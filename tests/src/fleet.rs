@@ -125,6 +125,11 @@ pub fn memory_of(pid: i32) -> Memory {
     }
 }
 
+/// How many file descriptors process `pid` has open (0 if it is gone).
+pub fn open_fds(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
 /// Runs `f(i, &items[i])` for every item on at most `parallel` threads; returns the results in
 /// order. A panic in `f` is re-raised once every thread has finished.
 pub fn par_map<T: Sync, R: Send>(
@@ -314,6 +319,16 @@ impl Fleet {
     /// The destination's resident memory now and at its peak.
     pub fn dest_memory(&self) -> Memory {
         memory_of(self.dest_pid())
+    }
+
+    /// The mean resident memory (VmRSS) of the sources' `fs-source` processes, KiB.
+    pub fn mean_source_rss_kib(&self) -> u64 {
+        let n = self.sources.len().max(1) as u64;
+        self.sources
+            .iter()
+            .map(|s| memory_of(s.daemon.pid()).rss_kib)
+            .sum::<u64>()
+            / n
     }
 
     /// Stops every source at once (SIGCONT, SIGTERM) and waits, bounded, for all of them;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nvmirror_e2e::fleet::{par_map, Fleet, FleetOptions, Memory};
+use nvmirror_e2e::fleet::{open_fds, par_map, Fleet, FleetOptions, Memory};
 use nvmirror_e2e::{require_mount, Rng};
 
 const MIB: f64 = 1048576.0;
@@ -145,6 +145,12 @@ fn quantile_ms(lat: &mut [Duration], q: f64) -> f64 {
 
 /// 4 KiB pwrite + fsync pairs on `path` (overwriting the first 1 MiB in turn) until `until`.
 fn fsync_loop(path: &Path, until: Instant) -> Run {
+    fsync_loop_while(path, until, &|| true)
+}
+
+/// [`fsync_loop`], going on past `until` until `done()` (at most two minutes more).
+fn fsync_loop_while(path: &Path, until: Instant, done: &dyn Fn() -> bool) -> Run {
+    let cap = until + Duration::from_secs(120);
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -154,7 +160,11 @@ fn fsync_loop(path: &Path, until: Instant) -> Run {
     let block = vec![0x5au8; 4096];
     let start = Instant::now();
     let mut run = Run::default();
-    while Instant::now() < until {
+    loop {
+        let now = Instant::now();
+        if now >= cap || (now >= until && done()) {
+            break;
+        }
         let t = Instant::now();
         f.write_all_at(&block, (run.ops % 256) * 4096)
             .expect("write");
@@ -191,6 +201,8 @@ struct ScaleRow {
     mount_s: f64,
     idle: Memory,
     after: Memory,
+    dest_fds: usize,
+    source_rss_kib: u64,
     runs: Vec<Run>,
 }
 
@@ -199,6 +211,8 @@ fn scale_row(n: usize, secs: f64) -> ScaleRow {
     let idle = fleet.dest_memory();
     let runs = fsync_all(&fleet.mountpoints(), secs);
     let after = fleet.dest_memory();
+    let dest_fds = open_fds(fleet.dest_pid());
+    let source_rss_kib = fleet.mean_source_rss_kib();
     fleet.cp_all();
     fleet.assert_images_equal();
     let names: Vec<String> = (0..n).map(Fleet::name).collect();
@@ -208,6 +222,8 @@ fn scale_row(n: usize, secs: f64) -> ScaleRow {
         mount_s: fleet.mount_time.as_secs_f64(),
         idle,
         after,
+        dest_fds,
+        source_rss_kib,
         runs,
     }
 }
@@ -366,14 +382,50 @@ struct IsoRow {
     note: String,
 }
 
-/// Sends SIGCONT to a stopped source when dropped (also on panic: a scope would otherwise
-/// wait forever for a writer blocked on the stopped mount).
-struct Cont<'a>(&'a nvmirror_e2e::Daemon);
+/// Stops the background load and sends SIGCONT to a stopped source when dropped, also on
+/// panic (a scope would otherwise wait forever for a writer blocked on the stopped mount, or
+/// one that never sees its stop flag).
+struct Release<'a> {
+    stop: &'a AtomicBool,
+    stopped: Option<&'a nvmirror_e2e::Daemon>,
+}
 
-impl Drop for Cont<'_> {
+impl Drop for Release<'_> {
     fn drop(&mut self) {
-        self.0.signal(libc::SIGCONT);
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(d) = self.stopped.take() {
+            d.signal(libc::SIGCONT);
+        }
     }
+}
+
+/// Whether `fs-dest status --json` answers within `timeout`, and whether it then lists
+/// source `name` as connected: `None` if it did not answer (it is killed).
+fn status_probe(fleet: &Fleet, name: &str, timeout: Duration) -> Option<bool> {
+    let mut child = fleet
+        .harness
+        .fs_dest()
+        .args(["status", "--json", "--root"])
+        .arg(&fleet.harness.dest_root)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start fs-dest status");
+    let done = nvmirror_e2e::poll_until(timeout, || child.try_wait().expect("try_wait").is_some());
+    if !done {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let s = v["sources"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == name)?;
+    Some(s["connected"] == true)
 }
 
 /// Source A (the fleet's first source) runs 4 KiB write+fsync for `secs` while `load` runs.
@@ -398,8 +450,13 @@ fn isolation_case(fleet: &mut Fleet, load: Load, secs: f64, case: &str) -> IsoRo
     let fleet = &*fleet;
     let stop = Arc::new(AtomicBool::new(false));
     let written = AtomicU64::new(0);
+    let cps_done = AtomicU64::new(0);
     thread::scope(|s| {
-        let (stop, written) = (&stop, &written);
+        let mut release = Release {
+            stop: &stop,
+            stopped: None,
+        };
+        let (stop, written, cps_done) = (&stop, &written, &cps_done);
         let bg = match load {
             Load::Alone => None,
             Load::FullPartitionCp | Load::Stall => {
@@ -421,6 +478,7 @@ fn isolation_case(fleet: &mut Fleet, load: Load, secs: f64, case: &str) -> IsoRo
                         if load == Load::FullPartitionCp {
                             h.cp_of(&o.mountpoint);
                             cps += 1;
+                            cps_done.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     let mib = written.load(Ordering::Relaxed) as f64 / MIB;
@@ -447,29 +505,42 @@ fn isolation_case(fleet: &mut Fleet, load: Load, secs: f64, case: &str) -> IsoRo
                 }))
             }
         };
-        let mut _cont = None;
         if load == Load::Stall {
             let d = &fleet.sources()[other.expect("D")];
             nvmirror_e2e::wait_until("D to have streamed 4 MiB", Duration::from_secs(60), || {
                 written.load(Ordering::Relaxed) >= 4 << 20
             });
             d.daemon.signal(libc::SIGSTOP);
-            _cont = Some(Cont(&d.daemon));
+            release.stopped = Some(&d.daemon);
         }
-        let a = fsync_loop(
+        // With B, A measures at least until B's first full partition was committed.
+        let a = fsync_loop_while(
             &a_mnt.join("fsync"),
             Instant::now() + Duration::from_secs_f64(secs),
+            &|| load != Load::FullPartitionCp || cps_done.load(Ordering::Relaxed) > 0,
         );
-        stop.store(true, Ordering::Relaxed);
+        // fs-dest status while D is still stopped (it must answer; timing is reported only).
+        let probe_started = Instant::now();
+        let d_connected = (load == Load::Stall).then(|| {
+            let d = &fleet.sources()[other.expect("D")];
+            status_probe(fleet, &d.name, Duration::from_secs(10))
+        });
+        let probe_s = probe_started.elapsed().as_secs_f64();
         let stalled_at = written.load(Ordering::Relaxed);
-        drop(_cont);
+        drop(release);
         let mut note = bg
             .map(|t| t.join().expect("background load"))
             .unwrap_or_default();
         if load == Load::Stall {
             note = format!(
-                "D stopped after {} MiB, for {secs:.0} s; {note}",
-                stalled_at >> 20
+                "D stopped after {} MiB, for {secs:.0} s; fs-dest status then: {} ({probe_s:.1} \
+                 s); {note}",
+                stalled_at >> 20,
+                match d_connected.flatten() {
+                    Some(true) => "D connected",
+                    Some(false) => "D disconnected",
+                    None => "NO ANSWER within 10 s",
+                }
             );
         }
         IsoRow {
@@ -483,13 +554,13 @@ fn isolation_case(fleet: &mut Fleet, load: Load, secs: f64, case: &str) -> IsoRo
 fn print_scale(rows: &mut [ScaleRow], secs: f64) {
     println!(
         "\n4 KiB write+fsync, one writer per source, {secs:.0} s, all sources at once \
-         (per source: mean, and min..max over sources; latency over every operation of every \
-         source)"
+         (per source: mean, and min..max over sources; p50/p99 over every operation of every \
+         source; worst: the highest p99 of one source)"
     );
     println!(
-        "| sources | ops/s per source (min..max) | MiB/s per source | p50 ms | p99 ms | worst source p99 ms | total ops/s | total MiB/s | fs-dest VmRSS idle / after, VmHWM (MiB) | mount all (s) |"
+        "| sources | ops/s per source (min..max) | MiB/s per source | p50 ms | p99 ms | worst p99 ms | total ops/s | total MiB/s |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in rows.iter_mut() {
         let n = r.runs.len() as f64;
         let ops: Vec<f64> = r.runs.iter().map(Run::ops_s).collect();
@@ -504,7 +575,7 @@ fn print_scale(rows: &mut [ScaleRow], secs: f64) {
             .fold(0.0, f64::max);
         let mut all: Vec<Duration> = r.runs.iter().flat_map(|x| x.lat.iter().cloned()).collect();
         println!(
-            "| {} | {:.0} ({:.0}..{:.0}) | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {} / {}, {} | {:.1} |",
+            "| {} | {:.0} ({:.0}..{:.0}) | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} |",
             r.n,
             total / n,
             min,
@@ -515,18 +586,34 @@ fn print_scale(rows: &mut [ScaleRow], secs: f64) {
             worst,
             total,
             total_mib,
-            r.idle.rss_kib / 1024,
-            r.after.rss_kib / 1024,
-            r.after.hwm_kib / 1024,
-            r.mount_s
+        );
+    }
+    println!(
+        "\nresources (fs-dest: its NVRAM, 2 x 64 MiB, is mapped and counts in its RSS; \
+         idle = all mounted, before the run; after = at the end of the run)"
+    );
+    println!(
+        "| sources | mount all (s) | fs-dest VmRSS idle (MiB) | VmRSS after (MiB) | VmHWM (MiB) | fs-dest open fds | fs-source VmRSS, mean (MiB) |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in rows.iter() {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} |",
+            r.n,
+            r.mount_s,
+            r.idle.rss_kib as f64 / 1024.0,
+            r.after.rss_kib as f64 / 1024.0,
+            r.after.hwm_kib as f64 / 1024.0,
+            r.dest_fds,
+            r.source_rss_kib as f64 / 1024.0
         );
     }
 }
 
 fn print_isolation(rows: &mut [IsoRow], secs: f64) {
     println!("\nsource A: 4 KiB write+fsync for {secs:.0} s while another load runs");
-    println!("| case | A ops/s | A p50 ms | A p99 ms | A max ms | the other load |");
-    println!("| --- | ---: | ---: | ---: | ---: | --- |");
+    println!("| case | A ran (s) | A ops/s | A p50 ms | A p99 ms | A max ms | the other load |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | --- |");
     for r in rows.iter_mut() {
         let ops = r.a.ops_s();
         let max =
@@ -535,8 +622,9 @@ fn print_isolation(rows: &mut [IsoRow], secs: f64) {
                 .max()
                 .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
         println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.1} | {} |",
+            "| {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1} | {} |",
             r.case,
+            r.a.elapsed.as_secs_f64(),
             ops,
             quantile_ms(&mut r.a.lat, 0.5),
             quantile_ms(&mut r.a.lat, 0.99),
@@ -558,14 +646,17 @@ fn fan_in_figures() {
     let counts: Vec<usize> = std::env::var("NVMIRROR_BENCH_SOURCES")
         .unwrap_or_else(|_| "1,4,16,64".into())
         .split(',')
+        .filter(|n| !n.trim().is_empty())
         .map(|n| n.trim().parse().expect("NVMIRROR_BENCH_SOURCES: numbers"))
         .collect();
     let mut scale: Vec<ScaleRow> = Vec::new();
-    for &n in &counts {
+    for &n in counts.iter().filter(|&&n| n > 0) {
         eprintln!("{TEST}: {n} sources");
         scale.push(scale_row(n, secs));
     }
-    print_scale(&mut scale, secs);
+    if !scale.is_empty() {
+        print_scale(&mut scale, secs);
+    }
 
     let mut iso = Vec::new();
     {
