@@ -798,7 +798,10 @@ mod tests {
         let limited = log.frames_after(0, 0, 1);
         assert_eq!(limited.len(), 1, "stops once the limit is reached");
         assert!(log.frames_after(0, 10, usize::MAX).is_empty());
-        assert!(log.frames_after(1, 0, usize::MAX).is_empty(), "an empty partition");
+        assert!(
+            log.frames_after(1, 0, usize::MAX).is_empty(),
+            "an empty partition"
+        );
     }
 
     #[test]
