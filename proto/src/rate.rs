@@ -5,11 +5,14 @@
 /// Seconds the rate is averaged over.
 pub const WINDOW_SECS: u64 = 10;
 
-/// Counts of the last [`WINDOW_SECS`] seconds, one bucket per second.
+/// One bucket per second: the window's full seconds plus the current, partial one.
+const BUCKETS: u64 = WINDOW_SECS + 1;
+
+/// Counts of the last [`WINDOW_SECS`] seconds and the current one, one bucket per second.
 #[derive(Debug, Clone, Default)]
 pub struct RecentRate {
-    /// (second, records, bytes), indexed by second modulo the window.
-    buckets: [(u64, u64, u64); WINDOW_SECS as usize],
+    /// (second, records, bytes), indexed by second modulo [`BUCKETS`].
+    buckets: [(u64, u64, u64); BUCKETS as usize],
 }
 
 /// Records and bytes per second.
@@ -24,7 +27,7 @@ pub struct Rates {
 impl RecentRate {
     /// Count `records` records of `bytes` bytes at second `now`.
     pub fn add(&mut self, now: u64, records: u64, bytes: u64) {
-        let b = &mut self.buckets[(now % WINDOW_SECS) as usize];
+        let b = &mut self.buckets[(now % BUCKETS) as usize];
         if b.0 != now {
             *b = (now, 0, 0);
         }
