@@ -13,6 +13,6 @@ cd "$(dirname "$0")/../.."
 [ "$(id -u)" = 0 ] || { echo "fan_in.sh: needs root (FUSE mounts)" >&2; exit 1; }
 cargo build --release --bins -q
 export NVMIRROR_BENCH_SECS=${1:-10}
-export NVMIRROR_BENCH_SOURCES=${2:-1,4,16,64}
+export NVMIRROR_BENCH_SOURCES=${2-1,4,16,64}   # "" = isolation cases only
 export NVMIRROR_TEST_TMPDIR=${NVMIRROR_TEST_TMPDIR:-/dev/shm}
 cargo test --release -q -p nvmirror-e2e --test fan_in_scale -- --ignored --nocapture fan_in_figures

@@ -610,27 +610,31 @@ fn print_scale(rows: &mut [ScaleRow], secs: f64) {
     }
 }
 
+fn iso_line(r: &mut IsoRow) -> String {
+    let ops = r.a.ops_s();
+    let max =
+        r.a.lat
+            .iter()
+            .max()
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    format!(
+        "| {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1} | {} |",
+        r.case,
+        r.a.elapsed.as_secs_f64(),
+        ops,
+        quantile_ms(&mut r.a.lat, 0.5),
+        quantile_ms(&mut r.a.lat, 0.99),
+        max,
+        r.note
+    )
+}
+
 fn print_isolation(rows: &mut [IsoRow], secs: f64) {
     println!("\nsource A: 4 KiB write+fsync for {secs:.0} s while another load runs");
     println!("| case | A ran (s) | A ops/s | A p50 ms | A p99 ms | A max ms | the other load |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | --- |");
     for r in rows.iter_mut() {
-        let ops = r.a.ops_s();
-        let max =
-            r.a.lat
-                .iter()
-                .max()
-                .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-        println!(
-            "| {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1} | {} |",
-            r.case,
-            r.a.elapsed.as_secs_f64(),
-            ops,
-            quantile_ms(&mut r.a.lat, 0.5),
-            quantile_ms(&mut r.a.lat, 0.99),
-            max,
-            r.note
-        );
+        println!("{}", iso_line(r));
     }
 }
 
@@ -674,7 +678,10 @@ fn fan_in_figures() {
             ),
         ] {
             eprintln!("{TEST}: {case}");
-            iso.push(isolation_case(&mut fleet, load, secs, case));
+            let mut row = isolation_case(&mut fleet, load, secs, case);
+            // Printed at once too: a case that hangs must not lose the ones before it.
+            eprintln!("{TEST}: {}", iso_line(&mut row));
+            iso.push(row);
         }
         fleet.cp_all();
         fleet.assert_images_equal();
@@ -700,7 +707,10 @@ fn fan_in_figures() {
             ),
         ] {
             eprintln!("{TEST}: {case}");
-            iso.push(isolation_case(&mut fleet, load, secs, case));
+            let mut row = isolation_case(&mut fleet, load, secs, case);
+            // Printed at once too: a case that hangs must not lose the ones before it.
+            eprintln!("{TEST}: {}", iso_line(&mut row));
+            iso.push(row);
         }
         fleet.cp_all();
         fleet.assert_images_equal();
