@@ -18,10 +18,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use proto::frame;
 use proto::wire::{self, Control, Message};
-use quinn::{RecvStream, SendStream};
 
 use crate::backlog::Backlog;
 use crate::mirror::Mirror;
@@ -216,35 +214,6 @@ pub async fn run(mirror: Arc<Mirror>, leg: Arc<AsyncLeg>, settings: LegSettings)
     }
 }
 
-async fn read_message(recv: &mut RecvStream) -> Result<Message, LegError> {
-    let mut h = [0u8; wire::HEADER_LEN];
-    recv.read_exact(&mut h).await?;
-    let (kind, len) = wire::parse_header(&h)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await?;
-    Ok(wire::decode_body(kind, body)?)
-}
-
-async fn send_batch(send: &mut SendStream, frames: Vec<Bytes>) -> Result<(), LegError> {
-    let mut frames = frames;
-    while !frames.is_empty() {
-        let mut total = 0;
-        let mut n = 0;
-        while n < frames.len() && (n == 0 || total + frames[n].len() <= wire::MAX_MESSAGE_LEN) {
-            total += frames[n].len();
-            n += 1;
-        }
-        let mut chunks: Vec<Bytes> = Vec::with_capacity(n + 1);
-        chunks.push(Bytes::copy_from_slice(&wire::header(
-            wire::KIND_FRAMES,
-            total,
-        )));
-        chunks.extend(frames.drain(..n));
-        send.write_all_chunks(&mut chunks).await?;
-    }
-    Ok(())
-}
-
 async fn session(
     mirror: &Arc<Mirror>,
     leg: &Arc<AsyncLeg>,
@@ -266,7 +235,7 @@ async fn session(
         take_over: false,
     }))
     .await?;
-    let (durable, applied) = match read_message(&mut recv).await? {
+    let (durable, applied) = match crate::link::read_message::<LegError>(&mut recv).await? {
         Message::Control(Control::Welcome {
             durable_seq,
             applied_seq,
@@ -306,7 +275,7 @@ async fn session(
         let (leg, mirror) = (leg.clone(), mirror.clone());
         async move {
             loop {
-                match read_message(&mut recv).await? {
+                match crate::link::read_message::<LegError>(&mut recv).await? {
                     Message::Control(Control::Ack { durable_seq }) => {
                         leg.on_ack(durable_seq, mirror.progress(|p| p.logged));
                     }
@@ -342,9 +311,9 @@ async fn session(
         let batch = mirror.async_frames_after(leg, sent, BATCH_BYTES);
         if let Some((last, _)) = batch.last() {
             sent = *last;
-            let frames = batch.into_iter().map(|(_, b)| b).collect();
+            let mut frames = batch.into_iter().map(|(_, b)| b).collect();
             tokio::select! {
-                r = send_batch(&mut send, frames) => r?,
+                r = crate::link::send_frames::<LegError>(&mut send, &mut frames) => r?,
                 r = &mut receiver => return r,
             }
         }

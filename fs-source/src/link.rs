@@ -262,7 +262,11 @@ pub async fn run(
     }
 }
 
-async fn read_message(recv: &mut RecvStream) -> Result<Message, LinkError> {
+/// Read one message (shared with the asynchronous leg, whose error type differs).
+pub(crate) async fn read_message<E>(recv: &mut RecvStream) -> Result<Message, E>
+where
+    E: From<quinn::ReadExactError> + From<wire::WireError>,
+{
     let mut h = [0u8; wire::HEADER_LEN];
     recv.read_exact(&mut h).await?;
     let (kind, len) = wire::parse_header(&h)?;
@@ -271,7 +275,12 @@ async fn read_message(recv: &mut RecvStream) -> Result<Message, LinkError> {
     Ok(wire::decode_body(kind, body)?)
 }
 
-async fn send_frames(send: &mut SendStream, frames: &mut Vec<Bytes>) -> Result<(), LinkError> {
+/// Send `frames` as `Frames` messages under the protocol's size limit (shared with the
+/// asynchronous leg).
+pub(crate) async fn send_frames<E: From<quinn::WriteError>>(
+    send: &mut SendStream,
+    frames: &mut Vec<Bytes>,
+) -> Result<(), E> {
     while !frames.is_empty() {
         // Keep each message under the protocol limit.
         let mut total = 0;
@@ -319,7 +328,7 @@ async fn recover_lost_records(
     while after < durable {
         send.write_all(&wire::encode_control(&Control::FetchRecords { after }))
             .await?;
-        let (frames, more) = match read_message(recv).await? {
+        let (frames, more) = match read_message::<LinkError>(recv).await? {
             Message::Control(Control::FetchedRecords {
                 frames,
                 more,
@@ -372,7 +381,7 @@ async fn session(
         take_over: settings.take_over,
     }))
     .await?;
-    let durable = match read_message(&mut recv).await? {
+    let durable = match read_message::<LinkError>(&mut recv).await? {
         Message::Control(Control::Welcome {
             durable_seq,
             applied_seq,
@@ -416,7 +425,7 @@ async fn session(
         let inflight = inflight.clone();
         async move {
             loop {
-                match read_message(&mut recv).await? {
+                match read_message::<LinkError>(&mut recv).await? {
                     Message::Control(Control::Ack { durable_seq }) => {
                         let (mut records, mut bytes) = (0, 0);
                         {
@@ -502,7 +511,7 @@ async fn session(
     note(&backlog);
     let mut batch: Vec<Bytes> = backlog.into_iter().map(|(_, b)| b).collect();
     tokio::select! {
-        r = send_frames(&mut send, &mut batch) => r?,
+        r = send_frames::<LinkError>(&mut send, &mut batch) => r?,
         r = &mut receiver => return r,
     }
     loop {
@@ -515,7 +524,7 @@ async fn session(
                 note(&frames);
                 let mut batch: Vec<Bytes> = frames.into_iter().map(|(_, b)| b).collect();
                 tokio::select! {
-                    r = send_frames(&mut send, &mut batch) => r?,
+                    r = send_frames::<LinkError>(&mut send, &mut batch) => r?,
                     r = &mut receiver => return r,
                 }
             }
