@@ -317,7 +317,7 @@ impl Collector for DestCollector {
                  is fenced until a demote).",
                 Gauge,
             ),
-            |s| flag(crate::promote::marker_path(&self.engine.root, &s.name).exists()),
+            |s| flag(s.promoted),
         )?;
         type Figure = fn(&crate::engine::PartitionFill) -> u64;
         let per_partition: [(&str, &str, Figure); 3] = [

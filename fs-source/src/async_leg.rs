@@ -18,10 +18,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use proto::frame;
 use proto::wire::{self, Control, Message};
 
 use crate::backlog::Backlog;
+use crate::link::LinkError;
 use crate::mirror::Mirror;
 
 /// How much one batch of the leg holds at most.
@@ -93,8 +93,9 @@ impl AsyncLeg {
         })
     }
 
-    /// Before partition frames `frames` leave NVRAM: keep those the leg may still need.
-    pub fn keep(&self, frames: Vec<Vec<u8>>) -> Result<(), String> {
+    /// The last record the leg has for sure, in its destination or in the spill file: a
+    /// partition's frames above it must reach the spill file before the partition is freed.
+    pub fn floor(&self) -> u64 {
         let acked = {
             let p = lock(&self.progress);
             if p.known {
@@ -103,16 +104,12 @@ impl AsyncLeg {
                 0
             }
         };
-        let mut spill = lock(&self.spill);
-        let floor = acked.max(spill.last_seq.unwrap_or(0));
-        let keep: Vec<Vec<u8>> = frames
-            .into_iter()
-            .filter(|f| frame::decode(f).is_ok_and(|d| d.header.seq > floor))
-            .collect();
-        if keep.is_empty() {
-            return Ok(());
-        }
-        spill.append(&keep).map_err(|e| e.to_string())
+        acked.max(lock(&self.spill).last_seq.unwrap_or(0))
+    }
+
+    /// Append `frames` (in order, all above [`AsyncLeg::floor`]) to the spill file, durably.
+    pub fn keep(&self, frames: &[Vec<u8>]) -> Result<(), String> {
+        lock(&self.spill).append(frames).map_err(|e| e.to_string())
     }
 
     /// A new generation restarts the sequence numbers: what the spill file holds belongs to
@@ -168,33 +165,12 @@ impl AsyncLeg {
     }
 }
 
-/// Why a connection of the leg ended.
-#[derive(Debug, thiserror::Error)]
-enum LegError {
-    #[error("{0}")]
-    Tls(#[from] crate::tls::ClientTlsError),
-    #[error("connect: {0}")]
-    Connect(#[from] quinn::ConnectError),
-    #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("send: {0}")]
-    Write(#[from] quinn::WriteError),
-    #[error("receive: {0}")]
-    Read(#[from] quinn::ReadExactError),
-    #[error("protocol: {0}")]
-    Wire(#[from] wire::WireError),
-    #[error("{0}")]
-    Stop(String),
-    #[error("unexpected message: {0}")]
-    Unexpected(String),
-}
-
 /// Run the leg until the process ends: connect, catch up, follow; reconnect when it breaks.
 pub async fn run(mirror: Arc<Mirror>, leg: Arc<AsyncLeg>, settings: LegSettings) {
     loop {
         match session(&mirror, &leg, &settings).await {
             Ok(()) => {}
-            Err(LegError::Stop(why)) => {
+            Err(LinkError::Refused(why)) => {
                 tracing::error!(dest = %settings.dest, "asynchronous leg stopped: {why}");
                 let mut p = lock(&leg.progress);
                 p.link_up = false;
@@ -218,7 +194,7 @@ async fn session(
     mirror: &Arc<Mirror>,
     leg: &Arc<AsyncLeg>,
     settings: &LegSettings,
-) -> Result<(), LegError> {
+) -> Result<(), LinkError> {
     let (endpoint, _cfg) =
         crate::tls::client_endpoint(&settings.tls_dir, &settings.name, settings.dest)?;
     let conn = endpoint
@@ -235,17 +211,17 @@ async fn session(
         take_over: false,
     }))
     .await?;
-    let (durable, applied) = match crate::link::read_message::<LegError>(&mut recv).await? {
+    let (durable, applied) = match crate::link::read_message(&mut recv).await? {
         Message::Control(Control::Welcome {
             durable_seq,
             applied_seq,
             ..
         }) => (durable_seq, applied_seq),
-        Message::Control(Control::Refused { reason }) => return Err(LegError::Stop(reason)),
-        other => return Err(LegError::Unexpected(format!("{other:?}"))),
+        Message::Control(Control::Refused { reason }) => return Err(LinkError::Refused(reason)),
+        other => return Err(LinkError::Unexpected(format!("{other:?}"))),
     };
     if durable > logged {
-        return Err(LegError::Stop(format!(
+        return Err(LinkError::Refused(format!(
             "the asynchronous destination holds records up to {durable}, after this source's \
              last ({logged}): it mirrors another history of this volume"
         )));
@@ -253,7 +229,7 @@ async fn session(
     // Everything after `durable` must still be here (NVRAM or the spill file).
     if let Some(first) = mirror.async_first_held(leg) {
         if first > durable + 1 {
-            return Err(LegError::Stop(format!(
+            return Err(LinkError::Refused(format!(
                 "the asynchronous destination holds records up to {durable}, but this source \
                  holds them only from {first}: a destination added to a volume with history \
                  needs a baseline, which an asynchronous leg cannot make yet (start it with the \
@@ -275,7 +251,7 @@ async fn session(
         let (leg, mirror) = (leg.clone(), mirror.clone());
         async move {
             loop {
-                match crate::link::read_message::<LegError>(&mut recv).await? {
+                match crate::link::read_message(&mut recv).await? {
                     Message::Control(Control::Ack { durable_seq }) => {
                         leg.on_ack(durable_seq, mirror.progress(|p| p.logged));
                     }
@@ -285,14 +261,14 @@ async fn session(
                     }
                     Message::Control(Control::BaselineRecorded { .. }) => {}
                     Message::Control(Control::Error { seq, reason }) => {
-                        return Err::<(), _>(LegError::Unexpected(format!(
+                        return Err::<(), _>(LinkError::Unexpected(format!(
                             "record {seq:?}: {reason}"
                         )));
                     }
                     Message::Control(Control::Refused { reason }) => {
-                        return Err(LegError::Stop(reason))
+                        return Err(LinkError::Refused(reason))
                     }
-                    other => return Err(LegError::Unexpected(format!("{other:?}"))),
+                    other => return Err(LinkError::Unexpected(format!("{other:?}"))),
                 }
                 leg.logged.notify_one();
             }
@@ -313,7 +289,7 @@ async fn session(
             sent = *last;
             let mut frames = batch.into_iter().map(|(_, b)| b).collect();
             tokio::select! {
-                r = crate::link::send_frames::<LegError>(&mut send, &mut frames) => r?,
+                r = crate::link::send_frames(&mut send, &mut frames) => r?,
                 r = &mut receiver => return r,
             }
         }

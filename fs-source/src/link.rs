@@ -127,9 +127,9 @@ pub fn shared() -> (Arc<LinkShared>, mpsc::UnboundedReceiver<Control>) {
     )
 }
 
-/// Why a connection ended.
+/// Why a connection ended (of the link, or of the asynchronous leg).
 #[derive(Debug, thiserror::Error)]
-enum LinkError {
+pub(crate) enum LinkError {
     #[error("{0}")]
     Tls(#[from] crate::tls::ClientTlsError),
     #[error("connect: {0}")]
@@ -262,11 +262,8 @@ pub async fn run(
     }
 }
 
-/// Read one message (shared with the asynchronous leg, whose error type differs).
-pub(crate) async fn read_message<E>(recv: &mut RecvStream) -> Result<Message, E>
-where
-    E: From<quinn::ReadExactError> + From<wire::WireError>,
-{
+/// Read one message (also used by the asynchronous leg).
+pub(crate) async fn read_message(recv: &mut RecvStream) -> Result<Message, LinkError> {
     let mut h = [0u8; wire::HEADER_LEN];
     recv.read_exact(&mut h).await?;
     let (kind, len) = wire::parse_header(&h)?;
@@ -277,10 +274,10 @@ where
 
 /// Send `frames` as `Frames` messages under the protocol's size limit (shared with the
 /// asynchronous leg).
-pub(crate) async fn send_frames<E: From<quinn::WriteError>>(
+pub(crate) async fn send_frames(
     send: &mut SendStream,
     frames: &mut Vec<Bytes>,
-) -> Result<(), E> {
+) -> Result<(), LinkError> {
     while !frames.is_empty() {
         // Keep each message under the protocol limit.
         let mut total = 0;
@@ -328,7 +325,7 @@ async fn recover_lost_records(
     while after < durable {
         send.write_all(&wire::encode_control(&Control::FetchRecords { after }))
             .await?;
-        let (frames, more) = match read_message::<LinkError>(recv).await? {
+        let (frames, more) = match read_message(recv).await? {
             Message::Control(Control::FetchedRecords {
                 frames,
                 more,
@@ -381,7 +378,7 @@ async fn session(
         take_over: settings.take_over,
     }))
     .await?;
-    let durable = match read_message::<LinkError>(&mut recv).await? {
+    let durable = match read_message(&mut recv).await? {
         Message::Control(Control::Welcome {
             durable_seq,
             applied_seq,
@@ -425,7 +422,7 @@ async fn session(
         let inflight = inflight.clone();
         async move {
             loop {
-                match read_message::<LinkError>(&mut recv).await? {
+                match read_message(&mut recv).await? {
                     Message::Control(Control::Ack { durable_seq }) => {
                         let (mut records, mut bytes) = (0, 0);
                         {
@@ -511,7 +508,7 @@ async fn session(
     note(&backlog);
     let mut batch: Vec<Bytes> = backlog.into_iter().map(|(_, b)| b).collect();
     tokio::select! {
-        r = send_frames::<LinkError>(&mut send, &mut batch) => r?,
+        r = send_frames(&mut send, &mut batch) => r?,
         r = &mut receiver => return r,
     }
     loop {
@@ -524,7 +521,7 @@ async fn session(
                 note(&frames);
                 let mut batch: Vec<Bytes> = frames.into_iter().map(|(_, b)| b).collect();
                 tokio::select! {
-                    r = send_frames::<LinkError>(&mut send, &mut batch) => r?,
+                    r = send_frames(&mut send, &mut batch) => r?,
                     r = &mut receiver => return r,
                 }
             }

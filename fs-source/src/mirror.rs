@@ -891,12 +891,21 @@ impl Mirror {
     /// Before partition `p` is freed: its records the asynchronous leg has not acknowledged go
     /// to the leg's spill file (durably).
     fn keep_for_async_leg(&self, seq: &Sequencer, p: usize) -> Result<(), MirrorError> {
-        match self.async_leg.get() {
-            Some(leg) => leg
-                .keep(seq.nvlog.frames(p))
-                .map_err(|e| MirrorError::Flush(std::io::Error::other(e))),
-            None => Ok(()),
+        let Some(leg) = self.async_leg.get() else {
+            return Ok(());
+        };
+        // Only what the leg lacks is copied: nothing at all while it keeps up.
+        let frames: Vec<Vec<u8>> = seq
+            .nvlog
+            .frames_after(p, leg.floor(), usize::MAX)
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect();
+        if frames.is_empty() {
+            return Ok(());
         }
+        leg.keep(&frames)
+            .map_err(|e| MirrorError::Flush(std::io::Error::other(e)))
     }
 
     /// The oldest record the asynchronous leg could still be sent (spill file, then NVRAM).

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::frame::{self, Frame, FrameError, HEADER_LEN, KIND_NESTED, KIND_RECORD};
-use crate::nvlog::{self, Geometry, Role, PARTITION_HEADER_LEN, SUPERBLOCK_LEN};
+use crate::nvlog::{self, u32_at, u64_at, Geometry, Role, PARTITION_HEADER_LEN, SUPERBLOCK_LEN};
 use crate::record::Op;
 
 /// Magic number of the source's backlog file (`fs-source/src/backlog.rs`).
@@ -409,18 +409,6 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
     let mut a = [0u8; 2];
     a.copy_from_slice(&b[at..at + 2]);
     u16::from_le_bytes(a)
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// The superblock fields of an NVLOG region, checked (magic, CRC, version, geometry limits).
