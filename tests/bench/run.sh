@@ -3,24 +3,32 @@
 # side by side in one run, with the shared peer harness (shared/bench/peerbench.sh):
 #
 #   sudo tests/bench/run.sh [ROUNDS]           # default 1 round
-#   WORKLOADS="seqwrite randfsync meta" SEQ_SIZE=1G tests/bench/run.sh 3
+#   WORKLOADS="seqwrite randfsync meta tar" SEQ_SIZE=1G tests/bench/run.sh 3
 #   WRITEBACK=1 tests/bench/run.sh              # plus a source with --writeback-cache
+#   DISK_NVRAM=1 tests/bench/run.sh             # plus a pair with both NVRAM files on disk
+#   GLUSTER=1 tests/bench/run.sh                # plus GlusterFS replica 2 (shared/bench/peers.sh)
+#   RAW_OUT=FILE                                # keep the raw lines (for tests/bench/plot.sh)
 #
 # fs-dest and fs-source run from a release build on loopback with NVRAM on /dev/shm. Prints the
 # raw lines and a summary with ratios to the plain directory (see shared/bench/summarize.py).
-# Needs root (FUSE mounts) and fio + bindfs (installed with apt-get if missing).
+# Needs root (FUSE mounts) and fio + bindfs (installed with apt-get if missing; GlusterFS too
+# with GLUSTER=1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 BENCH=${PEERBENCH_DIR:-$ROOT/../shared/bench}
 [ -f "$BENCH/peerbench.sh" ] || { echo "bench: $BENCH/peerbench.sh not found (set PEERBENCH_DIR)"; exit 1; }
 ROUNDS=${1:-1}
-export WORKLOADS=${WORKLOADS:-seqwrite randfsync meta}
-export UNITS=${UNITS:-seqwrite randfsync meta}
+export WORKLOADS=${WORKLOADS:-seqwrite randfsync meta tar}
+export UNITS=${UNITS:-seqwrite randfsync meta tar}
 
 need=()
 command -v fio >/dev/null || need+=(fio)
 command -v bindfs >/dev/null || need+=(bindfs)
+if [ "${GLUSTER:-0}" = 1 ]; then
+  command -v glusterd >/dev/null || need+=(glusterfs-server)
+  command -v glusterfs >/dev/null || need+=(glusterfs-client)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -31,8 +39,10 @@ W=$(mktemp -d /tmp/nvmirror-bench.XXXXXX)
 export NVMIRROR_RUN_DIR=$W/run
 mkdir -p "$W"/{native,bind-backing,bind-mnt,backing,mnt,dest,run}
 pids=()
+labels=()   # what each of pids is, for the memory lines
 cleanup() {
-  for m in "$W/mnt" "$W/mnt-wb" "$W/bind-mnt"; do umount -l "$m" 2>/dev/null || true; done
+  if [ "${GLUSTER:-0}" = 1 ]; then PEERBENCH_BASE=$W/peers "$BENCH/peers.sh" down >/dev/null 2>&1 || true; fi
+  for m in "$W/mnt" "$W/mnt-wb" "$W/mnt-disk" "$W/bind-mnt"; do umount -l "$m" 2>/dev/null || true; done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$W" /dev/shm/nvmirror-bench-$$-*
@@ -50,11 +60,13 @@ wait_line() { # FILE PATTERN
 "$BIN/fs-dest" serve --root "$W/dest" --listen 127.0.0.1:0 --nvram /dev/shm/nvmirror-bench-$$-dest \
   --tls "$W/tls" >"$W/dest.out" 2>"$W/dest.err" &
 pids+=($!)
+labels+=("fs-dest (NVRAM /dev/shm)")
 wait_line "$W/dest.out" listening
 addr=$(sed -n 's/^fs-dest: listening on //p' "$W/dest.out")
 "$BIN/fs-source" mount --backing "$W/backing" --mountpoint "$W/mnt" --dest "$addr" --name bench \
   --nvram /dev/shm/nvmirror-bench-$$-source --tls "$W/tls" >"$W/source.out" 2>"$W/source.err" &
 pids+=($!)
+labels+=("fs-source nvmirror")
 wait_line "$W/source.out" mounted
 systems=(native="$W/native" bindfs="$W/bind-mnt" nvmirror="$W/mnt")
 # WRITEBACK=1: also a source mounted with --writeback-cache (writes return from the page cache;
@@ -65,12 +77,36 @@ if [ "${WRITEBACK:-0}" = 1 ]; then
     --name benchwb --nvram /dev/shm/nvmirror-bench-$$-source-wb --tls "$W/tls" --writeback-cache \
     >"$W/source-wb.out" 2>"$W/source-wb.err" &
   pids+=($!)
+  labels+=("fs-source nvmirror-wb")
   wait_line "$W/source-wb.out" mounted
   systems+=(nvmirror-wb="$W/mnt-wb")
 fi
+# DISK_NVRAM=1: a second destination and source whose NVRAM files are on the disk ($W, the
+# same filesystem as the backing volumes and images), as the column nvmirror-disk.
+if [ "${DISK_NVRAM:-0}" = 1 ]; then
+  mkdir -p "$W"/{dest-disk,backing-disk,mnt-disk,nvram}
+  "$BIN/fs-dest" certs issue --dir "$W/tls" --name benchdisk >/dev/null
+  "$BIN/fs-dest" serve --root "$W/dest-disk" --listen 127.0.0.1:0 --nvram "$W/nvram/dest" \
+    --tls "$W/tls" >"$W/dest-disk.out" 2>"$W/dest-disk.err" &
+  pids+=($!)
+  labels+=("fs-dest (NVRAM on disk)")
+  wait_line "$W/dest-disk.out" listening
+  addr_disk=$(sed -n 's/^fs-dest: listening on //p' "$W/dest-disk.out")
+  "$BIN/fs-source" mount --backing "$W/backing-disk" --mountpoint "$W/mnt-disk" --dest "$addr_disk" \
+    --name benchdisk --nvram "$W/nvram/source" --tls "$W/tls" >"$W/source-disk.out" 2>"$W/source-disk.err" &
+  pids+=($!)
+  labels+=("fs-source nvmirror-disk")
+  wait_line "$W/source-disk.out" mounted
+  systems+=(nvmirror-disk="$W/mnt-disk")
+fi
+if [ "${GLUSTER:-0}" = 1 ]; then
+  g=$(PEERBENCH_BASE=$W/peers "$BENCH/peers.sh" up gluster) || { echo "bench: GlusterFS did not come up"; exit 1; }
+  systems+=("$g")
+fi
 bindfs -o big_writes "$W/bind-backing" "$W/bind-mnt" 2>/dev/null || bindfs "$W/bind-backing" "$W/bind-mnt"
 
-raw=$W/bench.raw
+raw=${RAW_OUT:-$W/bench.raw}
+rm -f "$raw"
 PEERBENCH_BASE=$W/pb "$BENCH/peerbench.sh" -r "$ROUNDS" -o "$raw" "${systems[@]}"
 echo
 python3 "$BENCH/summarize.py" "$raw"
@@ -79,4 +115,6 @@ echo
 # Peak memory of both daemons over the whole run (VmHWM: the resident set's high-water mark).
 peak() { awk '/^VmHWM:/ {printf "%.1f MiB", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
 echo
-echo "peak RSS  fs-dest $(peak "${pids[0]}")  fs-source $(peak "${pids[1]}")"
+for i in "${!pids[@]}"; do
+  echo "peak RSS  ${labels[$i]}  $(peak "${pids[$i]}")"
+done

@@ -388,6 +388,9 @@ struct IsoRow {
 struct Release<'a> {
     stop: &'a AtomicBool,
     stopped: Option<&'a nvmirror_e2e::Daemon>,
+    /// D's writer: a separate process, so that no thread of this (measuring, forking) process
+    /// is ever blocked on the stopped mount. Killed after the SIGCONT.
+    writer: Option<std::process::Child>,
 }
 
 impl Drop for Release<'_> {
@@ -396,7 +399,22 @@ impl Drop for Release<'_> {
         if let Some(d) = self.stopped.take() {
             d.signal(libc::SIGCONT);
         }
+        if let Some(mut w) = self.writer.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
     }
+}
+
+/// D's writer: `dd` streaming 1 MiB writes into `big` on D's mount (at most 256 MiB).
+fn spawn_stream_writer(mountpoint: &Path) -> std::process::Child {
+    std::process::Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", mountpoint.join("big").display()))
+        .args(["bs=1M", "count=256", "status=none"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start dd on D's mount")
 }
 
 /// Whether `fs-dest status --json` answers within `timeout`, and whether it then lists
@@ -455,12 +473,14 @@ fn isolation_case(fleet: &mut Fleet, load: Load, secs: f64, case: &str) -> IsoRo
         let mut release = Release {
             stop: &stop,
             stopped: None,
+            writer: None,
         };
         let (stop, written, cps_done) = (&stop, &written, &cps_done);
         let bg = match load {
             Load::Alone => None,
-            Load::FullPartitionCp | Load::Stall => {
-                let o = &fleet.sources()[other.expect("B or D")];
+            Load::Stall => None,
+            Load::FullPartitionCp => {
+                let o = &fleet.sources()[other.expect("B")];
                 let h = &fleet.harness;
                 Some(s.spawn(move || {
                     let f = File::create(o.mountpoint.join("big")).expect("create big");
@@ -475,21 +495,15 @@ fn isolation_case(fleet: &mut Fleet, load: Load, secs: f64, case: &str) -> IsoRo
                             }
                         }
                         f.sync_data().expect("fsync big");
-                        if load == Load::FullPartitionCp {
-                            h.cp_of(&o.mountpoint);
-                            cps += 1;
-                            cps_done.fetch_add(1, Ordering::Relaxed);
-                        }
+                        h.cp_of(&o.mountpoint);
+                        cps += 1;
+                        cps_done.fetch_add(1, Ordering::Relaxed);
                     }
                     let mib = written.load(Ordering::Relaxed) as f64 / MIB;
-                    if load == Load::FullPartitionCp {
-                        format!(
-                            "B wrote {mib:.0} MiB ({:.1} MiB/s), {cps} CPs on demand",
-                            mib / secs
-                        )
-                    } else {
-                        format!("D wrote {mib:.0} MiB in all")
-                    }
+                    format!(
+                        "B wrote {mib:.0} MiB ({:.1} MiB/s), {cps} CPs on demand",
+                        mib / secs
+                    )
                 }))
             }
             Load::HostileFlood => {
@@ -507,10 +521,15 @@ fn isolation_case(fleet: &mut Fleet, load: Load, secs: f64, case: &str) -> IsoRo
         };
         if load == Load::Stall {
             let d = &fleet.sources()[other.expect("D")];
+            release.writer = Some(spawn_stream_writer(&d.mountpoint));
+            // Progress is read from the backing volume, never through D's mount.
+            let backing = d.backing.join("big");
+            let size = || std::fs::metadata(&backing).map(|m| m.len()).unwrap_or(0);
             nvmirror_e2e::wait_until("D to have streamed 4 MiB", Duration::from_secs(60), || {
-                written.load(Ordering::Relaxed) >= 4 << 20
+                size() >= 4 << 20
             });
             d.daemon.signal(libc::SIGSTOP);
+            written.store(size(), Ordering::Relaxed);
             release.stopped = Some(&d.daemon);
         }
         // With B, A measures at least until B's first full partition was committed.
@@ -532,15 +551,18 @@ fn isolation_case(fleet: &mut Fleet, load: Load, secs: f64, case: &str) -> IsoRo
             .map(|t| t.join().expect("background load"))
             .unwrap_or_default();
         if load == Load::Stall {
+            let d = &fleet.sources()[other.expect("D")];
+            let total = std::fs::metadata(d.backing.join("big")).map_or(0, |m| m.len());
             note = format!(
                 "D stopped after {} MiB, for {secs:.0} s; fs-dest status then: {} ({probe_s:.1} \
-                 s); {note}",
+                 s); D's file {} MiB after SIGCONT{note}",
                 stalled_at >> 20,
                 match d_connected.flatten() {
                     Some(true) => "D connected",
                     Some(false) => "D disconnected",
                     None => "NO ANSWER within 10 s",
-                }
+                },
+                total >> 20
             );
         }
         IsoRow {
