@@ -856,21 +856,21 @@ impl Engine {
                 st.dirty.iter_mut().filter_map(|d| d.take()).collect();
             (ranges, st.appended_dest_seq)
         };
-        for (start, end) in &ranges {
-            if let Err(e) = self.storage.flush(*start, end - start) {
-                tracing::error!(error = %e, "NVRAM flush failed; acknowledgements are held back");
-                // Put the range back so the next round retries it.
-                let mut st = lock(&self.log);
-                for (s, e) in &ranges {
-                    let p = (s - SUPERBLOCK_LEN) / self.geometry.partition_size;
-                    let d = &mut st.dirty[p];
-                    *d = Some(match *d {
-                        Some((a, b)) => (a.min(*s), b.max(*e)),
-                        None => (*s, *e),
-                    });
-                }
-                return;
+        // One flush for every partition's dirty range (one device cache flush on a disk file).
+        let spans: Vec<(usize, usize)> = ranges.iter().map(|&(s, e)| (s, e - s)).collect();
+        if let Err(e) = self.storage.flush_ranges(&spans) {
+            tracing::error!(error = %e, "NVRAM flush failed; acknowledgements are held back");
+            // Put the range back so the next round retries it.
+            let mut st = lock(&self.log);
+            for (s, e) in &ranges {
+                let p = (s - SUPERBLOCK_LEN) / self.geometry.partition_size;
+                let d = &mut st.dirty[p];
+                *d = Some(match *d {
+                    Some((a, b)) => (a.min(*s), b.max(*e)),
+                    None => (*s, *e),
+                });
             }
+            return;
         }
         self.flushed.send_if_modified(|v| {
             if upto > *v {

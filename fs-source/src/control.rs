@@ -116,6 +116,12 @@ pub struct Status {
     pub out_of_sync_paths: Vec<OutOfSyncPath>,
     /// The initial transfer of the volume.
     pub baseline: crate::mirror::BaselineProgress,
+    /// Inodes the daemon tracks: those the kernel still references (dropped on FORGET) and
+    /// open files; absent until the volume serves.
+    pub inodes: Option<u64>,
+    /// The daemon's resident memory now and at its peak, when /proc tells (both include the
+    /// NVRAM pages this process touched).
+    pub memory: Option<proto::memory::Resident>,
 }
 
 /// One path of the image that differs from the volume.
@@ -236,6 +242,8 @@ pub fn status(mirror: &Mirror, id: &Identity) -> Status {
                 })
                 .collect(),
             baseline: p.baseline.clone(),
+            inodes: None,
+            memory: proto::memory::resident(),
         }
     })
 }
@@ -312,9 +320,18 @@ pub struct VerifyContext {
 /// Set once the volume serves.
 pub type VerifySlot = Arc<std::sync::OnceLock<Arc<VerifyContext>>>;
 
+/// The volume, set once it serves (status reports how many inodes it tracks).
+pub type VolumeSlot = Arc<std::sync::OnceLock<Arc<crate::volume::Volume>>>;
+
 /// Serve the control socket until the task is dropped. Only root and the daemon's own user
 /// are served; anyone else gets one JSON line saying why (see [`refuse`]).
-pub async fn serve(listener: UnixListener, mirror: Arc<Mirror>, id: Identity, verify: VerifySlot) {
+pub async fn serve(
+    listener: UnixListener,
+    mirror: Arc<Mirror>,
+    id: Identity,
+    verify: VerifySlot,
+    volume: VolumeSlot,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -338,9 +355,9 @@ pub async fn serve(listener: UnixListener, mirror: Arc<Mirror>, id: Identity, ve
         }
         let mirror = mirror.clone();
         let id = id.clone();
-        let verify = verify.clone();
+        let (verify, volume) = (verify.clone(), volume.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &mirror, &id, &verify).await {
+            if let Err(e) = handle(stream, &mirror, &id, &verify, &volume).await {
                 tracing::debug!("control connection: {e}");
             }
         });
@@ -427,6 +444,7 @@ async fn handle(
     mirror: &Arc<Mirror>,
     id: &Identity,
     verify_slot: &VerifySlot,
+    volume: &VolumeSlot,
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
@@ -434,7 +452,11 @@ async fn handle(
     let req: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_default();
     let reply = match req.get("cmd").and_then(|c| c.as_str()) {
         Some("verify") => verify(&mut w, verify_slot, &req).await?,
-        Some("status") => serde_json::to_value(status(mirror, id)).unwrap_or_default(),
+        Some("status") => {
+            let mut st = status(mirror, id);
+            st.inodes = volume.get().map(|v| v.inodes_tracked() as u64);
+            serde_json::to_value(st).unwrap_or_default()
+        }
         Some("cp") => {
             let (tx, rx) = tokio::sync::oneshot::channel();
             mirror.cp_command(CpCommand::Demand(tx));

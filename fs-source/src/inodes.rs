@@ -35,6 +35,8 @@ pub struct InodeTable {
     nodes: HashMap<u64, Node>,
     by_name: HashMap<(u64, Vec<u8>), u64>,
     root_backing_ino: u64,
+    /// Nodes removed since the allocator was last asked to give free pages back.
+    freed_since_trim: usize,
 }
 
 impl InodeTable {
@@ -52,7 +54,13 @@ impl InodeTable {
             nodes,
             by_name: HashMap::new(),
             root_backing_ino,
+            freed_since_trim: 0,
         }
+    }
+
+    /// How many inodes the table holds (the root included).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
     }
 
     /// The FUSE inode number of a backing inode number (a bijection).
@@ -251,12 +259,23 @@ impl InodeTable {
     /// table then holds only inodes the kernel still references, and its size follows theirs
     /// (a hash table never shrinks by itself).
     fn shrink(&mut self) {
+        self.freed_since_trim += 1;
         let cap = self.nodes.capacity();
-        if cap > 4096 && self.nodes.len() < cap / 4 {
+        let resize = cap > 4096 && self.nodes.len() < cap / 4;
+        if resize {
             self.nodes.shrink_to(self.nodes.len() * 2);
             self.by_name.shrink_to(self.by_name.len() * 2);
-            // The nodes' own small allocations went back to the allocator; hand the free
-            // pages to the system too.
+        }
+        // The nodes' own small allocations went back to the allocator, spread over the arenas
+        // of the FUSE threads that made them; hand whole free pages to the system too, after a
+        // resize, every TRIM_EVERY removals, and once the table has drained (a walk of 300,000
+        // files kept 57 MiB of free heap when only the resizes trimmed). malloc_trim costs a
+        // few milliseconds.
+        const TRIM_EVERY: usize = 32 * 1024;
+        let drained =
+            self.freed_since_trim >= 4096 && self.nodes.len() * 16 < self.freed_since_trim;
+        if resize || drained || self.freed_since_trim >= TRIM_EVERY {
+            self.freed_since_trim = 0;
             // SAFETY: malloc_trim only releases free heap memory; it is safe to call anytime.
             unsafe {
                 libc::malloc_trim(0);

@@ -654,6 +654,19 @@ fn print_status(s: &serde_json::Value) {
             );
         }
     }
+    if let Some(m) = s.get("memory").filter(|m| m.is_object()) {
+        let mib = |k: &str| m[k].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+        let _ = writeln!(
+            out,
+            "memory      {:.1} MiB resident (peak {:.1} MiB, NVRAM pages included){}",
+            mib("rss_bytes"),
+            mib("peak_bytes"),
+            match s["inodes"].as_u64() {
+                Some(n) => format!("; {n} inodes tracked"),
+                None => String::new(),
+            }
+        );
+    }
     if let Some(parts) = s.get("partitions").and_then(|p| p.as_array()) {
         for p in parts {
             let _ = writeln!(
@@ -933,11 +946,13 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         rt.spawn(metrics::serve(metrics, registry));
     }
     let verify_slot: control::VerifySlot = Arc::default();
+    let volume_slot: control::VolumeSlot = Arc::default();
     rt.spawn(control::serve(
         listener,
         mirror.clone(),
         identity,
         verify_slot.clone(),
+        volume_slot.clone(),
     ));
 
     // Signals are handled from here on, so a SIGTERM right after the ready line unmounts cleanly.
@@ -979,6 +994,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     }
 
     let volume = Arc::new(volume::Volume::new(tree, mirror.clone())?);
+    let _ = volume_slot.set(volume.clone());
     volume.set_baseline(baseline.clone());
     mirror.set_seal_times(Box::new(volume::ChangedTimes(Arc::downgrade(&volume))));
     if args.dest.is_some() {

@@ -234,6 +234,11 @@ impl Volume {
         }
     }
 
+    /// How many inodes the table holds (status: memory follows the kernel's references).
+    pub fn inodes_tracked(&self) -> usize {
+        self.table().len()
+    }
+
     fn table(&self) -> MutexGuard<'_, InodeTable> {
         lock(&self.table)
     }

@@ -26,6 +26,7 @@ pub mod frame;
 pub mod fscheck;
 pub mod handle;
 pub mod inspect;
+pub mod memory;
 pub mod metrics_http;
 pub mod nvlog;
 pub mod path;

@@ -30,6 +30,23 @@ pub trait Storage: Send + Sync + 'static {
     fn write_at(&self, offset: usize, data: &[u8]);
     /// Make `offset..offset+len` durable against power loss (msync for a mapped file).
     fn flush(&self, offset: usize, len: usize) -> io::Result<()>;
+    /// Make every `(offset, len)` range durable with one flush covering them all. On a disk
+    /// file each msync ends with a device cache flush (100–300 µs here), so the pages of one
+    /// group commit (records, a cursor in the superblock) are flushed together, not one flush
+    /// each; clean pages in between cost nothing, and pages other writers dirtied meanwhile
+    /// become durable early, which is harmless (a torn frame fails its CRC).
+    fn flush_ranges(&self, ranges: &[(usize, usize)]) -> io::Result<()> {
+        let Some(start) = ranges.iter().filter(|r| r.1 > 0).map(|r| r.0).min() else {
+            return Ok(());
+        };
+        let end = ranges
+            .iter()
+            .filter(|r| r.1 > 0)
+            .map(|r| r.0 + r.1)
+            .max()
+            .unwrap_or(start);
+        self.flush(start, end - start)
+    }
     /// A human-readable name (the file path) for error messages.
     fn describe(&self) -> String;
 }
@@ -88,16 +105,20 @@ impl MmapStorage {
         }
         let existing = meta.len();
         let opened = if existing == 0 {
-            // Allocate the blocks now (not by writing zeros: pre-zeroing with large writes
-            // makes every later msync write ~1 MiB, see machine-facts).
-            if let Err(e) =
-                rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len as u64)
-            {
-                if e != rustix::io::Errno::OPNOTSUPP {
-                    return Err(ctx(e.into(), "cannot allocate"));
+            if in_memory_fs(&file) {
+                // tmpfs: no blocks to prepare; fallocate reserves the pages (an ENOSPC now
+                // rather than a SIGBUS at the first append).
+                if let Err(e) =
+                    rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len as u64)
+                {
+                    if e != rustix::io::Errno::OPNOTSUPP {
+                        return Err(ctx(e.into(), "cannot allocate"));
+                    }
+                    file.set_len(len as u64)
+                        .map_err(|e| ctx(e, "cannot size"))?;
                 }
-                file.set_len(len as u64)
-                    .map_err(|e| ctx(e, "cannot size"))?;
+            } else {
+                zero_fill(&file, len).map_err(|e| ctx(e, "cannot write zeros"))?;
             }
             Opened::Created
         } else if existing != len as u64 {
@@ -135,6 +156,33 @@ impl MmapStorage {
             self.map.len()
         );
     }
+}
+
+/// Whether `file` lives on tmpfs or ramfs (page cache only: nothing to write to a disk).
+fn in_memory_fs(file: &File) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    rustix::fs::fstatfs(file).is_ok_and(|s| {
+        let t = s.f_type as u64;
+        t == TMPFS_MAGIC || t == RAMFS_MAGIC
+    })
+}
+
+/// Write a new disk file's zeros for real, in 4 KiB writes, and make them durable. Blocks
+/// merely fallocate'd are "unwritten" extents: the first msync of each page then converts its
+/// extent in the filesystem's journal, a journal commit per flush (msync of a 4 KiB record,
+/// ext4 here: 173–269 µs fallocate'd, 134–145 µs written). 4 KiB writes, not large ones: a
+/// page cache filled with large folios made every later msync write ~1 MiB (machine-facts).
+fn zero_fill(file: &File, len: usize) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = [0u8; 4096];
+    let mut off = 0usize;
+    while off < len {
+        let n = zeros.len().min(len - off);
+        file.write_all_at(&zeros[..n], off as u64)?;
+        off += n;
+    }
+    file.sync_all()
 }
 
 impl Storage for MmapStorage {
@@ -295,4 +343,49 @@ pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
         .read_to_end(&mut bytes)
         .map_err(|e| ctx(e, "cannot read"))?;
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flush_ranges_makes_every_range_durable_with_one_flush() {
+        let s = MemStorage::new(64 << 10);
+        s.write_at(100, b"cursor");
+        s.write_at(40_000, b"record");
+        s.write_at(60_000, b"not flushed");
+        s.flush_ranges(&[(40_000, 6), (100, 6), (50_000, 0)])
+            .expect("flush");
+        let img = s.power_cut_image();
+        assert_eq!(&img[100..106], b"cursor");
+        assert_eq!(&img[40_000..40_006], b"record");
+        assert_eq!(
+            &img[60_000..60_011],
+            &[0u8; 11],
+            "beyond the last range stays volatile"
+        );
+        // Nothing to flush is not an error.
+        s.flush_ranges(&[]).expect("empty");
+    }
+
+    #[test]
+    fn a_new_nvram_file_is_allocated_zeroed_and_private() {
+        let dir = std::env::temp_dir().join(format!("nvm-storage-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("nv");
+        let (s, opened) = MmapStorage::open(&path, 1 << 20).expect("open");
+        assert_eq!(opened, Opened::Created);
+        let mut buf = vec![1u8; 4096];
+        s.read_at((1 << 20) - 4096, &mut buf);
+        assert!(buf.iter().all(|&b| b == 0));
+        let meta = std::fs::metadata(&path).expect("stat");
+        assert_eq!(meta.len(), 1 << 20);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Every block allocated (written zeros or fallocate'd), none left as a hole.
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 >= 1 << 20, "blocks {}", meta.blocks());
+        drop(s);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

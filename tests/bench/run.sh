@@ -7,6 +7,7 @@
 #   WRITEBACK=1 tests/bench/run.sh              # plus a source with --writeback-cache
 #   DISK_NVRAM=1 tests/bench/run.sh             # plus a pair with both NVRAM files on disk
 #   GLUSTER=1 tests/bench/run.sh                # plus GlusterFS replica 2 (shared/bench/peers.sh)
+#   VARIANT="nospin=--ack-spin-us 0"            # plus a source with other options (A/B runs)
 #   RAW_OUT=FILE                                # keep the raw lines (for tests/bench/plot.sh)
 #
 # fs-dest and fs-source run from a release build on loopback with NVRAM on /dev/shm. Prints the
@@ -42,7 +43,7 @@ pids=()
 labels=()   # what each of pids is, for the memory lines
 cleanup() {
   if [ "${GLUSTER:-0}" = 1 ]; then PEERBENCH_BASE=$W/peers "$BENCH/peers.sh" down >/dev/null 2>&1 || true; fi
-  for m in "$W/mnt" "$W/mnt-wb" "$W/mnt-disk" "$W/bind-mnt"; do umount -l "$m" 2>/dev/null || true; done
+  for m in "$W/mnt" "$W/mnt-wb" "$W/mnt-var" "$W/mnt-disk" "$W/bind-mnt"; do umount -l "$m" 2>/dev/null || true; done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$W" /dev/shm/nvmirror-bench-$$-*
@@ -80,6 +81,20 @@ if [ "${WRITEBACK:-0}" = 1 ]; then
   labels+=("fs-source nvmirror-wb")
   wait_line "$W/source-wb.out" mounted
   systems+=(nvmirror-wb="$W/mnt-wb")
+fi
+# VARIANT="LABEL=OPTIONS": one more source on the same destination with extra mount options.
+if [ -n "${VARIANT:-}" ]; then
+  vlabel=${VARIANT%%=*}
+  read -r -a vargs <<<"${VARIANT#*=}"
+  mkdir -p "$W/backing-var" "$W/mnt-var"
+  "$BIN/fs-dest" certs issue --dir "$W/tls" --name benchvar >/dev/null
+  "$BIN/fs-source" mount --backing "$W/backing-var" --mountpoint "$W/mnt-var" --dest "$addr" \
+    --name benchvar --nvram /dev/shm/nvmirror-bench-$$-source-var --tls "$W/tls" "${vargs[@]}" \
+    >"$W/source-var.out" 2>"$W/source-var.err" &
+  pids+=($!)
+  labels+=("fs-source $vlabel")
+  wait_line "$W/source-var.out" mounted
+  systems+=("$vlabel=$W/mnt-var")
 fi
 # DISK_NVRAM=1: a second destination and source whose NVRAM files are on the disk ($W, the
 # same filesystem as the backing volumes and images), as the column nvmirror-disk.
