@@ -138,6 +138,9 @@ pub struct StatusReport {
     /// Seconds since the server started (absent when not running).
     #[serde(default)]
     pub uptime_seconds: Option<f64>,
+    /// The server's resident memory (absent when not running or /proc does not tell).
+    #[serde(default)]
+    pub memory: Option<proto::memory::Resident>,
 }
 
 /// A report of the running engine.
@@ -188,6 +191,7 @@ pub fn snapshot(engine: &Engine) -> StatusReport {
         },
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_seconds: Some(engine.started.elapsed().as_secs_f64()),
+        memory: proto::memory::resident(),
     }
 }
 
@@ -254,6 +258,7 @@ pub fn offline(root: &Path) -> StatusReport {
         nvlog: NvlogStatus::default(),
         version: String::new(),
         uptime_seconds: None,
+        memory: None,
     }
 }
 
@@ -454,6 +459,16 @@ pub fn render(r: &StatusReport) -> String {
             uptime(r.uptime_seconds.unwrap_or(0.0)),
             r.listen
         ));
+        if let Some(m) = &r.memory {
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            s.push_str(&format!(
+                "memory: {:.1} MiB resident, {:.1} MiB of it heap (peak {:.1} MiB; NVRAM and \
+                 journal pages included)\n",
+                mib(m.rss_bytes),
+                mib(m.anon_bytes),
+                mib(m.peak_bytes)
+            ));
+        }
     } else {
         s.push_str("fs-dest: the server is not running (showing what is on disk)\n");
     }

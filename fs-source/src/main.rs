@@ -658,8 +658,9 @@ fn print_status(s: &serde_json::Value) {
         let mib = |k: &str| m[k].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
         let _ = writeln!(
             out,
-            "memory      {:.1} MiB resident (peak {:.1} MiB, NVRAM pages included){}",
+            "memory      {:.1} MiB resident, {:.1} MiB of it heap (peak {:.1} MiB, NVRAM pages included){}",
             mib("rss_bytes"),
+            mib("anon_bytes"),
             mib("peak_bytes"),
             match s["inodes"].as_u64() {
                 Some(n) => format!("; {n} inodes tracked"),

@@ -2,12 +2,15 @@
 //! bounded by the NVRAM plus a constant is a promise operators check.
 
 /// Resident memory of this process, from `/proc/self/status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Resident {
     /// VmRSS: resident now, bytes.
     pub rss_bytes: u64,
     /// VmHWM: the high-water mark of the resident set, bytes.
     pub peak_bytes: u64,
+    /// RssAnon: the resident heap and stacks, bytes, without mapped files (the NVRAM): what
+    /// the daemon's own data structures hold.
+    pub anon_bytes: u64,
 }
 
 /// This process's resident memory; `None` where /proc does not tell (not Linux, no procfs).
@@ -30,6 +33,7 @@ pub fn parse_status(text: &str) -> Option<Resident> {
     Some(Resident {
         rss_bytes: field("VmRSS:")?,
         peak_bytes: field("VmHWM:")?,
+        anon_bytes: field("RssAnon:")?,
     })
 }
 
@@ -39,15 +43,19 @@ mod tests {
 
     #[test]
     fn parses_rss_and_peak_and_refuses_garbage() {
-        let t = "Name:\tfs-source\nVmHWM:\t  204800 kB\nVmRSS:\t   10240 kB\nThreads:\t4\n";
+        let t = "Name:\tfs-source\nVmHWM:\t  204800 kB\nVmRSS:\t   10240 kB\nRssAnon:\t 2048 kB\nThreads:\t4\n";
         assert_eq!(
             parse_status(t),
             Some(Resident {
                 rss_bytes: 10240 * 1024,
-                peak_bytes: 204800 * 1024
+                peak_bytes: 204800 * 1024,
+                anon_bytes: 2048 * 1024,
             })
         );
-        assert_eq!(parse_status("VmRSS:\tlots kB\nVmHWM:\t1 kB\n"), None);
+        assert_eq!(
+            parse_status("VmRSS:\tlots kB\nVmHWM:\t1 kB\nRssAnon:\t1 kB\n"),
+            None
+        );
         assert_eq!(parse_status(""), None);
         assert!(resident().is_some_and(|r| r.rss_bytes > 0 && r.peak_bytes >= r.rss_bytes));
     }

@@ -56,7 +56,7 @@ mem_line() { # LABEL
   status | python3 -c "
 import json, sys
 s = json.load(sys.stdin); m = s.get('memory') or {}
-print('%-28s fs-source %7.1f MiB resident  %8s inodes tracked' % (sys.argv[1], m.get('rss_bytes', 0) / 2**20, s.get('inodes')))" "$1"
+print('%-28s fs-source %7.1f MiB resident, %6.1f MiB heap  %8s inodes tracked' % (sys.argv[1], m.get('rss_bytes', 0) / 2**20, m.get('anon_bytes', 0) / 2**20, s.get('inodes')))" "$1"
 }
 
 dest_args=()
