@@ -460,14 +460,7 @@ pub fn render(r: &StatusReport) -> String {
             r.listen
         ));
         if let Some(m) = &r.memory {
-            let mib = |b: u64| b as f64 / (1 << 20) as f64;
-            s.push_str(&format!(
-                "memory: {:.1} MiB resident, {:.1} MiB of it heap (peak {:.1} MiB; NVRAM and \
-                 journal pages included)\n",
-                mib(m.rss_bytes),
-                mib(m.anon_bytes),
-                mib(m.peak_bytes)
-            ));
+            s.push_str(&format!("memory: {m}; NVRAM and journal pages included\n"));
         }
     } else {
         s.push_str("fs-dest: the server is not running (showing what is on disk)\n");

@@ -119,8 +119,8 @@ pub struct Status {
     /// Inodes the daemon tracks: those the kernel still references (dropped on FORGET) and
     /// open files; absent until the volume serves.
     pub inodes: Option<u64>,
-    /// The daemon's resident memory now and at its peak, when /proc tells (both include the
-    /// NVRAM pages this process touched).
+    /// The daemon's resident memory (now, at its peak, and the heap alone), when /proc tells;
+    /// the first two include the NVRAM pages this process touched.
     pub memory: Option<proto::memory::Resident>,
 }
 

@@ -654,14 +654,13 @@ fn print_status(s: &serde_json::Value) {
             );
         }
     }
-    if let Some(m) = s.get("memory").filter(|m| m.is_object()) {
-        let mib = |k: &str| m[k].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+    if let Some(m) = s
+        .get("memory")
+        .and_then(|m| serde_json::from_value::<proto::memory::Resident>(m.clone()).ok())
+    {
         let _ = writeln!(
             out,
-            "memory      {:.1} MiB resident, {:.1} MiB of it heap (peak {:.1} MiB, NVRAM pages included){}",
-            mib("rss_bytes"),
-            mib("anon_bytes"),
-            mib("peak_bytes"),
+            "memory      {m}, NVRAM pages included{}",
             match s["inodes"].as_u64() {
                 Some(n) => format!("; {n} inodes tracked"),
                 None => String::new(),

@@ -13,12 +13,27 @@ pub struct Resident {
     pub anon_bytes: u64,
 }
 
+impl std::fmt::Display for Resident {
+    /// "12.3 MiB resident, 4.5 MiB of it heap (peak 67.8 MiB)", as both status commands print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        write!(
+            f,
+            "{:.1} MiB resident, {:.1} MiB of it heap (peak {:.1} MiB)",
+            mib(self.rss_bytes),
+            mib(self.anon_bytes),
+            mib(self.peak_bytes)
+        )
+    }
+}
+
 /// This process's resident memory; `None` where /proc does not tell (not Linux, no procfs).
 pub fn resident() -> Option<Resident> {
     parse_status(&std::fs::read_to_string("/proc/self/status").ok()?)
 }
 
-/// Parse the VmRSS and VmHWM lines ("VmRSS:\t  1234 kB") of a `/proc/PID/status` text.
+/// Parse the VmRSS, VmHWM and RssAnon lines ("VmRSS:\t  1234 kB") of a `/proc/PID/status`
+/// text.
 pub fn parse_status(text: &str) -> Option<Resident> {
     let field = |name: &str| -> Option<u64> {
         let line = text.lines().find(|l| l.starts_with(name))?;
@@ -57,6 +72,10 @@ mod tests {
             None
         );
         assert_eq!(parse_status(""), None);
+        assert_eq!(
+            parse_status(t).map(|r| r.to_string()).as_deref(),
+            Some("10.0 MiB resident, 2.0 MiB of it heap (peak 200.0 MiB)")
+        );
         assert!(resident().is_some_and(|r| r.rss_bytes > 0 && r.peak_bytes >= r.rss_bytes));
     }
 }

@@ -15,6 +15,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 [ "$(id -u)" = 0 ] || { echo "memory.sh: needs root (FUSE mounts, drop_caches)" >&2; exit 1; }
 COUNTS=${COUNTS:-10000 100000 1000000}
+. tests/bench/common.sh
 cargo build --release --bins -q
 BIN=$ROOT/target/release
 W=$(mktemp -d "${TMPDIR:-/tmp}/nvmirror-memory.XXXXXX")
@@ -28,10 +29,6 @@ cleanup() {
   rm -rf "$W" /dev/shm/nvmirror-memory-$$-*
 }
 trap cleanup EXIT
-wait_line() { # FILE PATTERN SECONDS
-  for _ in $(seq $(( ${3:-30} * 10 ))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "memory: timed out waiting for '$2' in $1"; cat "$1"; exit 1
-}
 make_files() { # DIR FROM TO: files FROM..TO-1, 1,000 per directory
   python3 - "$@" <<'PY'
 import os, sys
@@ -66,7 +63,7 @@ if [ "${MIRRORED:-0}" = 1 ]; then
   "$BIN/fs-dest" serve --root "$W/dest" --listen 127.0.0.1:0 --nvram /dev/shm/nvmirror-memory-$$-dest \
     --tls "$W/tls" >"$W/dest.out" 2>"$W/dest.err" &
   pids+=($!)
-  wait_line "$W/dest.out" listening
+  bench_wait_line "$W/dest.out" listening
   dest_args=(--dest "$(sed -n 's/^fs-dest: listening on //p' "$W/dest.out")" --tls "$W/tls")
 fi
 have=0
@@ -83,7 +80,7 @@ for n in $COUNTS; do
   "$BIN/fs-source" mount --backing "$W/backing" --mountpoint "$W/mnt" --name memory \
     --nvram /dev/shm/nvmirror-memory-$$-source "${dest_args[@]}" >"$W/source.out" 2>"$W/source.err" &
   pids+=($!)
-  wait_line "$W/source.out" mounted 600
+  bench_wait_line "$W/source.out" mounted 600
   if [ "${MIRRORED:-0}" = 1 ]; then
     timeout 3600 "$BIN/fs-source" wait --mountpoint "$W/mnt" --timeout 3600 >/dev/null 2>&1 || true
   fi

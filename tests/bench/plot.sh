@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RAW=${1:?usage: plot.sh RAWFILE [OUT.png]}
 OUT=${2:-docs/benchmarks.png}
-command -v gnuplot >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox >/dev/null
+. tests/bench/common.sh
+bench_need gnuplot=gnuplot-nox
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 python3 - "$RAW" "$T" <<'PY'

@@ -23,16 +23,9 @@ ROUNDS=${1:-1}
 export WORKLOADS=${WORKLOADS:-seqwrite randfsync meta tar}
 export UNITS=${UNITS:-seqwrite randfsync meta tar}
 
-need=()
-command -v fio >/dev/null || need+=(fio)
-command -v bindfs >/dev/null || need+=(bindfs)
-if [ "${GLUSTER:-0}" = 1 ]; then
-  command -v glusterd >/dev/null || need+=(glusterfs-server)
-  command -v glusterfs >/dev/null || need+=(glusterfs-client)
-fi
-if [ ${#need[@]} -gt 0 ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+. tests/bench/common.sh
+bench_need fio=fio bindfs=bindfs
+if [ "${GLUSTER:-0}" = 1 ]; then bench_need glusterd=glusterfs-server glusterfs=glusterfs-client; fi
 
 cargo build --release --bins -q
 BIN=$ROOT/target/release
@@ -50,10 +43,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_line() { # FILE PATTERN
-  for _ in $(seq 300); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "bench: timed out waiting for '$2' in $1"; cat "$1"; exit 1
-}
 
 "$BIN/fs-dest" certs init --dir "$W/tls" >/dev/null
 "$BIN/fs-dest" certs issue --dir "$W/tls" --name bench >/dev/null
@@ -62,13 +51,13 @@ wait_line() { # FILE PATTERN
   --tls "$W/tls" >"$W/dest.out" 2>"$W/dest.err" &
 pids+=($!)
 labels+=("fs-dest (NVRAM /dev/shm)")
-wait_line "$W/dest.out" listening
+bench_wait_line "$W/dest.out" listening
 addr=$(sed -n 's/^fs-dest: listening on //p' "$W/dest.out")
 "$BIN/fs-source" mount --backing "$W/backing" --mountpoint "$W/mnt" --dest "$addr" --name bench \
   --nvram /dev/shm/nvmirror-bench-$$-source --tls "$W/tls" >"$W/source.out" 2>"$W/source.err" &
 pids+=($!)
 labels+=("fs-source nvmirror")
-wait_line "$W/source.out" mounted
+bench_wait_line "$W/source.out" mounted
 systems=(native="$W/native" bindfs="$W/bind-mnt" nvmirror="$W/mnt")
 # WRITEBACK=1: also a source mounted with --writeback-cache (writes return from the page cache;
 # fsync and close when mirrored), as the column nvmirror-wb.
@@ -79,7 +68,7 @@ if [ "${WRITEBACK:-0}" = 1 ]; then
     >"$W/source-wb.out" 2>"$W/source-wb.err" &
   pids+=($!)
   labels+=("fs-source nvmirror-wb")
-  wait_line "$W/source-wb.out" mounted
+  bench_wait_line "$W/source-wb.out" mounted
   systems+=(nvmirror-wb="$W/mnt-wb")
 fi
 # VARIANT="LABEL=OPTIONS": one more source on the same destination with extra mount options.
@@ -93,7 +82,7 @@ if [ -n "${VARIANT:-}" ]; then
     >"$W/source-var.out" 2>"$W/source-var.err" &
   pids+=($!)
   labels+=("fs-source $vlabel")
-  wait_line "$W/source-var.out" mounted
+  bench_wait_line "$W/source-var.out" mounted
   systems+=("$vlabel=$W/mnt-var")
 fi
 # DISK_NVRAM=1: a second destination and source whose NVRAM files are on the disk ($W, the
@@ -105,13 +94,13 @@ if [ "${DISK_NVRAM:-0}" = 1 ]; then
     --tls "$W/tls" >"$W/dest-disk.out" 2>"$W/dest-disk.err" &
   pids+=($!)
   labels+=("fs-dest (NVRAM on disk)")
-  wait_line "$W/dest-disk.out" listening
+  bench_wait_line "$W/dest-disk.out" listening
   addr_disk=$(sed -n 's/^fs-dest: listening on //p' "$W/dest-disk.out")
   "$BIN/fs-source" mount --backing "$W/backing-disk" --mountpoint "$W/mnt-disk" --dest "$addr_disk" \
     --name benchdisk --nvram "$W/nvram/source" --tls "$W/tls" >"$W/source-disk.out" 2>"$W/source-disk.err" &
   pids+=($!)
   labels+=("fs-source nvmirror-disk")
-  wait_line "$W/source-disk.out" mounted
+  bench_wait_line "$W/source-disk.out" mounted
   systems+=(nvmirror-disk="$W/mnt-disk")
 fi
 if [ "${GLUSTER:-0}" = 1 ]; then

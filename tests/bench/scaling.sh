@@ -18,10 +18,8 @@ PART_SIZES=${PART_SIZES:-16M 64M 256M}
 SEQ_SIZE=${SEQ_SIZE:-1G}
 RAND_RUNTIME=${RAND_RUNTIME:-8}
 WRITERS=${WRITERS:-1 4 8}
-need=()
-command -v fio >/dev/null || need+=(fio)
-command -v bindfs >/dev/null || need+=(bindfs)
-[ ${#need[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+. tests/bench/common.sh
+bench_need fio=fio bindfs=bindfs
 cargo build --release --bins -q
 BIN=$ROOT/target/release
 W=$(mktemp -d "${TMPDIR:-/tmp}/nvmirror-scaling.XXXXXX")
@@ -35,10 +33,6 @@ cleanup() {
   rm -rf "$W" /dev/shm/nvmirror-scaling-$$-*
 }
 trap cleanup EXIT
-wait_line() { # FILE PATTERN
-  for _ in $(seq 300); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "scaling: timed out waiting for '$2' in $1"; cat "$1"; exit 1
-}
 raw=${RAW_OUT:-$W/scaling.raw}
 rm -f "$raw"
 emit() { echo "$*"; echo "$*" >> "$raw"; }
@@ -87,13 +81,13 @@ for ps in $PART_SIZES; do
   "$BIN/fs-dest" serve --root "$W/dest-$name" --listen 127.0.0.1:0 --partition-size "$ps" \
     --nvram /dev/shm/nvmirror-scaling-$$-dest-$name --tls "$W/tls" >"$W/dest-$name.out" 2>"$W/dest-$name.err" &
   dpid=$!; pids+=($dpid)
-  wait_line "$W/dest-$name.out" listening
+  bench_wait_line "$W/dest-$name.out" listening
   addr=$(sed -n 's/^fs-dest: listening on //p' "$W/dest-$name.out")
   "$BIN/fs-source" mount --backing "$W/backing-$name" --mountpoint "$W/mnt-$name" --dest "$addr" \
     --name "$name" --partition-size "$ps" --nvram /dev/shm/nvmirror-scaling-$$-source-$name --tls "$W/tls" \
     >"$W/source-$name.out" 2>"$W/source-$name.err" &
   spid=$!; pids+=($spid)
-  wait_line "$W/source-$name.out" mounted
+  bench_wait_line "$W/source-$name.out" mounted
   echo "# nvmirror, $ps partitions $(date +%T)" >&2
   run_all "$W/mnt-$name" "nvmirror-$ps"
   cps=$("$BIN/fs-source" status --json --mountpoint "$W/mnt-$name" | json /dev/stdin 'j["cp_count"]' 2>/dev/null || echo "?")

@@ -109,19 +109,16 @@ pub struct Memory {
     pub hwm_kib: u64,
 }
 
-/// Resident memory of process `pid` (zeros if it is gone).
+/// Resident memory of process `pid` (zeros if it is gone), parsed as the daemons parse their
+/// own (`proto::memory`).
 pub fn memory_of(pid: i32) -> Memory {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    };
+    let r = fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| proto::memory::parse_status(&t))
+        .unwrap_or_default();
     Memory {
-        rss_kib: field("VmRSS:"),
-        hwm_kib: field("VmHWM:"),
+        rss_kib: r.rss_bytes / 1024,
+        hwm_kib: r.peak_bytes / 1024,
     }
 }
 
