@@ -20,38 +20,41 @@ use proto::Op;
 use rustix::io::Errno;
 use tokio::sync::mpsc;
 
-use crate::engine::{lock, Engine, Out, Source};
-use crate::error::CpError;
+use crate::engine::{lock, CpJob, Engine, Out, Source, MAX_QUEUED_CPS};
+use crate::error::{CpError, CpSubmitError};
 
 /// How long a CP waits for the destager before giving up.
 pub const DESTAGE_WAIT: Duration = Duration::from_secs(120);
 
-/// One CP request from a source connection.
-#[derive(Debug)]
-pub struct CpJob {
-    /// Request id, echoed in `CpDone`.
-    pub id: u64,
-    /// Source partition (informational: every journal of the source is considered).
-    pub partition: u16,
-    /// Apply records up to this sequence number.
-    pub last_seq: u64,
-    /// Where to send the answer.
-    pub reply: mpsc::UnboundedSender<Out>,
+/// Queue `job` for `source`'s CP worker, starting the worker with the first request. Must run
+/// inside a tokio runtime.
+pub fn submit(engine: &Arc<Engine>, source: &Arc<Source>, job: CpJob) -> Result<(), CpSubmitError> {
+    let q = &source.cp;
+    if q.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_CPS {
+        q.queued.fetch_sub(1, Ordering::AcqRel);
+        return Err(CpSubmitError::TooMany {
+            limit: MAX_QUEUED_CPS,
+        });
+    }
+    if let Some(rx) = lock(&q.rx).take() {
+        tokio::spawn(worker(engine.clone(), source.clone(), rx));
+    }
+    if q.tx.send(job).is_err() {
+        q.queued.fetch_sub(1, Ordering::AcqRel);
+        return Err(CpSubmitError::Stopped);
+    }
+    Ok(())
 }
 
 /// The CP worker of one source.
-pub async fn worker(
-    engine: Arc<Engine>,
-    source: Arc<Source>,
-    mut rx: mpsc::UnboundedReceiver<CpJob>,
-) {
+async fn worker(engine: Arc<Engine>, source: Arc<Source>, mut rx: mpsc::UnboundedReceiver<CpJob>) {
     while let Some(job) = rx.recv().await {
-        source.cp_queued.fetch_sub(1, Ordering::AcqRel);
+        source.cp.queued.fetch_sub(1, Ordering::AcqRel);
         let started = std::time::Instant::now();
         let out = match run_cp(&engine, &source, job.last_seq).await {
             Ok(outcome) => {
                 let took = started.elapsed();
-                crate::metrics::observe_cp(&source.name, took);
+                crate::cp_durations::observe(&source.name, took);
                 *lock(&source.stats.last_cp) = Some((std::time::Instant::now(), took));
                 let (out_of_sync, out_of_sync_total) = {
                     let d = lock(&source.divergences);
@@ -117,13 +120,27 @@ pub async fn run_cp(
             seconds: DESTAGE_WAIT.as_secs(),
         });
     }
-    let (e, s) = (engine.clone(), source.clone());
-    tokio::task::spawn_blocking(move || apply_through(&e, &s, last_seq))
+    // Wait for a CP slot (memory bound, see `Engine::cp_slots`); the permit is held until the
+    // blocking apply is done.
+    let permit = engine
+        .cp_slots
+        .clone()
+        .acquire_owned()
         .await
-        .map_err(|err| CpError::Task {
+        .map_err(|_| CpError::Task {
             source_name: source.name.clone(),
-            reason: err.to_string(),
-        })?
+            reason: "the server is stopping".into(),
+        })?;
+    let (e, s) = (engine.clone(), source.clone());
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        apply_through(&e, &s, last_seq)
+    })
+    .await
+    .map_err(|err| CpError::Task {
+        source_name: source.name.clone(),
+        reason: err.to_string(),
+    })?
 }
 
 /// Apply the journaled records of `source` up to `last_seq` to its image (blocking).

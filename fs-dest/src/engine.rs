@@ -19,7 +19,6 @@ use proto::wire::Control;
 use proto::Op;
 use tokio::sync::{mpsc, watch};
 
-use crate::cp::CpJob;
 use crate::journal::{self, Journal};
 use crate::slots::{Slot, SlotTable};
 
@@ -143,11 +142,8 @@ pub struct Source {
     pub stats: Stats,
     /// The connection currently serving it.
     pub connection: Mutex<Option<(u64, quinn::Connection)>>,
-    /// Queue of its CP worker.
-    pub cp_tx: mpsc::UnboundedSender<CpJob>,
-    /// CP requests sent to the worker and not yet taken: a source may have only
-    /// [`MAX_QUEUED_CPS`] waiting (a legitimate one has one or two).
-    pub cp_queued: std::sync::atomic::AtomicUsize,
+    /// Its CP requests, for its CP worker (``cp::submit` starts it on the first one).
+    pub cp: CpQueue,
     /// The image tree, opened at the first CP.
     pub tree: Mutex<Option<Arc<proto::apply::Tree>>>,
     /// Paths of the image known to differ from the source (`ROOT/NAME/out-of-sync`).
@@ -457,13 +453,59 @@ pub struct Engine {
     pub pre_auth_refused: AtomicU64,
     /// When the server started (status: uptime).
     pub started: std::time::Instant,
+    /// At most [`CONCURRENT_CPS`] sources apply a CP at once: a CP holds its window's records
+    /// in memory, so the destination's memory stays the NVRAM plus a few partitions however
+    /// many sources reach a CP together (acknowledgements never wait for this).
+    pub cp_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many CPs of different sources may apply at once (a CP is CPU- and disk-bound: more
+/// at once would not finish sooner on a small server, and each holds its window in memory).
+pub const CONCURRENT_CPS: usize = 2;
 
 /// Most connections at once between the start of their handshake and a valid `Hello`.
 pub const MAX_UNAUTHENTICATED: usize = 64;
 
 /// Most CP requests of one source queued at its CP worker.
 pub const MAX_QUEUED_CPS: usize = 8;
+
+/// One CP request from a source connection, queued for the source's CP worker.
+#[derive(Debug)]
+pub struct CpJob {
+    /// Request id, echoed in `CpDone`.
+    pub id: u64,
+    /// Source partition (informational: every journal of the source is considered).
+    pub partition: u16,
+    /// Apply records up to this sequence number.
+    pub last_seq: u64,
+    /// Where to send the answer.
+    pub reply: mpsc::UnboundedSender<Out>,
+}
+
+/// A source's queue of CP requests. The engine only holds it; `cp` takes the receiver
+/// and starts the worker with the first request (so the engine does not depend on how a CP
+/// is run, and a source that never asks for a CP has no worker).
+#[derive(Debug)]
+pub struct CpQueue {
+    /// Where requests go.
+    pub tx: mpsc::UnboundedSender<CpJob>,
+    /// The worker's end, until the worker is started.
+    pub rx: Mutex<Option<mpsc::UnboundedReceiver<CpJob>>>,
+    /// Requests sent and not yet taken by the worker: a source may have only
+    /// [`MAX_QUEUED_CPS`] waiting (a legitimate one has one or two).
+    pub queued: std::sync::atomic::AtomicUsize,
+}
+
+impl CpQueue {
+    fn new() -> CpQueue {
+        let (tx, rx) = mpsc::unbounded_channel();
+        CpQueue {
+            tx,
+            rx: Mutex::new(Some(rx)),
+            queued: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -518,7 +560,7 @@ fn private(dir: &Path) -> Result<(), EngineError> {
 
 impl Engine {
     /// Open the NVRAM file and every source's journals, and work out where each source
-    /// stands. Must run inside a tokio runtime (CP workers are spawned).
+    /// stands.
     pub fn open(root: &Path, nvram: &Path, geometry: Geometry) -> Result<Arc<Engine>, EngineError> {
         geometry.validate()?;
         mkdir(root)?;
@@ -573,6 +615,7 @@ impl Engine {
             next_conn_id: AtomicU64::new(1),
             pre_auth: Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED)),
             pre_auth_refused: AtomicU64::new(0),
+            cp_slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CPS)),
             started: std::time::Instant::now(),
         });
         for (index, slot) in engine.slots.load_all() {
@@ -668,7 +711,6 @@ impl Engine {
                 false
             }
         };
-        let (cp_tx, cp_rx) = mpsc::unbounded_channel();
         let source = Arc::new(Source {
             name: slot.name.clone(),
             slot: index,
@@ -685,8 +727,7 @@ impl Engine {
             journals: Mutex::new(journals),
             stats: Stats::default(),
             connection: Mutex::new(None),
-            cp_tx,
-            cp_queued: std::sync::atomic::AtomicUsize::new(0),
+            cp: CpQueue::new(),
             tree: Mutex::new(None),
             divergences: Mutex::new(divergences),
             baseline_needed: std::sync::atomic::AtomicBool::new(baseline_needed),
@@ -695,7 +736,6 @@ impl Engine {
         });
         lock(&self.sources).insert(slot.name.clone(), source.clone());
         lock(&self.by_slot).insert(index, source.clone());
-        tokio::spawn(crate::cp::worker(self.clone(), source.clone(), cp_rx));
         tracing::debug!(source = %slot.name, slot = index, accepted, applied = slot.applied_seq, "source registered");
         Ok(source)
     }

@@ -221,3 +221,17 @@ pub enum CpError {
         reason: String,
     },
 }
+
+/// Why a CP request was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum CpSubmitError {
+    /// The source already has `limit` requests waiting.
+    #[error("more than {limit} CP requests queued; closing the connection")]
+    TooMany {
+        /// The most a source may have queued.
+        limit: usize,
+    },
+    /// The worker is gone (the server is stopping).
+    #[error("the CP worker has stopped")]
+    Stopped,
+}

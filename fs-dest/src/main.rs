@@ -13,6 +13,7 @@ mod certs;
 mod check;
 mod close_code;
 mod cp;
+mod cp_durations;
 mod cp_lock;
 mod destage;
 mod engine;

@@ -4,48 +4,25 @@
 //! The figures of `fs-dest status` are read at scrape time from the same report
 //! ([`status::snapshot`]), so the two never disagree; the promotion state comes from the
 //! promotion markers. The only state kept here is what status has no equivalent for: the
-//! duration of each source's CPs (histogram and last one). Metric names are documented in
+//! duration of each source's CPs (histogram in `cp_durations`, and the last one). Metric names are documented in
 //! docs/operations.md ("Metrics").
 //!
 //! The HTTP side is shared with fs-source: [`proto::metrics_http`].
 
 use std::fmt;
-use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric, NoLabelSet,
 };
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::cp_durations::CP_DURATIONS;
 use crate::engine::Engine;
 use crate::status::{self, SourceStatus};
-
-/// The label set of a per-source series.
-type SourceLabel = [(&'static str, String); 1];
-
-/// A CP duration histogram (1 ms to about 33 s, doubling).
-fn cp_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, 16))
-}
-
-/// One CP duration histogram per source.
-type CpFamily = Family<SourceLabel, Histogram, fn() -> Histogram>;
-
-/// Durations of each source's completed CPs.
-static CP_DURATIONS: LazyLock<CpFamily> =
-    LazyLock::new(|| Family::new_with_constructor(cp_histogram as fn() -> Histogram));
-
-/// Count a completed CP of `source` that took `took`.
-pub fn observe_cp(source: &str, took: Duration) {
-    CP_DURATIONS
-        .get_or_create(&[("source", source.to_string())])
-        .observe(took.as_secs_f64());
-}
 
 /// The figures of `fs-dest status`, read from the engine at each scrape.
 pub struct DestCollector {

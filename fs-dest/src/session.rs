@@ -18,8 +18,7 @@ use quinn::{ReadExactError, RecvStream, SendStream};
 use tokio::sync::mpsc;
 
 use crate::close_code;
-use crate::cp::CpJob;
-use crate::engine::{check_batch, lock, Engine, Out, Source};
+use crate::engine::{check_batch, lock, CpJob, Engine, Out, Source};
 
 /// How long a new connection may take to open its stream and say Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -370,23 +369,10 @@ async fn reader(
                     last_seq,
                     reply: tx.clone(),
                 };
-                if source.cp_queued.fetch_add(1, Ordering::AcqRel) >= crate::engine::MAX_QUEUED_CPS
-                {
-                    source.cp_queued.fetch_sub(1, Ordering::AcqRel);
-                    let reason = format!(
-                        "more than {} CP requests queued; closing the connection",
-                        crate::engine::MAX_QUEUED_CPS
-                    );
+                if let Err(e) = crate::cp::submit(engine, source, job) {
+                    let reason = e.to_string();
                     tracing::warn!(source = %source.name, "{reason}");
                     let _ = tx.send(Out::Fatal(Control::Error { seq: None, reason }));
-                    return Ok(());
-                }
-                if source.cp_tx.send(job).is_err() {
-                    source.cp_queued.fetch_sub(1, Ordering::AcqRel);
-                    let _ = tx.send(Out::Fatal(Control::Error {
-                        seq: None,
-                        reason: "the CP worker has stopped".into(),
-                    }));
                     return Ok(());
                 }
             }
