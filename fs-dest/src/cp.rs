@@ -218,12 +218,13 @@ pub fn apply_through(
     // fsynced one by one before the CP completes (see docs/image-filesystems.md).
     let mut touched =
         (!proto::fscheck::syncfs_durable(tree.root_fd())).then(proto::fscheck::Touched::default);
-    for (seq, bytes) in &records {
-        match frame::decode(bytes)
+    // Consumed: each record's bytes are freed once it is decoded.
+    for (seq, bytes) in records {
+        match frame::decode(&bytes)
             .map_err(|e| e.to_string())
             .and_then(|f| Op::decode(f.payload).map_err(|e| e.to_string()))
         {
-            Ok(op) => window.push((*seq, op)),
+            Ok(op) => window.push((seq, op)),
             Err(e) => {
                 // Checked at intake, so this is damage after the fact: nothing says which
                 // path it touched, so the whole image is out of sync.
@@ -231,7 +232,7 @@ pub fn apply_through(
                 source.stats.apply_errors.fetch_add(1, Ordering::Relaxed);
                 failed += 1;
                 changed = true;
-                lock(&source.divergences).add(&[b""], *seq, &format!("undecodable record: {e}"));
+                lock(&source.divergences).add(&[b""], seq, &format!("undecodable record: {e}"));
             }
         }
     }

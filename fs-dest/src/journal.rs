@@ -320,10 +320,19 @@ impl Journal {
                 reason,
             });
         }
-        Ok(s.entries
+        // Each frame is read again on its own once the whole file has been checked and
+        // dropped: a CP then holds one copy of its window, not two.
+        drop(bytes);
+        s.entries
             .iter()
-            .map(|e| bytes[e.offset as usize..(e.offset + e.len) as usize].to_vec())
-            .collect())
+            .map(|e| {
+                let mut f = vec![0u8; e.len as usize];
+                self.file
+                    .read_exact_at(&mut f, e.offset)
+                    .map_err(self.io("cannot read"))?;
+                Ok(f)
+            })
+            .collect()
     }
 
     /// Drop every record with sequence number `<= seq` (after a CP applied them): truncate to
