@@ -396,6 +396,50 @@ async fn records_are_acked_destaged_and_applied_at_a_cp() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cp_waits_for_a_free_cp_slot() {
+    let mut h = Harness::new(&["alpha"]).await;
+    let mut c = h.connect("alpha").await;
+    assert!(matches!(c.hello("alpha", 0).await, Control::Welcome { .. }));
+    let mut batch = record(1, &mkdir("d"));
+    batch.extend(record(2, &create("d/f")));
+    c.frames(&batch).await;
+    c.wait_ack(2).await;
+    // Every CP slot taken (as by other sources' CPs): this source's CP must not apply.
+    let engine = h.engine().clone();
+    let held = engine
+        .cp_slots
+        .clone()
+        .acquire_many_owned(crate::engine::CONCURRENT_CPS as u32)
+        .await
+        .unwrap();
+    c.control(&Control::CpRequest {
+        id: 1,
+        partition: 0,
+        last_seq: 2,
+    })
+    .await;
+    let early = tokio::time::timeout(Duration::from_millis(500), c.next()).await;
+    assert!(
+        early.is_err(),
+        "a CP ran with every CP slot taken: {early:?}"
+    );
+    let alpha = engine.source("alpha").unwrap();
+    assert_eq!(alpha.applied_seq.load(Ordering::Acquire), 0);
+    assert!(!h.root.join("alpha/image/d").exists());
+    drop(held);
+    assert!(matches!(
+        c.next().await,
+        Some(Control::CpDone {
+            id: 1,
+            applied_seq: 2,
+            ..
+        })
+    ));
+    assert!(h.root.join("alpha/image/d/f").exists());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_records_are_refused_and_nothing_of_them_is_logged() {
     let h = Harness::new(&["alpha", "beta"]).await;
     let engine = h.engine().clone();
