@@ -10,6 +10,7 @@ mod baseline;
 mod check;
 mod control;
 mod cp;
+mod cp_durations;
 mod error;
 mod fuse;
 mod identity;

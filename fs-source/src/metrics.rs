@@ -2,35 +2,25 @@
 //! `GET /metrics` in the OpenMetrics text format.
 //!
 //! Every figure is read at scrape time from the same report `fs-source status` prints
-//! ([`control::status`]), so the two never disagree; the only state kept here is the CP
-//! duration histogram, which status has no equivalent for. Metric names are documented in
+//! ([`control::status`]), so the two never disagree; the only state kept elsewhere is the CP
+//! duration histogram (`cp_durations`), which status has no equivalent for. Metric names are documented in
 //! docs/operations.md ("Metrics").
 //!
 //! The HTTP side is shared with fs-dest: [`proto::metrics_http`].
 
 use std::fmt;
-use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric, NoLabelSet,
 };
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::control::{self, Identity};
+use crate::cp_durations::CP_DURATIONS;
 use crate::mirror::Mirror;
-
-/// Durations of completed CPs (1 ms to about 33 s, doubling).
-static CP_DURATIONS: LazyLock<Histogram> =
-    LazyLock::new(|| Histogram::new(exponential_buckets(0.001, 2.0, 16)));
-
-/// Count a completed CP that took `took` in `nvmirror_source_cp_duration_seconds`.
-pub fn observe_cp(took: Duration) {
-    CP_DURATIONS.observe(took.as_secs_f64());
-}
 
 /// The figures of `fs-source status`, read from the mirror at each scrape.
 pub struct SourceCollector {

@@ -717,7 +717,7 @@ impl Mirror {
 
     /// A CP that took `took` completed (for status).
     pub fn note_cp_time(&self, took: Duration) {
-        crate::metrics::observe_cp(took);
+        crate::cp_durations::observe(took);
         lock(&self.progress).last_cp = Some((Instant::now(), took));
     }
 
