@@ -142,7 +142,7 @@ pub struct Source {
     pub stats: Stats,
     /// The connection currently serving it.
     pub connection: Mutex<Option<(u64, quinn::Connection)>>,
-    /// Its CP requests, for its CP worker (``cp::submit` starts it on the first one).
+    /// Its CP requests, for its CP worker (`cp::submit` starts it on the first one).
     pub cp: CpQueue,
     /// The image tree, opened at the first CP.
     pub tree: Mutex<Option<Arc<proto::apply::Tree>>>,

@@ -3,9 +3,9 @@
 //!
 //! The figures of `fs-dest status` are read at scrape time from the same report
 //! ([`status::snapshot`]), so the two never disagree; the promotion state comes from the
-//! promotion markers. The only state kept here is what status has no equivalent for: the
-//! duration of each source's CPs (histogram in `cp_durations`, and the last one). Metric names are documented in
-//! docs/operations.md ("Metrics").
+//! promotion markers. The only state status has no equivalent for, the duration of each
+//! source's CPs, is kept in `cp_durations`. Metric names are documented in docs/operations.md
+//! ("Metrics").
 //!
 //! The HTTP side is shared with fs-source: [`proto::metrics_http`].
 

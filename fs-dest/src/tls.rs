@@ -36,38 +36,16 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Transport settings shared by both ends: idle timeout, keep-alive and windows large enough
-/// for a long-lived stream carrying bulk writes.
+/// Transport settings: those both ends share ([`proto::transport::shared`]), plus the
+/// destination's own: a small window until the Hello, and few streams.
 pub fn transport_config() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    // 2 s always fits a QUIC varint; the fallback only guards the conversion.
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(timing().idle_timeout).ok());
-    t.keep_alive_interval(Some(timing().keep_alive));
-    // Reordering is not loss: a packet counts as lost only when 32 later ones are acknowledged
-    // (default 3) or it is 2 round trips late (default 9/8). With the defaults, 5 % of packets
-    // 2 ms late on a 5 ms path made quinn declare hundreds of false losses, each cutting the
-    // congestion window: one writer fell from ~60 to 5 MiB/s (tests/bench/distance.sh).
-    t.packet_threshold(32);
-    t.time_threshold(2.0);
-    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
+    let mut t = proto::transport::shared(timing());
     // Until its Hello is accepted a connection may send only this much (a flood of
     // handshakes must not make the destination buffer megabytes each); the session then
     // opens the window to [`RECEIVE_WINDOW`].
     t.receive_window(quinn::VarInt::from_u32(PRE_AUTH_RECEIVE_WINDOW));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    t.send_window(32 << 20);
-    // Ask the peer to acknowledge every 17th packet (or within 10 ms) instead of every
-    // second one: a mirrored operation is one packet each way, and each end's next packet
-    // carries its acknowledgement anyway, so ACK-only packets were a third of the traffic
-    // (4 KiB creates and unlinks: 3.1 -> 2.5 datagrams per record, creates 5-20 % faster;
-    // unlinks unchanged). A gap the sender would take for a loss (31 later packets: the packet
-    // threshold above, minus one) is still acknowledged at once.
-    let mut acks = quinn::AckFrequencyConfig::default();
-    acks.ack_eliciting_threshold(quinn::VarInt::from_u32(16))
-        .max_ack_delay(Some(std::time::Duration::from_millis(10)))
-        .reordering_threshold(quinn::VarInt::from_u32(31));
-    t.ack_frequency_config(Some(acks));
     t
 }
 

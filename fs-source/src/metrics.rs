@@ -2,8 +2,8 @@
 //! `GET /metrics` in the OpenMetrics text format.
 //!
 //! Every figure is read at scrape time from the same report `fs-source status` prints
-//! ([`control::status`]), so the two never disagree; the only state kept elsewhere is the CP
-//! duration histogram (`cp_durations`), which status has no equivalent for. Metric names are documented in
+//! ([`control::status`]), so the two never disagree; the only state status has no equivalent
+//! for, the CP duration histogram, is kept in `cp_durations`. Metric names are documented in
 //! docs/operations.md ("Metrics").
 //!
 //! The HTTP side is shared with fs-dest: [`proto::metrics_http`].

@@ -37,6 +37,7 @@ pub mod replay;
 pub mod storage;
 pub mod summary;
 pub mod timing;
+pub mod transport;
 pub mod wire;
 
 pub use frame::{Frame, FrameError, FrameHeader};
