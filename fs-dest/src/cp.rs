@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::frame;
 use proto::replay::How;
 use proto::wire::Control;
 use proto::Op;
@@ -22,6 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::{lock, CpJob, Engine, Out, Source, MAX_QUEUED_CPS};
 use crate::error::{CpError, CpSubmitError};
+use crate::window::{DataRef, WindowRecord};
 
 /// How long a CP waits for the destager before giving up.
 pub const DESTAGE_WAIT: Duration = Duration::from_secs(120);
@@ -167,10 +167,10 @@ pub fn apply_through(
             failed: 0,
         });
     }
-    let records = source.journal_records(floor, last_seq)?;
+    let records = crate::window::read(source, floor, last_seq)?;
     let mut expected = floor + 1;
-    for (seq, _) in &records {
-        if *seq != expected {
+    for r in &records {
+        if r.seq != expected {
             break;
         }
         expected += 1;
@@ -212,19 +212,21 @@ pub fn apply_through(
         })?;
     }
     let mut window: Vec<(u64, Op)> = Vec::with_capacity(records.len());
+    // A write's bytes stay in the journal until the write is applied (see `crate::window`).
+    let mut payloads: Vec<Option<DataRef>> = Vec::with_capacity(records.len());
+    let mut buf = Vec::new();
     let mut failed = 0u64;
     let mut changed = false;
     // Where syncfs is not durable (FUSE: GlusterFS...), every path the records touch is
     // fsynced one by one before the CP completes (see docs/image-filesystems.md).
     let mut touched =
         (!proto::fscheck::syncfs_durable(tree.root_fd())).then(proto::fscheck::Touched::default);
-    // Consumed: each record's bytes are freed once it is decoded.
-    for (seq, bytes) in records {
-        match frame::decode(&bytes)
-            .map_err(|e| e.to_string())
-            .and_then(|f| Op::decode(f.payload).map_err(|e| e.to_string()))
-        {
-            Ok(op) => window.push((seq, op)),
+    for WindowRecord { seq, op, data } in records {
+        match op {
+            Ok(op) => {
+                window.push((seq, op));
+                payloads.push(data);
+            }
             Err(e) => {
                 // Checked at intake, so this is damage after the fact: nothing says which
                 // path it touched, so the whole image is out of sync.
@@ -247,6 +249,16 @@ pub fn apply_through(
             "CP: resuming a CP a crash interrupted; records the image already holds are skipped");
     }
     for step in steps {
+        if let (How::Path(_), Some(data)) = (&step.how, &payloads[step.index]) {
+            let seq = window[step.index].0;
+            if let Op::Write { data: bytes, .. } = &mut window[step.index].1 {
+                data.read_into(&mut buf).map_err(|e| CpError::Image {
+                    source_name: source.name.clone(),
+                    reason: format!("reading record {seq} back from its journal: {e}"),
+                })?;
+                std::mem::swap(bytes, &mut buf);
+            }
+        }
         let (seq, op) = &window[step.index];
         let mode = match step.how {
             How::Path(mode) => mode,
@@ -337,6 +349,12 @@ pub fn apply_through(
                 failed += 1;
                 changed = true;
                 lock(&source.divergences).add(&op.paths(), *seq, &e.to_string());
+            }
+        }
+        // Back into the reused buffer: the window never holds more than one write's bytes.
+        if payloads[step.index].is_some() {
+            if let Op::Write { data, .. } = &mut window[step.index].1 {
+                std::mem::swap(data, &mut buf);
             }
         }
     }

@@ -335,6 +335,78 @@ impl Journal {
             .collect()
     }
 
+    /// Visit every record in file order through one frame-sized buffer, each checked again
+    /// (CRC, kind, increasing sequence): a CP reads its window without holding it in memory.
+    /// Damage anywhere is an error (these bytes were written and synced by this daemon).
+    pub fn visit_frames(
+        &self,
+        mut visit: impl FnMut(Entry, &[u8]) -> Result<(), JournalError>,
+    ) -> Result<(), JournalError> {
+        use std::io::{BufReader, Seek, SeekFrom};
+        let mut file = &self.file;
+        file.seek(SeekFrom::Start(0))
+            .map_err(self.io("cannot seek"))?;
+        let mut r = BufReader::with_capacity(1 << 20, file).take(self.len);
+        let mut head = [0u8; HEADER_LEN];
+        r.read_exact(&mut head).map_err(self.io("cannot read"))?;
+        check_header(&self.path, &head, &self.source, self.partition)?;
+        let mut off = HEADER_LEN as u64;
+        let mut last: Option<u64> = None;
+        let mut buf = Vec::new();
+        while off < self.len {
+            let corrupt = |reason: String| JournalError::Corrupt {
+                path: self.path.clone(),
+                offset: off,
+                reason,
+            };
+            let left = self.len - off;
+            if left < frame::HEADER_LEN as u64 {
+                return Err(corrupt(format!(
+                    "{left} bytes left, less than a frame header"
+                )));
+            }
+            buf.resize(frame::HEADER_LEN, 0);
+            r.read_exact(&mut buf).map_err(self.io("cannot read"))?;
+            let h = frame::parse_header(&buf).map_err(|e| corrupt(e.to_string()))?;
+            let len = h.frame_len() as u64;
+            if len > left {
+                return Err(corrupt(format!(
+                    "a frame of {len} bytes where {left} are left"
+                )));
+            }
+            buf.resize(len as usize, 0);
+            r.read_exact(&mut buf[frame::HEADER_LEN..])
+                .map_err(self.io("cannot read"))?;
+            let f = frame::decode(&buf).map_err(|e| corrupt(e.to_string()))?;
+            if f.header.kind != KIND_RECORD || last.is_some_and(|l| f.header.seq <= l) {
+                return Err(corrupt(format!(
+                    "kind {} with sequence {} after {:?}",
+                    f.header.kind, f.header.seq, last
+                )));
+            }
+            last = Some(f.header.seq);
+            let len = f.bytes.len() as u64;
+            visit(
+                Entry {
+                    offset: off,
+                    len,
+                    seq: f.header.seq,
+                },
+                f.bytes,
+            )?;
+            off += len;
+        }
+        Ok(())
+    }
+
+    /// A second descriptor of the file, to read records back (positioned reads) after the
+    /// journals' lock is released.
+    pub fn reader(&self) -> Result<File, JournalError> {
+        self.file
+            .try_clone()
+            .map_err(self.io("cannot duplicate the descriptor"))
+    }
+
     /// Drop every record with sequence number `<= seq` (after a CP applied them): truncate to
     /// the header when nothing newer is in the file, otherwise rewrite the newer records into
     /// a fresh file and rename it over this one.

@@ -31,6 +31,7 @@ mod slots;
 mod status;
 mod tls;
 mod verify;
+mod window;
 
 #[cfg(test)]
 mod tests;

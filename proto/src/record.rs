@@ -403,6 +403,59 @@ impl Op {
         rmp_serde::from_slice(bytes)
     }
 
+    /// Decode a payload like [`Op::decode`], except that a write comes back with empty `data`
+    /// and the range of `bytes` that holds its data: a CP keeps the metadata of its whole
+    /// window in memory and reads each write's bytes back from the journal only when it applies
+    /// them, so its memory does not grow with the window's payload.
+    pub fn decode_lean(
+        bytes: &[u8],
+    ) -> Result<(Op, Option<std::ops::Range<usize>>), rmp_serde::decode::Error> {
+        /// Same variant names and positions as `Op` up to `Write` (the other variants' content
+        /// is skipped; a variant after `Write` fails here and is decoded in full instead).
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        enum OpPeek<'a> {
+            Create(serde::de::IgnoredAny),
+            Mknod(serde::de::IgnoredAny),
+            Mkdir(serde::de::IgnoredAny),
+            Symlink(serde::de::IgnoredAny),
+            Link(serde::de::IgnoredAny),
+            Unlink(serde::de::IgnoredAny),
+            Rmdir(serde::de::IgnoredAny),
+            Rename(serde::de::IgnoredAny),
+            SetAttr(serde::de::IgnoredAny),
+            Write {
+                #[serde(borrow, with = "serde_bytes")]
+                path: &'a [u8],
+                offset: u64,
+                #[serde(borrow, with = "serde_bytes")]
+                data: &'a [u8],
+                #[serde(default)]
+                handle: Handle,
+            },
+        }
+        if let Ok(OpPeek::Write {
+            path,
+            offset,
+            data,
+            handle,
+        }) = rmp_serde::from_slice::<OpPeek>(bytes)
+        {
+            // `data` borrows from `bytes`: its position is the distance between the two.
+            let start = data.as_ptr() as usize - bytes.as_ptr() as usize;
+            if start + data.len() <= bytes.len() {
+                let op = Op::Write {
+                    path: path.to_vec(),
+                    offset,
+                    data: Vec::new(),
+                    handle,
+                };
+                return Ok((op, Some(start..start + data.len())));
+            }
+        }
+        Ok((Op::decode(bytes)?, None))
+    }
+
     /// Encode a write record straight from borrowed bytes, giving exactly the bytes
     /// `Op::Write { path, offset, data }.encode()` would, without first copying `data` into an
     /// owned `Op` (the hot path of large writes).
@@ -463,6 +516,46 @@ impl Op {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn lean_decoding_locates_a_writes_data_and_leaves_other_records_whole() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        for len in [0usize, 1, 200, 300, 70_000] {
+            let op = Op::Write {
+                path: b"dir/file".to_vec(),
+                offset: 12345,
+                data: data[..len].to_vec(),
+                handle: Handle(vec![7; 12]),
+            };
+            let bytes = op.encode();
+            let (lean, range) = Op::decode_lean(&bytes).expect("decodes");
+            let range = range.expect("a write has a data range");
+            assert_eq!(
+                &bytes[range],
+                &data[..len],
+                "the range holds the data ({len} bytes)"
+            );
+            assert_eq!(
+                lean,
+                Op::Write {
+                    path: b"dir/file".to_vec(),
+                    offset: 12345,
+                    data: Vec::new(),
+                    handle: Handle(vec![7; 12]),
+                }
+            );
+        }
+        for op in [
+            Op::Unlink {
+                path: b"a".to_vec(),
+            },
+            Op::Times { entries: vec![] },
+        ] {
+            let (lean, range) = Op::decode_lean(&op.encode()).expect("decodes");
+            assert_eq!((lean, range), (op, None));
+        }
+        assert!(Op::decode_lean(b"\xc1garbage").is_err());
+    }
     use super::*;
     use proptest::prelude::*;
 
