@@ -92,36 +92,75 @@ fn destage_partition(
     start: usize,
     used: usize,
 ) -> Result<(), DestageError> {
-    let mut bytes = vec![0u8; used];
-    engine.storage().read_at(start, &mut bytes);
-    // slot -> (source partition, inner frame), in destination order (= source order).
-    let mut by_source: BTreeMap<usize, Vec<(u16, &[u8])>> = BTreeMap::new();
+    destage_partition_in(engine, p, start, used, DESTAGE_CHUNK)
+}
+
+/// How much of an NVRAM partition destaging copies out at a time (a larger frame is read
+/// whole): the destager's memory is this, not the partition.
+const DESTAGE_CHUNK: usize = 32 << 20;
+
+/// Destage partition `p` in pieces of about `chunk` bytes, each cut at a frame boundary; each
+/// piece's frames are journaled (in sequence order per source) before the next is read.
+fn destage_partition_in(
+    engine: &Engine,
+    p: usize,
+    start: usize,
+    used: usize,
+    chunk: usize,
+) -> Result<(), DestageError> {
+    let mut bytes = Vec::new();
     let mut off = 0;
     while off < used {
-        let bad = |reason: String| DestageError::BadFrame {
+        let bad = |at: usize, reason: String| DestageError::BadFrame {
             partition: p,
-            offset: start + off,
+            offset: start + at,
             reason,
         };
-        let outer = frame::decode(&bytes[off..]).map_err(|e| bad(e.to_string()))?;
-        if outer.header.kind != KIND_NESTED {
-            return Err(bad(format!(
-                "kind {} is not a nested frame",
-                outer.header.kind
-            )));
+        let mut want = chunk.max(frame::HEADER_LEN).min(used - off);
+        bytes.resize(want, 0);
+        engine.storage().read_at(start + off, &mut bytes);
+        // A first frame larger than the piece is read whole.
+        if let Ok(h) = frame::parse_header(&bytes) {
+            let need = h.frame_len().min(used - off);
+            if need > want {
+                want = need;
+                bytes.resize(want, 0);
+                engine.storage().read_at(start + off, &mut bytes);
+            }
         }
-        let inner = frame::decode(outer.payload).map_err(|e| bad(format!("inner frame: {e}")))?;
-        by_source
-            .entry(outer.header.origin as usize)
-            .or_default()
-            .push((inner.header.partition, inner.bytes));
-        off += frame::padded_len(outer.bytes.len());
-    }
-    for (slot, frames) in by_source {
-        let source = engine
-            .source_by_slot(slot)
-            .ok_or(DestageError::UnknownSlot { partition: p, slot })?;
-        journal_frames(&source, frames)?;
+        // slot -> (source partition, inner frame), in destination order (= source order).
+        let mut by_source: BTreeMap<usize, Vec<(u16, &[u8])>> = BTreeMap::new();
+        let mut at = 0;
+        while at < want {
+            let rest = &bytes[at..];
+            // A frame cut by the end of this piece starts the next one.
+            let cut = rest.len() < frame::HEADER_LEN
+                || frame::parse_header(rest).is_ok_and(|h| h.frame_len() > rest.len());
+            if cut && at > 0 && off + want < used {
+                break;
+            }
+            let outer = frame::decode(rest).map_err(|e| bad(off + at, e.to_string()))?;
+            if outer.header.kind != KIND_NESTED {
+                return Err(bad(
+                    off + at,
+                    format!("kind {} is not a nested frame", outer.header.kind),
+                ));
+            }
+            let inner = frame::decode(outer.payload)
+                .map_err(|e| bad(off + at, format!("inner frame: {e}")))?;
+            by_source
+                .entry(outer.header.origin as usize)
+                .or_default()
+                .push((inner.header.partition, inner.bytes));
+            at += frame::padded_len(outer.bytes.len());
+        }
+        for (slot, frames) in by_source {
+            let source = engine
+                .source_by_slot(slot)
+                .ok_or(DestageError::UnknownSlot { partition: p, slot })?;
+            journal_frames(&source, frames)?;
+        }
+        off += at;
     }
     Ok(())
 }
@@ -196,6 +235,53 @@ mod tests {
             path: format!("f{seq}").into_bytes(),
         };
         frame::encode(seq, 1, 0, KIND_RECORD, 0, &op.encode()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_partition_destaged_in_small_pieces_journals_every_record_in_order() {
+        // Records of several sizes from two sources, destaged with pieces smaller than one
+        // frame, than a few frames, and larger than the partition: the same journals.
+        let write = |seq: u64, len: usize| {
+            let op = Op::Write {
+                path: format!("f{seq}").into_bytes(),
+                offset: 0,
+                data: vec![seq as u8; len],
+                handle: Default::default(),
+            };
+            frame::encode(seq, 1, 0, KIND_RECORD, 0, &op.encode()).unwrap()
+        };
+        for chunk in [1usize, 100, 700, 5000, 1 << 20] {
+            let dir = tempfile::tempdir().unwrap();
+            let geo = Geometry {
+                partitions: 2,
+                partition_size: MIN_PARTITION_SIZE,
+            };
+            let engine =
+                Engine::open(&dir.path().join("root"), &dir.path().join("nv"), geo).unwrap();
+            let (a, b) = (engine.source("a").unwrap(), engine.source("b").unwrap());
+            for seq in 1..=12u64 {
+                for (src, len) in [(&a, (seq as usize * 397) % 3000), (&b, 10)] {
+                    let f = write(seq, len);
+                    let (ok, rej) = check_batch(&f, seq, geo.capacity());
+                    assert!(rej.is_none());
+                    let out = engine.append_batch(src.slot, &ok).await;
+                    assert!(out.error.is_none() && out.appended == 1);
+                }
+            }
+            for (p, start, used) in engine.destage_candidates() {
+                destage_partition_in(&engine, p, start, used, chunk).unwrap();
+            }
+            for src in [&a, &b] {
+                let seqs: Vec<u64> = lock(&src.journals)[&0]
+                    .read_frames()
+                    .unwrap()
+                    .iter()
+                    .map(|f| frame::parse_header(f).unwrap().seq)
+                    .collect();
+                assert_eq!(seqs, (1..=12).collect::<Vec<_>>(), "chunk {chunk}");
+                assert_eq!(*src.journaled.borrow(), 12, "chunk {chunk}");
+            }
+        }
     }
 
     #[tokio::test]

@@ -666,11 +666,10 @@ impl Engine {
                 continue;
             };
             let j = Journal::open(&journal_dir, &slot.name, p)?;
-            for f in j.read_frames()? {
-                if let Ok(h) = frame::parse_header(&f) {
-                    in_journals.insert(h.seq);
-                }
-            }
+            j.visit_frames(|entry, _| {
+                in_journals.insert(entry.seq);
+                Ok(())
+            })?;
             journals.insert(p, j);
         }
         let unbroken = |from: u64, held: &dyn Fn(u64) -> bool| {
