@@ -272,8 +272,13 @@ pub(crate) async fn read_message(recv: &mut RecvStream) -> Result<Message, LinkE
     Ok(wire::decode_body(kind, body)?)
 }
 
-/// Send `frames` as `Frames` messages under the protocol's size limit (shared with the
-/// asynchronous leg).
+/// Largest `Frames` message this source sends (the protocol accepts up to
+/// [`wire::MAX_MESSAGE_LEN`]): the destination holds a message whole while it checks and logs
+/// it, so under a bulk write smaller messages keep its memory per connection small.
+pub(crate) const BATCH_LEN: usize = 4 << 20;
+
+/// Send `frames` as `Frames` messages of at most [`BATCH_LEN`] bytes (one larger frame goes
+/// alone; shared with the asynchronous leg).
 pub(crate) async fn send_frames(
     send: &mut SendStream,
     frames: &mut Vec<Bytes>,
@@ -282,7 +287,7 @@ pub(crate) async fn send_frames(
         // Keep each message under the protocol limit.
         let mut total = 0;
         let mut n = 0;
-        while n < frames.len() && (n == 0 || total + frames[n].len() <= wire::MAX_MESSAGE_LEN) {
+        while n < frames.len() && (n == 0 || total + frames[n].len() <= BATCH_LEN) {
             total += frames[n].len();
             n += 1;
         }

@@ -7,7 +7,7 @@
 #   WRITEBACK=1 tests/bench/run.sh              # plus a source with --writeback-cache
 #   DISK_NVRAM=1 tests/bench/run.sh             # plus a pair with both NVRAM files on disk
 #   GLUSTER=1 tests/bench/run.sh                # plus GlusterFS replica 2 (shared/bench/peers.sh)
-#   VARIANT="nospin=--ack-spin-us 0"            # plus a source with other options (A/B runs)
+#   VARIANT="t1=--threads 1"                    # plus a source with other options (A/B runs)
 #   RAW_OUT=FILE                                # keep the raw lines (for tests/bench/plot.sh)
 #
 # fs-dest and fs-source run from a release build on loopback with NVRAM on /dev/shm. Prints the
