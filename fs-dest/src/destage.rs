@@ -230,6 +230,16 @@ mod tests {
     use proto::nvlog::{Geometry, MIN_PARTITION_SIZE};
     use proto::Op;
 
+    /// The sequence numbers in a source's journal of partition 0.
+    fn journal_seqs(source: &Source) -> Vec<u64> {
+        lock(&source.journals)[&0]
+            .read_frames()
+            .unwrap()
+            .iter()
+            .map(|f| frame::parse_header(f).unwrap().seq)
+            .collect()
+    }
+
     fn rec(seq: u64) -> Vec<u8> {
         let op = Op::Unlink {
             path: format!("f{seq}").into_bytes(),
@@ -272,12 +282,7 @@ mod tests {
                 destage_partition_in(&engine, p, start, used, chunk).unwrap();
             }
             for src in [&a, &b] {
-                let seqs: Vec<u64> = lock(&src.journals)[&0]
-                    .read_frames()
-                    .unwrap()
-                    .iter()
-                    .map(|f| frame::parse_header(f).unwrap().seq)
-                    .collect();
+                let seqs = journal_seqs(src);
                 assert_eq!(seqs, (1..=12).collect::<Vec<_>>(), "chunk {chunk}");
                 assert_eq!(*src.journaled.borrow(), 12, "chunk {chunk}");
             }
@@ -309,12 +314,7 @@ mod tests {
         let alpha2 = engine2.source("alpha").unwrap();
         assert_eq!(alpha2.accepted_seq.load(Ordering::Relaxed), 3);
         assert_eq!(destage_once(&engine2).unwrap(), 1);
-        let seqs: Vec<u64> = lock(&alpha2.journals)[&0]
-            .read_frames()
-            .unwrap()
-            .iter()
-            .map(|f| frame::parse_header(f).unwrap().seq)
-            .collect();
+        let seqs = journal_seqs(&alpha2);
         assert_eq!(seqs, vec![1, 2, 3]);
         assert_eq!(*alpha2.journaled.borrow(), 3);
     }
@@ -361,12 +361,7 @@ mod tests {
         // ...and the resent 4, 5, 6 are, in order.
         append(engine2.clone(), alpha2.slot, 4, 6).await;
         destage_once(&engine2).unwrap();
-        let seqs: Vec<u64> = lock(&alpha2.journals)[&0]
-            .read_frames()
-            .unwrap()
-            .iter()
-            .map(|f| frame::parse_header(f).unwrap().seq)
-            .collect();
+        let seqs = journal_seqs(&alpha2);
         assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
         assert_eq!(*alpha2.journaled.borrow(), 6);
     }

@@ -304,35 +304,14 @@ impl Journal {
         Ok(())
     }
 
-    /// Read back every record (frame bytes), checking each again.
+    /// Read back every record (frame bytes), checking each again (see [`Journal::visit_frames`]).
     pub fn read_frames(&self) -> Result<Vec<Vec<u8>>, JournalError> {
-        let mut bytes = vec![0u8; self.len as usize];
-        self.file
-            .read_exact_at(&mut bytes, 0)
-            .map_err(self.io("cannot read"))?;
-        check_header(&self.path, &bytes, &self.source, self.partition)?;
-        let s = scan(&self.path, &bytes)?;
-        if let Some((offset, reason)) = s.torn {
-            // We wrote and synced these bytes ourselves: damage now is corruption.
-            return Err(JournalError::Corrupt {
-                path: self.path.clone(),
-                offset,
-                reason,
-            });
-        }
-        // Each frame is read again on its own once the whole file has been checked and
-        // dropped: a CP then holds one copy of its window, not two.
-        drop(bytes);
-        s.entries
-            .iter()
-            .map(|e| {
-                let mut f = vec![0u8; e.len as usize];
-                self.file
-                    .read_exact_at(&mut f, e.offset)
-                    .map_err(self.io("cannot read"))?;
-                Ok(f)
-            })
-            .collect()
+        let mut frames = Vec::new();
+        self.visit_frames(|_, f| {
+            frames.push(f.bytes.to_vec());
+            Ok(())
+        })?;
+        Ok(frames)
     }
 
     /// Visit every record in file order through one frame-sized buffer, each checked again
@@ -340,7 +319,7 @@ impl Journal {
     /// Damage anywhere is an error (these bytes were written and synced by this daemon).
     pub fn visit_frames(
         &self,
-        mut visit: impl FnMut(Entry, &[u8]) -> Result<(), JournalError>,
+        mut visit: impl FnMut(Entry, &frame::Frame<'_>) -> Result<(), JournalError>,
     ) -> Result<(), JournalError> {
         use std::io::{BufReader, Seek, SeekFrom};
         let mut file = &self.file;
@@ -392,7 +371,7 @@ impl Journal {
                     len,
                     seq: f.header.seq,
                 },
-                f.bytes,
+                &f,
             )?;
             off += len;
         }

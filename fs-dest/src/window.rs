@@ -43,7 +43,8 @@ pub struct WindowRecord {
 }
 
 /// The journaled records of `source` with `after < seq <= upto`, in sequence order (blocking
-/// I/O). Each frame is checked again as it is read (see `Journal::visit_frames`).
+/// I/O). Each frame is checked again as it is read (see `Journal::visit_frames`); a record
+/// whose operation does not decode is kept with the reason, for the CP to report.
 pub fn read(source: &Source, after: u64, upto: u64) -> Result<Vec<WindowRecord>, JournalError> {
     read_journals(lock(&source.journals).values(), after, upto)
 }
@@ -56,24 +57,21 @@ fn read_journals<'a>(
     let mut records = Vec::new();
     for j in journals {
         let file = Arc::new(j.reader()?);
-        j.visit_frames(|entry, bytes| {
+        j.visit_frames(|entry, f| {
             if entry.seq <= after || entry.seq > upto {
                 return Ok(());
             }
-            let (op, data) = match frame::decode(bytes) {
+            let (op, data) = match Op::decode_lean(f.payload) {
                 Err(e) => (Err(e.to_string()), None),
-                Ok(f) => match Op::decode_lean(f.payload) {
-                    Err(e) => (Err(e.to_string()), None),
-                    Ok((op, range)) => {
-                        // The payload follows the frame header: its range, moved to the file.
-                        let data = range.map(|r| DataRef {
-                            file: file.clone(),
-                            offset: entry.offset + (frame::HEADER_LEN + r.start) as u64,
-                            len: r.len(),
-                        });
-                        (Ok(op), data)
-                    }
-                },
+                Ok((op, range)) => {
+                    // The payload follows the frame header: its range, moved to the file.
+                    let data = range.map(|r| DataRef {
+                        file: file.clone(),
+                        offset: entry.offset + (frame::HEADER_LEN + r.start) as u64,
+                        len: r.len(),
+                    });
+                    (Ok(op), data)
+                }
             };
             records.push(WindowRecord {
                 seq: entry.seq,
