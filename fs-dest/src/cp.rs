@@ -212,9 +212,9 @@ pub fn apply_through(
         })?;
     }
     let mut window: Vec<(u64, Op)> = Vec::with_capacity(records.len());
-    // A write's bytes stay in the journal until the write is applied (see `crate::window`).
+    // A write's bytes stay in the journal; applying it copies them in the kernel (see
+    // `crate::window::DataRef::apply_to`).
     let mut payloads: Vec<Option<DataRef>> = Vec::with_capacity(records.len());
-    let mut buf = Vec::new();
     let mut failed = 0u64;
     let mut changed = false;
     // Where syncfs is not durable (FUSE: GlusterFS...), every path the records touch is
@@ -249,16 +249,6 @@ pub fn apply_through(
             "CP: resuming a CP a crash interrupted; records the image already holds are skipped");
     }
     for step in steps {
-        if let (How::Path(_), Some(data)) = (&step.how, &payloads[step.index]) {
-            let seq = window[step.index].0;
-            if let Op::Write { data: bytes, .. } = &mut window[step.index].1 {
-                data.read_into(&mut buf).map_err(|e| CpError::Image {
-                    source_name: source.name.clone(),
-                    reason: format!("reading record {seq} back from its journal: {e}"),
-                })?;
-                std::mem::swap(bytes, &mut buf);
-            }
-        }
         let (seq, op) = &window[step.index];
         let mode = match step.how {
             How::Path(mode) => mode,
@@ -302,7 +292,11 @@ pub fn apply_through(
             tree.set_marker(*seq)
                 .map_err(|e| image_err("setting the replay marker", e))?;
         }
-        let applied = tree.apply(op, mode);
+        let applied = match (op, &payloads[step.index]) {
+            // A write's bytes go from the journal to the image in the kernel.
+            (Op::Write { path, offset, .. }, Some(data)) => data.apply_to(&tree, path, *offset),
+            _ => tree.apply(op, mode),
+        };
         if let Some(t) = touched.as_mut() {
             t.note(op);
         }
@@ -349,12 +343,6 @@ pub fn apply_through(
                 failed += 1;
                 changed = true;
                 lock(&source.divergences).add(&op.paths(), *seq, &e.to_string());
-            }
-        }
-        // Back into the reused buffer: the window never holds more than one write's bytes.
-        if payloads[step.index].is_some() {
-            if let Op::Write { data, .. } = &mut window[step.index].1 {
-                std::mem::swap(data, &mut buf);
             }
         }
     }

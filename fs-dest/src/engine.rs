@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use proto::frame::{self, KIND_NESTED, KIND_RECORD};
+use proto::frame::{self, KIND_RECORD};
 use proto::nvlog::{Geometry, NvLog, NvLogError, PARTITION_HEADER_LEN, SUPERBLOCK_LEN};
 use proto::storage::{MmapStorage, Storage};
 use proto::wire::Control;
@@ -280,22 +280,21 @@ struct LogState {
 }
 
 impl LogState {
-    /// Append one nested frame with the next destination sequence number; rotates when the
-    /// current partition is full. `Ok(None)`: no free partition (wait for the destager).
-    fn append(&mut self, nested: &mut [u8]) -> Result<Option<(u64, bool)>, NvLogError> {
+    /// Append a checked source frame, wrapped in a destination frame with the next
+    /// destination sequence number and `origin` (the source's slot); rotates when the current
+    /// partition is full. `Ok(None)`: no free partition (wait for the destager). The wrapper's
+    /// CRC comes from the source frame's (checked in [`check_batch`]): no second pass.
+    fn append(&mut self, inner: &[u8], origin: u32) -> Result<Option<(u64, bool)>, NvLogError> {
         let seq = self.next_dest_seq;
-        // Layout of `proto::frame`: the sequence number is bytes 8..16; `append` re-seals the
-        // frame (restamp recomputes the CRC), so the CRC is computed once under the lock.
-        nested[8..16].copy_from_slice(&seq.to_le_bytes());
         let mut rotated = false;
-        let placement = match self.log.append(nested)? {
+        let placement = match self.log.append_nested(inner, seq, origin)? {
             Ok(p) => p,
             Err(_full) => {
                 if self.log.rotate().is_none() {
                     return Ok(None);
                 }
                 rotated = true;
-                match self.log.append(nested)? {
+                match self.log.append_nested(inner, seq, origin)? {
                     Ok(p) => p,
                     Err(_) => return Ok(None),
                 }
@@ -388,8 +387,9 @@ pub fn check_batch(
                 ),
             );
         }
-        let op = match Op::decode(f.payload) {
-            Ok(op) => op,
+        // Lean: a write's data is not copied out just to look at its path.
+        let op = match Op::decode_lean(f.payload) {
+            Ok((op, _)) => op,
             Err(e) => return (ok, reject(h.seq, format!("undecodable record: {e}"))),
         };
         for p in op.paths() {
@@ -819,29 +819,15 @@ impl Engine {
     /// only once flushed.
     pub async fn append_batch(&self, slot: usize, frames: &[Checked<'_>]) -> AppendOutcome {
         let mut out = AppendOutcome::default();
-        let mut nested = Vec::with_capacity(frames.len());
-        for c in frames {
-            match frame::encode(0, 0, 0, KIND_NESTED, slot as u32, c.bytes) {
-                Ok(f) => nested.push(f),
-                Err(_) => {
-                    out.error = Some(EngineError::TooLarge {
-                        seq: c.seq,
-                        len: c.bytes.len(),
-                        capacity: self.geometry.capacity(),
-                    });
-                    return out;
-                }
-            }
-        }
-        while out.appended < nested.len() {
+        while out.appended < frames.len() {
             let mut freed = self.freed.subscribe();
             let mut rotated = false;
             let before = out.appended;
             {
                 let mut st = lock(&self.log);
-                while out.appended < nested.len() {
+                while out.appended < frames.len() {
                     let i = out.appended;
-                    match st.append(&mut nested[i]) {
+                    match st.append(frames[i].bytes, slot as u32) {
                         Ok(Some((seq, r))) => {
                             out.last_dest_seq = seq;
                             rotated |= r;
@@ -868,13 +854,13 @@ impl Engine {
             }
             // The caller flushes what it appended (one msync for the batch, no thread hop);
             // only frames that will wait here for space go to the flusher thread meanwhile.
-            if out.appended > before && out.appended < nested.len() {
+            if out.appended > before && out.appended < frames.len() {
                 self.flush_signal.notify();
             }
-            if rotated || out.appended < nested.len() {
+            if rotated || out.appended < frames.len() {
                 self.destage_signal.notify();
             }
-            if out.appended < nested.len() {
+            if out.appended < frames.len() {
                 tracing::debug!("destination NVLOG full: waiting for the destager");
                 if self.shutdown.load(Ordering::Relaxed) {
                     out.error = Some(EngineError::ShuttingDown);
@@ -988,7 +974,7 @@ mod tests {
         let mut crc = rec(2, 0, "x");
         let n = crc.len();
         crc[n - 1] ^= 1;
-        let nested = frame::encode(2, 1, 0, KIND_NESTED, 0, b"zz").unwrap();
+        let nested = frame::encode(2, 1, 0, frame::KIND_NESTED, 0, b"zz").unwrap();
         let garbage = frame::encode(2, 1, 0, KIND_RECORD, 0, b"\xc1\xc1").unwrap();
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
             ("bad crc", crc, "CRC"),

@@ -83,9 +83,23 @@ pub async fn handle(engine: Arc<Engine>, incoming: quinn::Incoming) {
     }
 }
 
+/// Largest message buffer a session keeps for the next message (the source sends `Frames`
+/// of at most 4 MiB; a rare bigger one is not kept).
+const SPARE_BUFFER_MAX: usize = 8 << 20;
+
 async fn read_message(
     recv: &mut RecvStream,
     limit: usize,
+) -> Result<Option<Message>, SessionError> {
+    read_message_into(recv, limit, &mut Vec::new()).await
+}
+
+/// [`read_message`] into `spare`'s allocation: a reused buffer is not faulted in and zeroed
+/// page by page again for every message of a bulk write.
+async fn read_message_into(
+    recv: &mut RecvStream,
+    limit: usize,
+    spare: &mut Vec<u8>,
 ) -> Result<Option<Message>, SessionError> {
     let mut h = [0u8; wire::HEADER_LEN];
     match recv.read_exact(&mut h).await {
@@ -97,7 +111,9 @@ async fn read_message(
     if len > limit {
         return Err(wire::WireError::OverLimit { len, limit }.into());
     }
-    let mut body = vec![0u8; len];
+    let mut body = std::mem::take(spare);
+    body.clear();
+    body.resize(len, 0);
     recv.read_exact(&mut body).await?;
     Ok(Some(wire::decode_body(kind, body)?))
 }
@@ -289,8 +305,9 @@ async fn reader(
     tx: &mpsc::UnboundedSender<Out>,
 ) -> Result<(), SessionError> {
     let capacity = engine.geometry.capacity();
+    let mut spare = Vec::new();
     loop {
-        let msg = match read_message(recv, wire::MAX_MESSAGE_LEN).await {
+        let msg = match read_message_into(recv, wire::MAX_MESSAGE_LEN, &mut spare).await {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(()),
             Err(SessionError::Wire(e)) => {
@@ -344,6 +361,10 @@ async fn reader(
                     }
                 }
                 drop(ingest);
+                drop(ok);
+                if body.capacity() <= SPARE_BUFFER_MAX {
+                    spare = body;
+                }
                 // Flush here rather than waking the flusher thread: one msync covers every
                 // session's frames appended so far (group commit), and the acknowledgement
                 // does not wait for a thread hop.

@@ -4,7 +4,6 @@
 //! a 256 MiB partition of 4 KiB writes costs a few MiB, not the partition again.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use proto::frame;
@@ -24,10 +23,30 @@ pub struct DataRef {
 
 impl DataRef {
     /// Read the bytes into `buf` (replacing its content; its allocation is reused).
+    #[cfg(test)]
     pub fn read_into(&self, buf: &mut Vec<u8>) -> std::io::Result<()> {
         buf.clear();
         buf.resize(self.len, 0);
-        self.file.read_exact_at(buf, self.offset)
+        std::os::unix::fs::FileExt::read_exact_at(&*self.file, buf, self.offset)
+    }
+
+    /// Apply the write of these bytes at `offset` of `path` in `tree`, copied from the journal
+    /// by the kernel ([`proto::apply::Tree::write_from`]): a CP's writes never pass through
+    /// user space.
+    pub fn apply_to(
+        &self,
+        tree: &proto::apply::Tree,
+        path: &[u8],
+        offset: u64,
+    ) -> Result<(), proto::apply::ApplyError> {
+        use std::os::fd::AsFd;
+        tree.write_from(
+            path,
+            offset,
+            self.file.as_fd(),
+            self.offset,
+            self.len as u64,
+        )
     }
 }
 
@@ -90,6 +109,7 @@ mod tests {
     use super::*;
     use proto::frame::KIND_RECORD;
     use proto::Handle;
+    use std::os::unix::fs::FileExt;
 
     fn write(seq: u64, len: usize) -> (Op, Vec<u8>) {
         let op = Op::Write {

@@ -558,8 +558,13 @@ impl Filesystem for FuseAdapter {
         if hidden_xattr(req, name.as_bytes()) {
             return reply.error(Errno::NO_XATTR);
         }
+        if size == 0 {
+            return match self.volume.getxattr_len(ino.0, name.as_bytes()) {
+                Ok(n) => reply.size(n as u32),
+                Err(e) => reply.error(errno(&e, "getxattr")),
+            };
+        }
         match self.volume.getxattr(ino.0, name.as_bytes(), size) {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) => reply.data(&v),
             Err(e) => reply.error(errno(&e, "getxattr")),
         }

@@ -227,6 +227,12 @@ pub struct Recovery {
     pub durable: u64,
 }
 
+/// Spare record buffers kept for reuse (see `proto::pool`): enough for the frames of a few
+/// 1 MiB writes in flight.
+const POOL_SPARE_BYTES: usize = 32 << 20;
+/// Room above the largest write payload for the rest of a record (path, handle, header).
+const POOL_SLACK: usize = 64 << 10;
+
 /// The mirror core shared by every FUSE thread and the network tasks.
 pub struct Mirror {
     seq: Mutex<Sequencer>,
@@ -259,6 +265,8 @@ pub struct Mirror {
     /// Odd while a transaction holds the sequencer, bumped at its start and end: lets readers
     /// (lookup) check that no change ran while they looked, without taking the lock.
     txn_gen: std::sync::atomic::AtomicU64,
+    /// Buffers records are built in; they come back once QUIC no longer holds the frame.
+    pool: Arc<proto::pool::BufPool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -368,6 +376,7 @@ impl Mirror {
             times_reserve: capacity / 8,
             seal_times: std::sync::OnceLock::new(),
             txn_gen: std::sync::atomic::AtomicU64::new(0),
+            pool: proto::pool::BufPool::new(POOL_SPARE_BYTES, max_record + POOL_SLACK),
         });
         Ok((mirror, cp_rx, replay))
     }
@@ -450,6 +459,7 @@ impl Mirror {
             mirror: self,
             seq,
             last_seq: None,
+            size_hint,
         })
     }
 
@@ -871,7 +881,7 @@ impl Mirror {
         }
         lock(&self.outbox)
             .frames
-            .push_back((seq_no, Bytes::from(buf)));
+            .push_back((seq_no, self.pool.freeze(buf)));
         self.outbox_ready.notify_one();
         if let Some(leg) = self.async_leg.get() {
             leg.note_logged();
@@ -1157,6 +1167,8 @@ pub struct Txn<'a> {
     mirror: &'a Mirror,
     seq: MutexGuard<'a, Sequencer>,
     last_seq: Option<u64>,
+    /// What `begin` was told the records need: the first buffer is taken this big.
+    size_hint: usize,
 }
 
 impl Txn<'_> {
@@ -1169,7 +1181,10 @@ impl Txn<'_> {
         apply: impl FnOnce() -> Result<T, FsError>,
     ) -> Result<T, FsError> {
         let seq_no = self.seq.next_seq;
-        let mut buf = Vec::new();
+        let mut buf = self
+            .mirror
+            .pool
+            .take(std::mem::take(&mut self.size_hint) + frame::HEADER_LEN);
         frame::begin(&mut buf);
         encode(&mut buf);
         let len = buf.len();

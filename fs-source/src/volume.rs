@@ -922,7 +922,7 @@ impl Volume {
         txn.finish()
     }
 
-    /// getxattr: the value, or its size when `size` is 0.
+    /// getxattr: the value, at most `size` bytes of it (ERANGE when it is longer).
     pub fn getxattr(&self, ino: u64, name: &[u8], size: u32) -> FsResult<Vec<u8>> {
         if Self::reserved_xattr(name) {
             return Err(Errno::NODATA.into());
@@ -930,10 +930,37 @@ impl Volume {
         let path = self.table().path(ino)?;
         let (_keep, p) = self.tree.proc_path(&path)?;
         let name = OsStr::from_bytes(name);
-        let mut buf = vec![0u8; if size == 0 { 65536 } else { size as usize }];
+        let mut buf = vec![0u8; size as usize];
         let n = rustix::fs::lgetxattr(&p, name, &mut buf[..])?;
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// getxattr with size 0: how long the value is, without reading it. The kernel asks this
+    /// of `security.capability` before every write, so it must not allocate a value buffer.
+    pub fn getxattr_len(&self, ino: u64, name: &[u8]) -> FsResult<usize> {
+        if Self::reserved_xattr(name) {
+            return Err(Errno::NODATA.into());
+        }
+        let path = self.table().path(ino)?;
+        let (_keep, p) = self.tree.proc_path(&path)?;
+        // rustix reports how much of the buffer was filled, not the value's length: ask the
+        // kernel directly with a null buffer.
+        let c_path = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Errno::INVAL)?;
+        let c_name = std::ffi::CString::new(name).map_err(|_| Errno::INVAL)?;
+        // SAFETY: both strings are NUL-terminated and outlive the call; a null value buffer
+        // with size 0 asks for the length only.
+        let n =
+            unsafe { libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), std::ptr::null_mut(), 0) };
+        if n < 0 {
+            return Err(Errno::from_raw_os_error(
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            )
+            .into());
+        }
+        Ok(n as usize)
     }
 
     /// listxattr.

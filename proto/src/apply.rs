@@ -1017,6 +1017,47 @@ impl Tree {
         Ok(())
     }
 
+    /// Apply a write record whose `len` bytes are at `src_offset` of the file `src` (a
+    /// destination's journal) without bringing them to user space: `copy_file_range` from the
+    /// journal into the image file, falling back to read + write where the kernel cannot copy
+    /// between the two. Same checks and errors as applying the `Op::Write` itself; bytes
+    /// missing from `src` (it ends early) are an I/O error, not a short write.
+    pub fn write_from(
+        &self,
+        path: &[u8],
+        offset: u64,
+        src: BorrowedFd<'_>,
+        src_offset: u64,
+        len: u64,
+    ) -> Result<(), ApplyError> {
+        path::validate(path)?;
+        let fail = |e: Errno| ApplyError::Io {
+            op: "write",
+            path: show(path),
+            source: e.into(),
+        };
+        let mut cache = self.write_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let fd = match &*cache {
+            Some((p, fd)) if p.as_slice() == path => fd,
+            _ => match self.open_regular(path, OFlags::WRONLY) {
+                Ok(fd) => &cache.insert((path.to_vec(), fd)).1,
+                Err(NotRegular::Io(e)) => return Err(fail(e)),
+                Err(other) => return Err(other.into_apply("write", path)),
+            },
+        };
+        let copied = match copy_range(src, src_offset, fd, offset, len) {
+            Ok(n) => n,
+            Err(Errno::XDEV | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+                copy_through_memory(src, src_offset, fd, offset, len).map_err(fail)?
+            }
+            Err(e) => return Err(fail(e)),
+        };
+        if copied < len {
+            return Err(fail(Errno::IO));
+        }
+        Ok(())
+    }
+
     fn write(&self, path: &[u8], offset: u64, data: &[u8]) -> Result<(), NotRegular> {
         let mut cache = self.write_cache.lock().unwrap_or_else(|p| p.into_inner());
         let fd = match &*cache {
@@ -1262,6 +1303,29 @@ pub fn write_all_at(fd: impl AsFd, mut data: &[u8], mut offset: u64) -> IoResult
     Ok(())
 }
 
+/// [`copy_range`] by `pread` + `pwrite` through a buffer, for file pairs the kernel cannot
+/// copy between.
+fn copy_through_memory(
+    src: BorrowedFd<'_>,
+    src_offset: u64,
+    dst: impl AsFd,
+    dst_offset: u64,
+    length: u64,
+) -> IoResult<u64> {
+    let mut buf = vec![0u8; length.min(1 << 20) as usize];
+    let mut done = 0u64;
+    while done < length {
+        let want = (length - done).min(buf.len() as u64) as usize;
+        let n = rustix::io::pread(src, &mut buf[..want], src_offset + done)?;
+        if n == 0 {
+            break;
+        }
+        write_all_at(&dst, &buf[..n], dst_offset + done)?;
+        done += n as u64;
+    }
+    Ok(done)
+}
+
 /// `copy_file_range` until `length` bytes are copied or the source ends.
 pub fn copy_range(
     src: impl AsFd,
@@ -1285,6 +1349,30 @@ pub fn copy_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_from_copies_a_journal_range_into_the_file_and_checks_like_a_write() {
+        let (d, t) = tree();
+        let journal = tempfile::tempfile().unwrap();
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        write_all_at(&journal, &bytes, 0).unwrap();
+        std::fs::write(d.path().join("f"), b"0123456789").unwrap();
+        t.write_from(b"f", 4, journal.as_fd(), 1000, 150_000)
+            .unwrap();
+        let got = std::fs::read(d.path().join("f")).unwrap();
+        assert_eq!(&got[..4], b"0123");
+        assert_eq!(&got[4..], &bytes[1000..151_000]);
+        // The journal ends before the range does: an error, not a short write.
+        let err = t
+            .write_from(b"f", 0, journal.as_fd(), 150_000, 60_000)
+            .unwrap_err();
+        assert_eq!(err.errno(), libc::EIO, "{err}");
+        // Not a regular file, and a path out of the tree: refused as a write would be.
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join("l")).unwrap();
+        assert!(t.write_from(b"l", 0, journal.as_fd(), 0, 10).is_err());
+        assert!(t.write_from(b"../x", 0, journal.as_fd(), 0, 10).is_err());
+        assert!(t.write_from(b"missing", 0, journal.as_fd(), 0, 10).is_err());
+    }
 
     fn tree() -> (tempfile::TempDir, Tree) {
         let d = tempfile::tempdir().unwrap();

@@ -14,6 +14,7 @@
 //!   (modes, owners, SO_PEERCRED), the same for both daemons.
 //! * [`inspect`]: offline verification of the daemons' files (NVRAM, backlog, journals) for
 //!   `fs-source check` and `fs-dest check`.
+//! * [`pool`]: reused buffers for frames and messages (no page faults per record).
 //! * [`apply`]: the one piece of code that applies a record to a directory tree, shared by the
 //!   source (its backing volume, at recovery) and the destination (its image, at a CP).
 //!
@@ -31,6 +32,7 @@ pub mod metrics_http;
 pub mod nvlog;
 pub mod path;
 pub mod peer;
+pub mod pool;
 pub mod rate;
 pub mod record;
 pub mod replay;

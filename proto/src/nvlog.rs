@@ -608,6 +608,45 @@ impl<S: Storage> NvLog<S> {
         }))
     }
 
+    /// Append `inner`, a whole frame whose CRC was checked, wrapped in a frame of kind
+    /// [`frame::KIND_NESTED`] with sequence number `seq` and `origin` (how a destination logs
+    /// a source's record). The wrapper is written straight into the log after its header: no
+    /// wrapped copy is built in memory, and its CRC is derived from `inner`'s
+    /// ([`frame::nested_header`]) rather than computed over the payload again.
+    pub fn append_nested(
+        &mut self,
+        inner: &[u8],
+        seq: u64,
+        origin: u32,
+    ) -> Result<Result<Placement, PartitionFull>, NvLogError> {
+        let len = frame::HEADER_LEN + inner.len();
+        if frame::padded_len(len) > self.geometry.capacity() {
+            return Err(NvLogError::TooLarge {
+                len,
+                capacity: self.geometry.capacity(),
+            });
+        }
+        let p = self.current;
+        let info = &self.parts[p];
+        if info.used + frame::padded_len(len) > self.geometry.capacity() {
+            return Ok(Err(PartitionFull { partition: p }));
+        }
+        let head = frame::nested_header(inner, seq, info.epoch, p as u16, origin)?;
+        let offset = self.partition_base(p) + PARTITION_HEADER_LEN + info.used;
+        self.storage.write_at(offset, &head);
+        self.storage.write_at(offset + frame::HEADER_LEN, inner);
+        let info = &mut self.parts[p];
+        info.used += frame::padded_len(len);
+        info.records += 1;
+        info.first_seq.get_or_insert(seq);
+        info.last_seq = Some(seq);
+        Ok(Ok(Placement {
+            partition: p,
+            offset,
+            len,
+        }))
+    }
+
     /// Undo the last append (its operation failed, so it must never be applied or mirrored).
     /// `placement` must be what the latest [`NvLog::append`] returned. The frame's header is
     /// zeroed, so a recovery scan ends the partition there.
