@@ -146,7 +146,8 @@ fn destage_partition_in(
                     format!("kind {} is not a nested frame", outer.header.kind),
                 ));
             }
-            let inner = frame::decode(outer.payload)
+            // The outer CRC covers the inner frame: no second pass over it.
+            let inner = frame::decode_nested(&outer)
                 .map_err(|e| bad(off + at, format!("inner frame: {e}")))?;
             by_source
                 .entry(outer.header.origin as usize)

@@ -112,8 +112,12 @@ async fn read_message_into(
         return Err(wire::WireError::OverLimit { len, limit }.into());
     }
     let mut body = std::mem::take(spare);
-    body.clear();
-    body.resize(len, 0);
+    // `read_exact` overwrites every byte of `..len`: only growth needs zeroing.
+    if body.len() < len {
+        body.resize(len, 0);
+    } else {
+        body.truncate(len);
+    }
     recv.read_exact(&mut body).await?;
     Ok(Some(wire::decode_body(kind, body)?))
 }

@@ -77,6 +77,12 @@ pub enum FrameError {
         /// Announced length.
         len: usize,
     },
+    /// A frame taken for a destination's wrapper is of another kind.
+    #[error("frame kind {kind} is not a nested frame")]
+    NotNested {
+        /// Its kind.
+        kind: u16,
+    },
     /// The CRC does not match the contents.
     #[error("frame CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     BadCrc {
@@ -327,6 +333,32 @@ pub fn parse_header(bytes: &[u8]) -> Result<FrameHeader, FrameError> {
     })
 }
 
+/// The frame a checked [`KIND_NESTED`] frame carries, parsed without a second CRC pass: the
+/// outer CRC covers the inner frame whole, and the inner frame's own CRC was checked before it
+/// was wrapped ([`nested_header`] is only given checked frames), so a damaged inner frame fails
+/// the outer check. Magic, length and kind are still checked.
+pub fn decode_nested<'a>(outer: &Frame<'a>) -> Result<Frame<'a>, FrameError> {
+    if outer.header.kind != KIND_NESTED {
+        return Err(FrameError::NotNested {
+            kind: outer.header.kind,
+        });
+    }
+    let bytes = outer.payload;
+    let header = parse_header(bytes)?;
+    let len = header.frame_len();
+    if bytes.len() != len {
+        return Err(FrameError::Truncated {
+            needed: len,
+            available: bytes.len(),
+        });
+    }
+    Ok(Frame {
+        header,
+        payload: &bytes[HEADER_LEN..len],
+        bytes,
+    })
+}
+
 /// Parse and fully check (magic, length, CRC) the frame at the start of `bytes`.
 pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, FrameError> {
     let header = parse_header(bytes)?;
@@ -424,6 +456,21 @@ mod tests {
             let mut built = head.to_vec();
             built.extend_from_slice(&inner);
             prop_assert_eq!(&built, &encode(seq, epoch, part, KIND_NESTED, origin, &inner).unwrap());
+        }
+
+        #[test]
+        fn decode_nested_gives_the_inner_frame_and_damage_fails_the_outer_check(inner_seq: u64, payload in proptest::collection::vec(any::<u8>(), 0..40_000), bit: usize) {
+            let inner = encode(inner_seq, 5, 1, KIND_RECORD, 0, &payload).unwrap();
+            let mut built = nested_header(&inner, 9, 2, 0, 3).unwrap().to_vec();
+            built.extend_from_slice(&inner);
+            let outer = decode(&built).unwrap();
+            let got = decode_nested(&outer).unwrap();
+            prop_assert_eq!(got.bytes, &inner[..]);
+            prop_assert_eq!(got.header.seq, inner_seq);
+            prop_assert_eq!(got.payload, &payload[..]);
+            let bit = bit % (inner.len() * 8);
+            built[HEADER_LEN + bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(decode(&built).is_err(), "damage inside the inner frame passed the outer check");
         }
 
         #[test]
