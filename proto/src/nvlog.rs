@@ -275,6 +275,10 @@ pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// Bytes of a partition read at a time when its unwritten rest is probed for later frames at
+/// start-up (a multiple of the 8-byte frame alignment).
+const SCAN_PIECE: usize = 1 << 20;
+
 impl<S: Storage> NvLog<S> {
     /// Open the log in `storage`: format it if blank, otherwise check its superblock against
     /// `geometry` and `role` and scan every partition (see the module doc for the policy).
@@ -503,15 +507,24 @@ impl<S: Storage> NvLog<S> {
             self.storage.read_at(off, &mut probe);
             let blank = probe.iter().all(|&b| b == 0);
             // Is there a valid frame of this epoch further on? Then this is corruption.
-            // (The rest of the partition is read once and only offsets holding the frame magic
-            // are checked in full: a 64 MiB partition is scanned in milliseconds.)
-            let mut rest = vec![0u8; end - off];
-            self.storage.read_at(off, &mut rest);
+            // (The rest of the partition is read once, a bounded piece at a time so that
+            // opening a big NVRAM does not hold a partition's worth of memory, and only
+            // offsets holding the frame magic are checked in full: a 64 MiB partition is
+            // scanned in milliseconds.)
             let magic = frame::MAGIC.to_le_bytes();
+            let mut piece: Vec<u8> = Vec::new();
+            let mut piece_at = off;
             let mut at = off + 8;
             while at + HEADER_LEN <= end {
-                let i = at - off;
-                if rest[i..i + 4] != magic {
+                // Frames are 8-byte aligned and pieces a multiple of 8 long (but the last):
+                // a magic number never straddles two pieces.
+                if at + 4 > piece_at + piece.len() {
+                    piece_at = at;
+                    piece.resize(SCAN_PIECE.min(end - at), 0);
+                    self.storage.read_at(piece_at, &mut piece);
+                }
+                let i = at - piece_at;
+                if piece[i..i + 4] != magic {
                     at += 8;
                     continue;
                 }
@@ -932,6 +945,36 @@ mod tests {
             Err(NvLogError::Corrupt { offset, .. }) => assert_eq!(offset, places[2].offset),
             other => panic!("expected corruption, got {other:?}"),
         }
+    }
+
+    /// The probe for later frames reads the rest of a partition a piece at a time: a valid
+    /// frame several pieces past a damaged one is still found (and the damage reported).
+    #[test]
+    fn damage_is_found_when_the_next_good_frame_is_pieces_away() {
+        let geo = Geometry {
+            partitions: 2,
+            partition_size: 8 << 20,
+        };
+        let s = Arc::new(MemStorage::new(geo.region_len()));
+        let (mut log, _) = NvLog::open(s.clone(), geo, Role::Source).unwrap();
+        let mut places = vec![];
+        for seq in 1..=4 {
+            let payload = vec![seq as u8; 3 * SCAN_PIECE / 2 + 8 * seq as usize + 3];
+            let mut f = frame::encode(seq, 0, 0, KIND_RECORD, 0, &payload).unwrap();
+            places.push(log.append(&mut f).unwrap().unwrap());
+        }
+        let mut img = s.crash_image();
+        img[places[1].offset + 40] ^= 0x10;
+        match NvLog::open(Arc::new(MemStorage::from_bytes(img)), geo, Role::Source) {
+            Err(NvLogError::Corrupt { offset, .. }) => assert_eq!(offset, places[1].offset),
+            other => panic!("expected corruption, got {:?}", other.map(|(_, r)| r)),
+        }
+        // Only the last frame torn: a torn tail, not corruption.
+        let mut img = s.crash_image();
+        img[places[3].offset + 40] ^= 0x10;
+        let (log, _) = NvLog::open(Arc::new(MemStorage::from_bytes(img)), geo, Role::Source)
+            .expect("a torn last frame is not corruption");
+        assert_eq!(log.last_seq(), Some(3));
     }
 
     /// After a partition is reused, the bytes after its newest records are an earlier use's:
