@@ -267,6 +267,10 @@ pub struct Mirror {
     txn_gen: std::sync::atomic::AtomicU64,
     /// Buffers records are built in; they come back once QUIC no longer holds the frame.
     pool: Arc<proto::pool::BufPool>,
+    /// Bumped after anything changed extended attributes on the backing volume (a setxattr
+    /// or removexattr through the mount, records taken back from the destination): what
+    /// the volume remembers about absent attributes is valid only within one epoch.
+    xattr_epoch: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -377,6 +381,7 @@ impl Mirror {
             seal_times: std::sync::OnceLock::new(),
             txn_gen: std::sync::atomic::AtomicU64::new(0),
             pool: proto::pool::BufPool::new(POOL_SPARE_BYTES, max_record + POOL_SLACK),
+            xattr_epoch: std::sync::atomic::AtomicU64::new(0),
         });
         Ok((mirror, cp_rx, replay))
     }
@@ -1065,6 +1070,17 @@ impl Mirror {
         Ok(true)
     }
 
+    /// The current extended-attribute epoch (see `xattr_epoch`).
+    pub fn xattr_epoch(&self) -> u64 {
+        self.xattr_epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// End an extended-attribute epoch: call after changing attributes on the backing volume.
+    pub fn xattrs_changed(&self) {
+        self.xattr_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// Send a command to the CP driver.
     pub fn cp_command(&self, c: CpCommand) {
         let _ = self.cp_tx.send(c);
@@ -1074,6 +1090,7 @@ impl Mirror {
     /// as the destination returned them: each must be the next sequence number; it is logged
     /// again and applied to the backing volume in replay mode. Returns the last one.
     pub fn adopt(&self, frames: &[u8], tree: &proto::apply::Tree) -> Result<u64, String> {
+        let _epoch = XattrChange(self);
         let mut last = lock(&self.progress).logged;
         for f in frame::split(frames) {
             let f = f.map_err(|e| format!("a record sent back by the destination: {e}"))?;
@@ -1169,6 +1186,15 @@ pub struct Txn<'a> {
     last_seq: Option<u64>,
     /// What `begin` was told the records need: the first buffer is taken this big.
     size_hint: usize,
+}
+
+/// Ends the extended-attribute epoch when dropped, whichever way the change went.
+struct XattrChange<'a>(&'a Mirror);
+
+impl Drop for XattrChange<'_> {
+    fn drop(&mut self) {
+        self.0.xattrs_changed();
+    }
 }
 
 impl Txn<'_> {

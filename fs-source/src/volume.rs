@@ -115,7 +115,16 @@ pub struct Volume {
     /// `--writeback-cache`: the kernel may read a page of a file opened write-only (to merge
     /// a partial write), so such files are opened read-write on the backing side.
     writeback_cache: std::sync::atomic::AtomicBool,
+    /// Inodes known to have no `security.capability`, and the extended-attribute epoch of
+    /// the mirror in which that was seen (see [`Volume::getxattr_len`]).
+    no_caps: Mutex<(u64, std::collections::HashSet<u64>)>,
 }
+
+/// The attribute the kernel asks for before every write to a file (to drop file
+/// capabilities on a write).
+const CAPS_XATTR: &[u8] = b"security.capability";
+/// At most this many inodes are remembered without capabilities (then it starts afresh).
+const NO_CAPS_MAX: usize = 1 << 16;
 
 impl Volume {
     /// A volume over `tree` mirrored by `mirror`.
@@ -132,6 +141,7 @@ impl Volume {
             changed: Mutex::new(std::collections::HashSet::new()),
             baseline: std::sync::OnceLock::new(),
             writeback_cache: std::sync::atomic::AtomicBool::new(false),
+            no_caps: Mutex::new((0, std::collections::HashSet::new())),
         })
     }
 
@@ -903,7 +913,9 @@ impl Volume {
             value: value.to_vec(),
             flags,
         };
-        txn.apply(&self.tree, &op)?;
+        let applied = txn.apply(&self.tree, &op);
+        self.mirror.xattrs_changed();
+        applied?;
         txn.finish()
     }
 
@@ -918,13 +930,15 @@ impl Volume {
             path,
             name: name.to_vec(),
         };
-        txn.apply(&self.tree, &op)?;
+        let applied = txn.apply(&self.tree, &op);
+        self.mirror.xattrs_changed();
+        applied?;
         txn.finish()
     }
 
     /// getxattr: the value, at most `size` bytes of it (ERANGE when it is longer).
     pub fn getxattr(&self, ino: u64, name: &[u8], size: u32) -> FsResult<Vec<u8>> {
-        if Self::reserved_xattr(name) {
+        if Self::reserved_xattr(name) || self.known_without(ino, name) {
             return Err(Errno::NODATA.into());
         }
         let path = self.table().path(ino)?;
@@ -937,11 +951,15 @@ impl Volume {
     }
 
     /// getxattr with size 0: how long the value is, without reading it. The kernel asks this
-    /// of `security.capability` before every write, so it must not allocate a value buffer.
+    /// of `security.capability` before every write, so it must be cheap: it allocates no
+    /// value buffer, and an inode seen without capabilities is answered from memory until
+    /// attributes change (every change passes through this daemon: see
+    /// `Mirror::xattrs_changed`).
     pub fn getxattr_len(&self, ino: u64, name: &[u8]) -> FsResult<usize> {
-        if Self::reserved_xattr(name) {
+        if Self::reserved_xattr(name) || self.known_without(ino, name) {
             return Err(Errno::NODATA.into());
         }
+        let epoch = self.mirror.xattr_epoch();
         let path = self.table().path(ino)?;
         let (_keep, p) = self.tree.proc_path(&path)?;
         // rustix reports how much of the buffer was filled, not the value's length: ask the
@@ -953,14 +971,40 @@ impl Volume {
         let n =
             unsafe { libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), std::ptr::null_mut(), 0) };
         if n < 0 {
-            return Err(Errno::from_raw_os_error(
+            let e = Errno::from_raw_os_error(
                 std::io::Error::last_os_error()
                     .raw_os_error()
                     .unwrap_or(libc::EIO),
-            )
-            .into());
+            );
+            if e == Errno::NODATA && name == CAPS_XATTR {
+                self.note_without_caps(ino, epoch);
+            }
+            return Err(e.into());
         }
         Ok(n as usize)
+    }
+
+    /// True when `ino` is known to have no `name` (only tracked for `security.capability`).
+    fn known_without(&self, ino: u64, name: &[u8]) -> bool {
+        if name != CAPS_XATTR {
+            return false;
+        }
+        let cache = lock(&self.no_caps);
+        cache.0 == self.mirror.xattr_epoch() && cache.1.contains(&ino)
+    }
+
+    /// Remember that `ino` had no capabilities, as seen by a look that began in `epoch`: not
+    /// if attributes changed since (the look may have raced the change).
+    fn note_without_caps(&self, ino: u64, epoch: u64) {
+        let mut cache = lock(&self.no_caps);
+        if self.mirror.xattr_epoch() != epoch {
+            return;
+        }
+        if cache.0 != epoch || cache.1.len() >= NO_CAPS_MAX {
+            cache.0 = epoch;
+            cache.1.clear();
+        }
+        cache.1.insert(ino);
     }
 
     /// listxattr.

@@ -123,3 +123,52 @@ fn permissions_for_other_users() {
         "owner and mode in the image"
     );
 }
+
+/// A write drops a file's capabilities (the kernel asks for `security.capability` before
+/// every write, and fs-source answers "none" from memory for files it has seen without): a
+/// file given capabilities after earlier writes must still lose them at its next write, on
+/// the mount and on the backing volume.
+#[test]
+fn a_write_drops_later_capabilities() {
+    const TEST: &str = "a_write_drops_later_capabilities";
+    require_mount!(TEST);
+    let h = Harness::start(HarnessOptions::new(TEST));
+    let f = h.mnt().join("tool");
+    fs::write(&f, b"v1\n").expect("write tool");
+    let append = |what: &[u8]| {
+        use std::io::Write;
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .open(&f)
+            .expect("open tool");
+        file.write_all(what).expect("append to tool");
+    };
+    append(b"v2\n"); // the kernel has asked about capabilities at least twice now
+                     // VFS_CAP_REVISION_2, CAP_NET_BIND_SERVICE permitted.
+    let mut caps = Vec::new();
+    for word in [0x0200_0000u32, 1 << 10, 0, 0, 0] {
+        caps.extend_from_slice(&word.to_le_bytes());
+    }
+    rustix::fs::setxattr(
+        &f,
+        "security.capability",
+        &caps,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .expect("set file capabilities through the mount");
+    let mut buf = [0u8; 64];
+    let n = rustix::fs::getxattr(&f, "security.capability", &mut buf)
+        .expect("capabilities readable after setting them");
+    assert_eq!(&buf[..n], &caps[..], "capabilities as set");
+
+    append(b"v3\n");
+    for (what, path) in [("mount", f.clone()), ("backing", h.backing().join("tool"))] {
+        let left = rustix::fs::getxattr(&path, "security.capability", &mut buf);
+        assert_eq!(
+            left.err(),
+            Some(rustix::io::Errno::NODATA),
+            "the {what} still has the capabilities after a write"
+        );
+    }
+    assert_eq!(fs::read(&f).expect("read tool"), b"v1\nv2\nv3\n");
+}
