@@ -595,6 +595,21 @@ impl<S: Storage> NvLog<S> {
             }
             .into());
         }
+        let (p, epoch, offset) = match self.room_for(len)? {
+            Ok(at) => at,
+            Err(full) => return Ok(Err(full)),
+        };
+        frame::restamp(&mut frame[..len], epoch, p as u16)?;
+        self.storage.write_at(offset, &frame[..len]);
+        Ok(Ok(self.appended(p, offset, len, h.seq)))
+    }
+
+    /// Where a frame of `len` bytes goes in the current partition: (partition, its epoch,
+    /// offset), or [`PartitionFull`]; an error when it could never fit.
+    fn room_for(
+        &self,
+        len: usize,
+    ) -> Result<Result<(usize, u32, usize), PartitionFull>, NvLogError> {
         if frame::padded_len(len) > self.geometry.capacity() {
             return Err(NvLogError::TooLarge {
                 len,
@@ -606,19 +621,23 @@ impl<S: Storage> NvLog<S> {
         if info.used + frame::padded_len(len) > self.geometry.capacity() {
             return Ok(Err(PartitionFull { partition: p }));
         }
-        frame::restamp(&mut frame[..len], info.epoch, p as u16)?;
         let offset = self.partition_base(p) + PARTITION_HEADER_LEN + info.used;
-        self.storage.write_at(offset, &frame[..len]);
+        Ok(Ok((p, info.epoch, offset)))
+    }
+
+    /// Account for a frame of `len` bytes with sequence number `seq` just written at `offset`
+    /// of partition `p` (what [`NvLog::room_for`] gave).
+    fn appended(&mut self, p: usize, offset: usize, len: usize, seq: u64) -> Placement {
         let info = &mut self.parts[p];
         info.used += frame::padded_len(len);
         info.records += 1;
-        info.first_seq.get_or_insert(h.seq);
-        info.last_seq = Some(h.seq);
-        Ok(Ok(Placement {
+        info.first_seq.get_or_insert(seq);
+        info.last_seq = Some(seq);
+        Placement {
             partition: p,
             offset,
             len,
-        }))
+        }
     }
 
     /// Append `inner`, a whole frame whose CRC was checked, wrapped in a frame of kind
@@ -633,31 +652,14 @@ impl<S: Storage> NvLog<S> {
         origin: u32,
     ) -> Result<Result<Placement, PartitionFull>, NvLogError> {
         let len = frame::HEADER_LEN + inner.len();
-        if frame::padded_len(len) > self.geometry.capacity() {
-            return Err(NvLogError::TooLarge {
-                len,
-                capacity: self.geometry.capacity(),
-            });
-        }
-        let p = self.current;
-        let info = &self.parts[p];
-        if info.used + frame::padded_len(len) > self.geometry.capacity() {
-            return Ok(Err(PartitionFull { partition: p }));
-        }
-        let head = frame::nested_header(inner, seq, info.epoch, p as u16, origin)?;
-        let offset = self.partition_base(p) + PARTITION_HEADER_LEN + info.used;
+        let (p, epoch, offset) = match self.room_for(len)? {
+            Ok(at) => at,
+            Err(full) => return Ok(Err(full)),
+        };
+        let head = frame::nested_header(inner, seq, epoch, p as u16, origin)?;
         self.storage.write_at(offset, &head);
         self.storage.write_at(offset + frame::HEADER_LEN, inner);
-        let info = &mut self.parts[p];
-        info.used += frame::padded_len(len);
-        info.records += 1;
-        info.first_seq.get_or_insert(seq);
-        info.last_seq = Some(seq);
-        Ok(Ok(Placement {
-            partition: p,
-            offset,
-            len,
-        }))
+        Ok(Ok(self.appended(p, offset, len, seq)))
     }
 
     /// Undo the last append (its operation failed, so it must never be applied or mirrored).
@@ -1028,6 +1030,43 @@ mod tests {
         )
         .unwrap();
         assert_eq!(log2.partition(0).records, 1);
+    }
+
+    /// A destination logs source frames with `append_nested`: what it wrote reads back (after
+    /// a reopen) as the wrapper `encode` would have made, until the partition is full.
+    #[test]
+    fn append_nested_logs_the_wrapper_encode_would_make() {
+        let s = Arc::new(MemStorage::new(geo().region_len()));
+        let (mut log, _) = NvLog::open(s.clone(), geo(), Role::Destination).unwrap();
+        let epoch = log.partition(0).epoch;
+        let inner = frame::encode(7, 3, 1, KIND_RECORD, 0, &[9u8; 1000]).unwrap();
+        let mut seq = 0;
+        let full = loop {
+            match log.append_nested(&inner, seq + 1, 4).unwrap() {
+                Ok(_) => seq += 1,
+                Err(full) => break full,
+            }
+        };
+        assert_eq!(full.partition, 0);
+        assert!(seq > 10, "only {seq} frames fitted");
+        let (log2, _) = NvLog::open(
+            Arc::new(MemStorage::from_bytes(s.crash_image())),
+            geo(),
+            Role::Destination,
+        )
+        .unwrap();
+        let frames = log2.frames(0);
+        assert_eq!(frames.len() as u64, seq);
+        for (i, f) in frames.iter().enumerate() {
+            let want =
+                frame::encode(i as u64 + 1, epoch, 0, frame::KIND_NESTED, 4, &inner).unwrap();
+            assert_eq!(f, &want, "frame {}", i + 1);
+        }
+        let huge = frame::encode(1, 0, 0, KIND_RECORD, 0, &vec![0u8; geo().capacity()]).unwrap();
+        assert!(matches!(
+            log.append_nested(&huge, seq + 1, 4),
+            Err(NvLogError::TooLarge { .. })
+        ));
     }
 
     proptest! {
