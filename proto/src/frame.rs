@@ -182,7 +182,7 @@ pub fn seal(
 /// Used when a frame built before its partition was known is placed into a log.
 ///
 /// The CRC is updated from the stored one and the changed header bytes, without reading the
-/// payload again (CRC32C is linear; see [`payload_crc`]): placing a frame costs no second
+/// payload again (CRC32C is linear; see [`header_term`]): placing a frame costs no second
 /// pass over a megabyte of data. So a frame whose stored CRC was wrong stays wrong after a
 /// restamp: it is never laundered into one that checks.
 pub fn restamp(frame: &mut [u8], epoch: u32, partition: u16) -> Result<(), FrameError> {
@@ -194,31 +194,35 @@ pub fn restamp(frame: &mut [u8], epoch: u32, partition: u16) -> Result<(), Frame
             available: frame.len(),
         });
     }
-    let n = h.payload_len as usize;
-    if n < COMBINE_FROM {
-        // Small: two direct passes are cheaper than combining. The stored CRC moves by the
-        // difference between the old and new header's, so a wrong one stays wrong.
-        let stored = le_u32(frame, 28);
-        let old = crc_of(&frame[..28], &frame[HEADER_LEN..len]);
-        h.epoch = epoch;
-        h.partition = partition;
-        write_header(frame, &h);
-        let new = crc_of(&frame[..28], &frame[HEADER_LEN..len]);
-        frame[28..32].copy_from_slice(&(stored ^ old ^ new).to_le_bytes());
-        return Ok(());
-    }
-    let body = payload_crc(&frame[..len]);
+    // The stored CRC moves by the difference the header change makes, so a wrong one stays
+    // wrong.
+    let stored = le_u32(frame, 28);
+    let before = header_term(&frame[..len]);
     h.epoch = epoch;
     h.partition = partition;
     write_header(frame, &h);
-    let crc = crc_with_payload(crc32c::crc32c(&frame[..28]), body, n);
-    frame[28..32].copy_from_slice(&crc.to_le_bytes());
+    let after = header_term(&frame[..len]);
+    frame[28..32].copy_from_slice(&(stored ^ before ^ after).to_le_bytes());
     Ok(())
 }
 
 /// Payload size from which deriving a CRC by combination ([`crc_with_payload`], about a
 /// microsecond) beats passes over the payload (CRC32C runs at several GB/s).
 const COMBINE_FROM: usize = 16 << 10;
+
+/// What header bytes 0..28 of the whole frame `frame` contribute to its CRC, up to a term that
+/// depends on the payload only: CRC32C(A ‖ P) = shift(CRC32C(A), |P|) ⊕ CRC32C(P), so two
+/// headers' CRCs over the same payload differ by the difference of their shifts. Below
+/// [`COMBINE_FROM`] the full CRC (one direct pass) stands in for the shift: the payload term
+/// cancels out of the difference all the same.
+fn header_term(frame: &[u8]) -> u32 {
+    let n = frame.len() - HEADER_LEN;
+    if n < COMBINE_FROM {
+        crc_of(&frame[..28], &frame[HEADER_LEN..])
+    } else {
+        crc_with_payload(crc32c::crc32c(&frame[..28]), 0, n)
+    }
+}
 
 /// The CRC32C of a frame's payload alone, derived from its stored CRC and header (no pass
 /// over the payload). `frame` must hold at least the whole frame. Meaningful for a frame
@@ -247,14 +251,8 @@ pub fn nested_header(
     partition: u16,
     origin: u32,
 ) -> Result<[u8; HEADER_LEN], FrameError> {
-    let ih = parse_header(inner)?;
+    let ih = parse_whole(inner)?;
     let inner_len = ih.frame_len();
-    if inner.len() != inner_len {
-        return Err(FrameError::Truncated {
-            needed: inner_len,
-            available: inner.len(),
-        });
-    }
     if inner_len > MAX_PAYLOAD_LEN {
         return Err(FrameError::TooLarge { len: inner_len });
     }
@@ -344,6 +342,16 @@ pub fn decode_nested<'a>(outer: &Frame<'a>) -> Result<Frame<'a>, FrameError> {
         });
     }
     let bytes = outer.payload;
+    let header = parse_whole(bytes)?;
+    Ok(Frame {
+        header,
+        payload: &bytes[HEADER_LEN..],
+        bytes,
+    })
+}
+
+/// [`parse_header`] of bytes that must be exactly one frame (a nested frame's payload).
+fn parse_whole(bytes: &[u8]) -> Result<FrameHeader, FrameError> {
     let header = parse_header(bytes)?;
     let len = header.frame_len();
     if bytes.len() != len {
@@ -352,11 +360,7 @@ pub fn decode_nested<'a>(outer: &Frame<'a>) -> Result<Frame<'a>, FrameError> {
             available: bytes.len(),
         });
     }
-    Ok(Frame {
-        header,
-        payload: &bytes[HEADER_LEN..len],
-        bytes,
-    })
+    Ok(header)
 }
 
 /// Parse and fully check (magic, length, CRC) the frame at the start of `bytes`.
