@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -38,6 +38,13 @@ pub struct FuseAdapter {
     volume: Arc<Volume>,
     /// Ask the kernel for its writeback cache (`--writeback-cache`).
     writeback_cache: bool,
+    /// The kernel leaves dropping privileges at a content change to this daemon (FUSE
+    /// `HANDLE_KILLPRIV_V2`, negotiated at init): it then stops asking for
+    /// `security.capability` before every write, one round trip less per write.
+    killpriv: bool,
+    /// For invalidating the kernel's cached attributes of an inode this daemon changed on its
+    /// own (set once the session exists).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl FuseAdapter {
@@ -47,11 +54,37 @@ impl FuseAdapter {
 
     /// Wrap a volume; with `writeback_cache`, writes return once in the kernel's page cache
     /// and are mirrored when the kernel writes them back, at the latest at fsync or close.
-    pub fn new(volume: Arc<Volume>, writeback_cache: bool) -> Self {
+    /// `notifier` is filled in once the FUSE session is made.
+    pub fn new(
+        volume: Arc<Volume>,
+        writeback_cache: bool,
+        notifier: Arc<OnceLock<fuser::Notifier>>,
+    ) -> Self {
         volume.set_writeback_cache(writeback_cache);
         FuseAdapter {
             volume,
             writeback_cache,
+            killpriv: false,
+            notifier,
+        }
+    }
+
+    /// Whether a content change by this caller must clear set-ID bits, where the kernel does
+    /// not say (truncate, fallocate, copy_file_range): the kernel's rule is "the caller lacks
+    /// CAP_FSETID", which a FUSE request does not carry; a caller other than root is taken to
+    /// lack it.
+    fn kill_for(&self, req: &Request) -> bool {
+        self.killpriv && req.uid() != 0
+    }
+
+    /// The daemon changed `ino`'s mode on its own (set-ID bits cleared at a write): drop the
+    /// kernel's cached attributes before replying, so that no permission check or exec uses
+    /// the old mode.
+    fn mode_changed(&self, ino: INodeNo) {
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(ino, -1, 0) {
+                tracing::warn!("invalidating the attributes of inode {}: {e}", ino.0);
+            }
         }
     }
 }
@@ -146,6 +179,15 @@ impl Filesystem for FuseAdapter {
         // Large writes: 1 MiB per FUSE request (4 KiB requests cost 5x on sequential writes).
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        self.killpriv = config
+            .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+            .is_ok();
+        if !self.killpriv {
+            tracing::info!(
+                "the kernel does not offer FUSE_HANDLE_KILLPRIV_V2: it asks for file \
+                 capabilities before every write"
+            );
+        }
         // readdirplus: a listing brings the attributes along (ls -l, find) when the kernel
         // thinks it helps.
         if self.writeback_cache {
@@ -186,7 +228,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -202,6 +244,20 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // A truncation by an unprivileged caller clears set-ID bits (the kernel leaves it to
+        // us under HANDLE_KILLPRIV_V2); a mode given with it is the caller's own choice.
+        let mut mode = mode;
+        if size.is_some() && mode.is_none() && self.kill_for(req) {
+            match self.volume.getattr(ino.0, None) {
+                Ok(st) => {
+                    let kill = crate::volume::privileged_bits(st.st_mode);
+                    if kill != 0 {
+                        mode = Some(st.st_mode & 0o7777 & !kill);
+                    }
+                }
+                Err(e) => return reply.error(errno(&e, "setattr")),
+            }
+        }
         let change = AttrChange {
             mode,
             uid,
@@ -343,7 +399,7 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.volume.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH),
             Err(e) => reply.error(errno(&e, "open")),
         }
     }
@@ -372,13 +428,19 @@ impl Filesystem for FuseAdapter {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.volume.write(ino.0, fh.0, offset, data) {
-            Ok(n) => reply.written(n),
+        let kill = self.killpriv && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.volume.write(ino.0, fh.0, offset, data, kill) {
+            Ok((n, mode_changed)) => {
+                if mode_changed {
+                    self.mode_changed(ino);
+                }
+                reply.written(n)
+            }
             Err(e) => reply.error(errno(&e, "write")),
         }
     }
@@ -391,8 +453,11 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Every write was durable on both sides before it was answered.
-        reply.ok();
+        // Every write was durable on both sides before it was answered: nothing to do at a
+        // close. ENOSYS tells the kernel so once (it stops sending FLUSH and returns success,
+        // after writing back its dirty pages under --writeback-cache); files are opened with
+        // FOPEN_NOFLUSH, so without the writeback cache this is not even asked once.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -420,7 +485,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         // Already durable: every mutation was in NVRAM on both machines before its reply.
-        reply.ok();
+        // ENOSYS makes the kernel answer every later fsync itself, with success, once it has
+        // written back its dirty pages (each such write is mirrored before it completes): one
+        // round trip through this daemon less per fsync.
+        reply.error(Errno::ENOSYS);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -516,7 +584,8 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // As for fsync: directory changes are durable on both sides when answered.
+        reply.error(Errno::ENOSYS);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -627,7 +696,7 @@ impl Filesystem for FuseAdapter {
                 &attr(&st),
                 self.generation(&st),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                FopenFlags::FOPEN_NOFLUSH,
             ),
             Err(e) => reply.error(errno(&e, "create")),
         }
@@ -635,7 +704,7 @@ impl Filesystem for FuseAdapter {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -643,15 +712,24 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.volume.fallocate(ino.0, fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
+        let kill = self.kill_for(req);
+        match self
+            .volume
+            .fallocate(ino.0, fh.0, offset, length, mode, kill)
+        {
+            Ok(mode_changed) => {
+                if mode_changed {
+                    self.mode_changed(ino);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(errno(&e, "fallocate")),
         }
     }
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -662,10 +740,16 @@ impl Filesystem for FuseAdapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let kill = self.kill_for(req);
         match self.volume.copy_file_range(
-            ino_in.0, fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len,
+            ino_in.0, fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len, kill,
         ) {
-            Ok(n) => reply.written(n.min(u32::MAX as u64) as u32),
+            Ok((n, mode_changed)) => {
+                if mode_changed {
+                    self.mode_changed(ino_out);
+                }
+                reply.written(n.min(u32::MAX as u64) as u32)
+            }
             Err(e) => reply.error(errno(&e, "copy_file_range")),
         }
     }

@@ -64,6 +64,19 @@ pub enum CpCommand {
 pub struct Sequencer {
     nvlog: NvLog<MmapStorage>,
     next_seq: u64,
+    /// Records were committed to the outbox since the link task was last woken: it is woken
+    /// once per transaction (and per seal), so the records of one operation (a write and its
+    /// times) leave in one message and the destination flushes them with one msync.
+    unsent: bool,
+}
+
+impl Sequencer {
+    /// Wake the link task if records were committed since the last wake-up.
+    fn wake_link(&mut self, outbox_ready: &Notify) {
+        if std::mem::take(&mut self.unsent) {
+            outbox_ready.notify_one();
+        }
+    }
 }
 
 /// Progress counters shared by FUSE threads, the flusher and the network tasks.
@@ -357,6 +370,7 @@ impl Mirror {
             seq: Mutex::new(Sequencer {
                 nvlog,
                 next_seq: last + 1,
+                unsent: false,
             }),
             partition_freed: Condvar::new(),
             progress: Mutex::new(Progress {
@@ -597,9 +611,11 @@ impl Mirror {
             }
             p.lagging_since = (p.acked < p.logged).then(Instant::now);
         }
-        self.progress_changed.notify_all();
         let acked = p.acked;
         drop(p);
+        // Notified after the lock is released: a waiter woken under it would only block again
+        // on the mutex (two more futex calls and a context switch per acknowledgement).
+        self.progress_changed.notify_all();
         self.acked_watch.send_if_modified(|a| {
             let changed = *a != acked;
             *a = acked;
@@ -863,6 +879,7 @@ impl Mirror {
         if !left.is_empty() {
             source.give_back(left);
         }
+        seq.wake_link(&self.outbox_ready);
     }
 
     /// Bookkeeping of a record logged (and applied): cursor, progress, flush range, outbox.
@@ -887,7 +904,7 @@ impl Mirror {
         lock(&self.outbox)
             .frames
             .push_back((seq_no, self.pool.freeze(buf)));
-        self.outbox_ready.notify_one();
+        seq.unsent = true;
         if let Some(leg) = self.async_leg.get() {
             leg.note_logged();
         }
@@ -1278,6 +1295,7 @@ impl Txn<'_> {
 impl Drop for Txn<'_> {
     fn drop(&mut self) {
         // Still under the sequencer lock (the guard field drops after this).
+        self.seq.wake_link(&self.mirror.outbox_ready);
         self.mirror
             .txn_gen
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);

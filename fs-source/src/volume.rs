@@ -120,9 +120,43 @@ pub struct Volume {
     no_caps: Mutex<(u64, std::collections::HashSet<u64>)>,
 }
 
-/// The attribute the kernel asks for before every write to a file (to drop file
-/// capabilities on a write).
+/// File capabilities: dropped at every write (by this daemon: see [`Volume::write`]), and
+/// asked for by the kernel before a write whenever it has refreshed a file's attributes.
 const CAPS_XATTR: &[u8] = b"security.capability";
+
+/// The set-ID bits of `mode` a content change by an unprivileged caller clears: set-user-ID,
+/// and set-group-ID when the group may execute (as the kernel's `setattr_should_drop_suidgid`);
+/// nothing for anything but a regular file.
+pub fn privileged_bits(mode: u32) -> u32 {
+    if mode & libc::S_IFMT != libc::S_IFREG {
+        return 0;
+    }
+    let mut kill = mode & libc::S_ISUID;
+    if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        kill |= libc::S_ISGID;
+    }
+    kill
+}
+
+/// Whether the open file `fd` has the extended attribute `name` (its length asked with a null
+/// buffer: nothing is read).
+fn fd_has_xattr(fd: &OwnedFd, name: &[u8]) -> FsResult<bool> {
+    use std::os::fd::AsRawFd;
+    let c_name = std::ffi::CString::new(name).map_err(|_| Errno::INVAL)?;
+    // SAFETY: the descriptor is open for the call; the name is NUL-terminated; a null buffer
+    // of size 0 asks for the length only.
+    let n = unsafe { libc::fgetxattr(fd.as_raw_fd(), c_name.as_ptr(), std::ptr::null_mut(), 0) };
+    if n >= 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO);
+    match e {
+        libc::ENODATA | libc::ENOTSUP => Ok(false),
+        e => Err(Errno::from_raw_os_error(e).into()),
+    }
+}
 /// At most this many inodes are remembered without capabilities (then it starts afresh).
 const NO_CAPS_MAX: usize = 1 << 16;
 
@@ -600,14 +634,33 @@ impl Volume {
 
     /// Write to an open file. Large writes are split into records that fit a partition; the
     /// reply waits for the last one (all earlier ones are then durable too).
-    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    ///
+    /// The kernel leaves dropping privileges on a write to this daemon (FUSE
+    /// `HANDLE_KILLPRIV_V2`, which spares a `security.capability` lookup before every write):
+    /// the first piece's transaction first removes the file's capabilities, if it has any,
+    /// and with `kill_suidgid` (a writer without CAP_FSETID) clears set-user-ID, and
+    /// set-group-ID when group-executable, each as a mirrored record, as the kernel's own
+    /// `file_remove_privs` would. Returns whether the mode changed (the caller then drops the
+    /// kernel's cached attributes before it replies).
+    pub fn write(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        kill_suidgid: bool,
+    ) -> FsResult<(u32, bool)> {
         let fd = self.file(fh)?;
         let chunk = self.mirror.max_record_data();
         let mut last = None;
+        let mut mode_changed = false;
         for (i, piece) in data.chunks(chunk.max(1)).enumerate() {
             let off = offset + (i * chunk) as u64;
             let mut txn = self.mirror.begin(RECORD_OVERHEAD + piece.len())?;
             let path = self.table().path(ino)?;
+            if i == 0 {
+                mode_changed = self.remove_privs(&mut txn, ino, &path, &fd, kill_suidgid)?;
+            }
             let handle = self.handle(Some(ino), &path, Some(&fd));
             txn.record(
                 |b| Op::encode_write_into(b, &path, off, piece, &handle),
@@ -619,7 +672,54 @@ impl Volume {
         if let Some(seq) = last {
             self.mirror.wait_durable(seq)?;
         }
-        Ok(data.len() as u32)
+        Ok((data.len() as u32, mode_changed))
+    }
+
+    /// What the kernel's `file_remove_privs` does before a write, as records of `txn`: drop
+    /// `security.capability` if the file has it, and with `kill_suidgid` clear set-user-ID and
+    /// (when group-executable) set-group-ID. Returns whether the mode changed.
+    fn remove_privs(
+        &self,
+        txn: &mut crate::mirror::Txn<'_>,
+        ino: u64,
+        path: &[u8],
+        fd: &OwnedFd,
+        kill_suidgid: bool,
+    ) -> FsResult<bool> {
+        if !self.known_without(ino, CAPS_XATTR) {
+            let epoch = self.mirror.xattr_epoch();
+            if fd_has_xattr(fd, CAPS_XATTR)? {
+                let op = Op::RemoveXattr {
+                    path: path.to_vec(),
+                    name: CAPS_XATTR.to_vec(),
+                };
+                let applied = txn.apply(&self.tree, &op);
+                self.mirror.xattrs_changed();
+                applied?;
+            } else {
+                self.note_without_caps(ino, epoch);
+            }
+        }
+        if !kill_suidgid {
+            return Ok(false);
+        }
+        let st = rustix::fs::fstat(fd)?;
+        let kill = privileged_bits(st.st_mode);
+        if kill == 0 {
+            return Ok(false);
+        }
+        let op = Op::SetAttr {
+            path: path.to_vec(),
+            mode: Some(st.st_mode & 0o7777 & !kill),
+            uid: None,
+            gid: None,
+            size: None,
+            atime: None,
+            mtime: None,
+            handle: Handle::none(),
+        };
+        txn.apply(&self.tree, &op)?;
+        Ok(true)
     }
 
     /// Close a file handle; the last close of an unlinked-while-open file removes its orphan.
@@ -1026,7 +1126,8 @@ impl Volume {
         Ok(out)
     }
 
-    /// fallocate (allocate, keep size, punch hole, zero range).
+    /// fallocate (allocate, keep size, punch hole, zero range); privileges dropped first as
+    /// for a write (`kill_suidgid`: the caller is not root). Returns whether the mode changed.
     pub fn fallocate(
         &self,
         ino: u64,
@@ -1034,10 +1135,12 @@ impl Volume {
         offset: u64,
         length: u64,
         mode: i32,
-    ) -> FsResult<()> {
+        kill_suidgid: bool,
+    ) -> FsResult<bool> {
         let fd = self.file(fh)?;
         let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
         let path = self.table().path(ino)?;
+        let mode_changed = self.remove_privs(&mut txn, ino, &path, &fd, kill_suidgid)?;
         let handle = self.handle(Some(ino), &path, Some(&fd));
         let op = Op::Fallocate {
             path,
@@ -1052,12 +1155,14 @@ impl Volume {
             || Ok(rustix::fs::fallocate(&*fd, flags, offset, length)?),
         )?;
         self.touched(&mut txn, &[ino]);
-        txn.finish()
+        txn.finish()?;
+        Ok(mode_changed)
     }
 
     /// copy_file_range between two open files of this volume: logged as the writes it makes
     /// (a copy re-applied after a power cut would read a source that later writes may already
-    /// have changed; a write carries its bytes).
+    /// have changed; a write carries its bytes), privileges dropped as for a write
+    /// (`kill_suidgid`). Returns the bytes copied and whether the target's mode changed.
     #[allow(clippy::too_many_arguments)]
     pub fn copy_file_range(
         &self,
@@ -1068,10 +1173,12 @@ impl Volume {
         fh_out: u64,
         off_out: u64,
         len: u64,
-    ) -> FsResult<u64> {
+        kill_suidgid: bool,
+    ) -> FsResult<(u64, bool)> {
         let src = self.file(fh_in)?;
         let chunk = self.mirror.max_record_data().max(1) as u64;
         let mut done = 0u64;
+        let mut mode_changed = false;
         let mut buf = Vec::new();
         while done < len {
             let want = (len - done).min(chunk) as usize;
@@ -1087,13 +1194,21 @@ impl Volume {
             if got == 0 {
                 break;
             }
-            self.write(ino_out, fh_out, off_out + done, &buf[..got])?;
+            let first = done == 0;
+            let (_, changed) = self.write(
+                ino_out,
+                fh_out,
+                off_out + done,
+                &buf[..got],
+                kill_suidgid && first,
+            )?;
+            mode_changed |= changed;
             done += got as u64;
             if got < want {
                 break;
             }
         }
-        Ok(done)
+        Ok((done, mode_changed))
     }
 }
 

@@ -171,4 +171,96 @@ fn a_write_drops_later_capabilities() {
         );
     }
     assert_eq!(fs::read(&f).expect("read tool"), b"v1\nv2\nv3\n");
+    h.cp();
+    let left = rustix::fs::getxattr(h.image().join("tool"), "security.capability", &mut buf);
+    assert_eq!(
+        left.err(),
+        Some(rustix::io::Errno::NODATA),
+        "the image still has the capabilities after a write"
+    );
+}
+
+/// Set-ID bits at a content change (the kernel leaves them to fs-source under FUSE
+/// `HANDLE_KILLPRIV_V2`): a write or a truncation by a user without CAP_FSETID clears
+/// set-user-ID, and set-group-ID when the group may execute, on the mount, the backing volume
+/// and the image; root's writes keep them, as does a set-group-ID file the group cannot execute.
+#[test]
+fn writes_clear_set_id_bits() {
+    const TEST: &str = "writes_clear_set_id_bits";
+    require_mount!(TEST);
+    let h = Harness::start(HarnessOptions::new(TEST));
+    let m = h.mnt();
+    let make = |name: &str, mode: u32| {
+        fs::write(m.join(name), b"v1\n").unwrap_or_else(|e| panic!("write {name}: {e}"));
+        fs::set_permissions(m.join(name), fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {name}: {e}"));
+    };
+    make("by-user", 0o6777);
+    make("by-root", 0o6777);
+    make("no-gexec", 0o2666);
+    make("truncated", 0o6777);
+    make("sized", 0o4777);
+
+    let out = run_as(
+        USER,
+        "echo x >> by-user && echo x >> no-gexec && truncate -s 0 truncated",
+        m,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        show_output("writes by uid 65534", &out)
+    );
+    let out = run_as(
+        USER,
+        "python3 -c \"import os; f=os.open('sized', os.O_WRONLY); os.posix_fallocate(f, 0, 1 << 16)\"",
+        m,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        show_output("fallocate by uid 65534", &out)
+    );
+    {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(m.join("by-root"))
+            .expect("open by-root");
+        f.write_all(b"root\n").expect("append as root");
+    }
+    let want = [
+        ("by-user", 0o0777),
+        ("by-root", 0o6777),
+        ("no-gexec", 0o2666),
+        ("truncated", 0o0777),
+        ("sized", 0o0777),
+    ];
+    let mode = |p: std::path::PathBuf| {
+        fs::metadata(&p)
+            .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
+            .mode()
+            & 0o7777
+    };
+    for (name, bits) in want {
+        assert_eq!(
+            mode(m.join(name)),
+            bits,
+            "{name}: mode on the mount after the change"
+        );
+        assert_eq!(
+            mode(h.backing().join(name)),
+            bits,
+            "{name}: mode on the backing volume"
+        );
+    }
+    h.cp();
+    for (name, bits) in want {
+        assert_eq!(
+            mode(h.image().join(name)),
+            bits,
+            "{name}: mode in the image"
+        );
+    }
+    assert_trees_equal_named(h.backing(), &h.image(), "backing", "image");
 }
