@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -18,20 +18,21 @@ use rustix::fs::Stat;
 use crate::error::FsError;
 use crate::volume::{AttrChange, Caller, SetTime, Volume};
 
-/// Attributes are cached by the kernel for a second: every change passes through this daemon,
+/// Attributes are cached by the kernel for a minute: every change passes through this daemon,
 /// and the kernel updates or drops its cached attributes for the operations it sends (a
 /// setattr's reply, a write, a link or unlink of the inode, a change in a directory). What the
-/// daemon does on its own does not change attributes a client sees: a file unlinked while open
-/// keeps living under a hidden name, whose removal at the last close concerns an inode no name
-/// leads to any more. Records fetched back from the destination at a reconnection are the
-/// exception: a client may see the attributes of before them for up to a second. FUSE inode
-/// numbers are the backing inode numbers, which the backing filesystem reuses: every entry
-/// carries the inode table's generation, bumped when a number is reused by a create, so the
-/// kernel never applies a removed inode's cached attributes to a new file of the same number.
-const ATTR_TTL: Duration = Duration::from_secs(1);
-/// Names may be cached briefly: every change to them passes through this daemon, and the
-/// kernel updates its dentry cache for the operations it sends.
-const ENTRY_TTL: Duration = Duration::from_secs(1);
+/// daemon changes on its own, it invalidates explicitly ([`Volume::attrs_changed`]): set-ID
+/// bits cleared at a write, the root directory when a file unlinked while open moves to its
+/// hidden name there or leaves it, and everything the kernel holds when records taken back
+/// from the destination were applied behind it ([`Volume::forget_cached`]). FUSE inode numbers
+/// are the backing inode numbers, which the backing filesystem reuses: every entry carries the
+/// inode table's generation, bumped when a number is reused by a create, so the kernel never
+/// applies a removed inode's cached attributes to a new file of the same number. (With a
+/// second, a delete of many files that were looked up more than a second before paid a LOOKUP
+/// and a GETATTR per file again.)
+const ATTR_TTL: Duration = Duration::from_secs(60);
+/// Names are cached as long, for the same reasons.
+const ENTRY_TTL: Duration = Duration::from_secs(60);
 
 /// The fuser `Filesystem` over a [`Volume`].
 pub struct FuseAdapter {
@@ -42,9 +43,6 @@ pub struct FuseAdapter {
     /// `HANDLE_KILLPRIV_V2`, negotiated at init): it then stops asking for
     /// `security.capability` before every write, one round trip less per write.
     killpriv: bool,
-    /// For invalidating the kernel's cached attributes of an inode this daemon changed on its
-    /// own (set once the session exists).
-    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl FuseAdapter {
@@ -54,18 +52,12 @@ impl FuseAdapter {
 
     /// Wrap a volume; with `writeback_cache`, writes return once in the kernel's page cache
     /// and are mirrored when the kernel writes them back, at the latest at fsync or close.
-    /// `notifier` is filled in once the FUSE session is made.
-    pub fn new(
-        volume: Arc<Volume>,
-        writeback_cache: bool,
-        notifier: Arc<OnceLock<fuser::Notifier>>,
-    ) -> Self {
+    pub fn new(volume: Arc<Volume>, writeback_cache: bool) -> Self {
         volume.set_writeback_cache(writeback_cache);
         FuseAdapter {
             volume,
             writeback_cache,
             killpriv: false,
-            notifier,
         }
     }
 
@@ -81,11 +73,7 @@ impl FuseAdapter {
     /// kernel's cached attributes before replying, so that no permission check or exec uses
     /// the old mode.
     fn mode_changed(&self, ino: INodeNo) {
-        if let Some(n) = self.notifier.get() {
-            if let Err(e) = n.inval_inode(ino, -1, 0) {
-                tracing::warn!("invalidating the attributes of inode {}: {e}", ino.0);
-            }
-        }
+        self.volume.attrs_changed(ino.0);
     }
 }
 

@@ -11,11 +11,14 @@ use crate::error::{FsError, FsResult};
 /// FUSE's root inode number.
 pub const ROOT: u64 = 1;
 
+/// The names of one inode: (parent inode, name).
+pub type Names = Vec<(u64, Vec<u8>)>;
+
 /// What the table knows about one inode.
 #[derive(Debug, Default)]
 pub struct Node {
     /// Known names: (parent inode, name). The first is used to build paths.
-    pub names: Vec<(u64, Vec<u8>)>,
+    pub names: Names,
     /// Kernel lookup count (dropped by `forget`).
     pub lookups: u64,
     /// Open file handles.
@@ -40,6 +43,15 @@ pub struct InodeTable {
 }
 
 impl InodeTable {
+    /// Every inode the kernel may hold, with its known names (for dropping what the kernel
+    /// caches of them all).
+    pub fn known(&self) -> Vec<(u64, Names)> {
+        self.nodes
+            .iter()
+            .map(|(ino, n)| (*ino, n.names.clone()))
+            .collect()
+    }
+
     /// A table whose root is the backing directory with inode number `root_backing_ino`.
     pub fn new(root_backing_ino: u64) -> Self {
         let mut nodes = HashMap::new();

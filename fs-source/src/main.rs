@@ -1043,14 +1043,17 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(args.threads.max(1));
     config.clone_fd = true;
-    let notifier = Arc::new(std::sync::OnceLock::new());
     let session = fuser::Session::new(
-        fuse::FuseAdapter::new(volume, args.writeback_cache, notifier.clone()),
+        fuse::FuseAdapter::new(volume.clone(), args.writeback_cache),
         &args.mountpoint,
         &config,
     )
     .with_context(|| format!("mounting {}", args.mountpoint.display()))?;
-    let _ = notifier.set(session.notifier());
+    volume.set_notifier(session.notifier());
+    {
+        let volume = volume.clone();
+        mirror.on_adopted(Box::new(move || volume.forget_cached()));
+    }
     let bg = session.spawn().context("starting the FUSE session")?;
     println!("fs-source: mounted {}", args.mountpoint.display());
     use std::io::Write;

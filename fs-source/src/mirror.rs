@@ -284,6 +284,9 @@ pub struct Mirror {
     /// or removexattr through the mount, records taken back from the destination): what
     /// the volume remembers about absent attributes is valid only within one epoch.
     xattr_epoch: std::sync::atomic::AtomicU64,
+    /// Called after records were taken back from the destination and applied to the backing
+    /// volume behind the kernel (it drops what the kernel caches).
+    adopted: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -396,6 +399,7 @@ impl Mirror {
             txn_gen: std::sync::atomic::AtomicU64::new(0),
             pool: proto::pool::BufPool::new(POOL_SPARE_BYTES, max_record + POOL_SLACK),
             xattr_epoch: std::sync::atomic::AtomicU64::new(0),
+            adopted: std::sync::OnceLock::new(),
         });
         Ok((mirror, cp_rx, replay))
     }
@@ -1148,7 +1152,15 @@ impl Mirror {
             last = f.header.seq;
         }
         self.flush_through(last).map_err(|e| e.to_string())?;
+        if let Some(hook) = self.adopted.get() {
+            hook();
+        }
         Ok(last)
+    }
+
+    /// Install what runs after records were taken back from the destination (see `adopted`).
+    pub fn on_adopted(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.adopted.set(hook);
     }
 
     /// Mark every replayed record as applied (after start-up recovery).

@@ -118,6 +118,9 @@ pub struct Volume {
     /// Inodes known to have no `security.capability`, and the extended-attribute epoch of
     /// the mirror in which that was seen (see [`Volume::getxattr_len`]).
     no_caps: Mutex<(u64, std::collections::HashSet<u64>)>,
+    /// For dropping what the kernel caches (attributes, names, pages) when this daemon changes
+    /// the volume on its own; set once the FUSE session exists.
+    notifier: std::sync::OnceLock<fuser::Notifier>,
 }
 
 /// File capabilities: dropped at every write (by this daemon: see [`Volume::write`]), and
@@ -176,7 +179,67 @@ impl Volume {
             baseline: std::sync::OnceLock::new(),
             writeback_cache: std::sync::atomic::AtomicBool::new(false),
             no_caps: Mutex::new((0, std::collections::HashSet::new())),
+            notifier: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Install the FUSE session's notifier (see [`Volume::attrs_changed`]).
+    pub fn set_notifier(&self, notifier: fuser::Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// The daemon changed `ino`'s attributes on its own (not as the reply to the request the
+    /// kernel sent): drop the kernel's cached attributes, so that nothing (a permission check,
+    /// an exec, a stat) uses the old ones. Takes no lock the kernel could hold: safe from a
+    /// request handler.
+    pub fn attrs_changed(&self, ino: u64) {
+        if let Some(n) = self.notifier.get() {
+            match n.inval_inode(fuser::INodeNo(ino), -1, 0) {
+                Ok(()) => {}
+                // The kernel no longer holds the inode: nothing cached.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => tracing::warn!("invalidating the attributes of inode {ino}: {e}"),
+            }
+        }
+    }
+
+    /// Records were applied to the backing volume behind the kernel's back (taken back from
+    /// the destination at a reconnection): drop every name, attribute and page the kernel
+    /// caches of the inodes it holds. Runs on a thread of its own: an invalidation of a name
+    /// waits for the directory's lock, which a request waiting for the link may hold.
+    pub fn forget_cached(self: &Arc<Self>) {
+        if self.notifier.get().is_none() {
+            return;
+        }
+        let volume = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nvmirror-inval".into())
+            .spawn(move || {
+                let Some(n) = volume.notifier.get() else {
+                    return;
+                };
+                let known = volume.table().known();
+                // ENOENT: the kernel holds no such name or inode any more (nothing cached).
+                let failed_one = |r: std::io::Result<()>| {
+                    matches!(r, Err(e) if e.raw_os_error() != Some(libc::ENOENT))
+                };
+                let mut failed = 0usize;
+                for (ino, names) in &known {
+                    for (parent, name) in names {
+                        let r = n.inval_entry(fuser::INodeNo(*parent), OsStr::from_bytes(name));
+                        failed += usize::from(failed_one(r));
+                    }
+                    failed += usize::from(failed_one(n.inval_inode(fuser::INodeNo(*ino), 0, 0)));
+                }
+                tracing::info!(
+                    inodes = known.len(),
+                    failed,
+                    "dropped the kernel's cache after records were applied behind it"
+                );
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the cache invalidation thread: {e}");
+        }
     }
 
     /// Serve with the kernel's writeback cache (see `--writeback-cache`).
@@ -584,6 +647,7 @@ impl Volume {
         };
         let access = self.access(flags);
         let seq = txn.next_seq();
+        let caps_epoch = self.mirror.xattr_epoch();
         let fd = txn.record(
             |b| op.encode_into(b),
             || {
@@ -600,6 +664,9 @@ impl Volume {
             drop(t);
             self.touched(&mut txn, &[st.st_ino, parent]);
         }
+        // A new file has no capabilities: the kernel's question before its first write is
+        // answered from memory.
+        self.note_without_caps(st.st_ino, caps_epoch);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.files).insert(fh, (st.st_ino, Arc::new(fd)));
         txn.finish()?;
@@ -749,6 +816,7 @@ impl Volume {
                 txn.apply(&self.tree, &op)?;
                 self.table().remove_name(ROOT, &name);
                 self.touched(&mut txn, &[ROOT]);
+                self.attrs_changed(ROOT);
             }
         }
         txn.finish()
@@ -807,6 +875,8 @@ impl Volume {
         txn.apply(&self.tree, &op)?;
         self.table().renamed(parent, name, ROOT, &orphan);
         self.touched(txn, &[ROOT, parent]);
+        // The kernel saw an unlink in `parent`; the root changed too (a hidden name came).
+        self.attrs_changed(ROOT);
         Ok(Some(orphan))
     }
 
