@@ -775,16 +775,7 @@ impl Volume {
         if kill == 0 {
             return Ok(false);
         }
-        let op = Op::SetAttr {
-            path: path.to_vec(),
-            mode: Some(st.st_mode & 0o7777 & !kill),
-            uid: None,
-            gid: None,
-            size: None,
-            atime: None,
-            mtime: None,
-            handle: Handle::none(),
-        };
+        let op = Op::chmod(path.to_vec(), st.st_mode & 0o7777 & !kill);
         txn.apply(&self.tree, &op)?;
         Ok(true)
     }

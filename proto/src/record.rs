@@ -294,6 +294,21 @@ pub enum Entry {
 }
 
 impl Op {
+    /// `SetAttr` of the permission bits only (a chmod; the source's own at a write that drops
+    /// set-ID bits).
+    pub fn chmod(path: RelPath, mode: u32) -> Op {
+        Op::SetAttr {
+            path,
+            mode: Some(mode),
+            uid: None,
+            gid: None,
+            size: None,
+            atime: None,
+            mtime: None,
+            handle: Handle::none(),
+        }
+    }
+
     /// `SetAttr` of the access and modification times only: what the source logs so that the
     /// image gets its times (replaying a record stamps the replay's time).
     pub fn times(path: RelPath, atime: Timestamp, mtime: Timestamp) -> Op {

@@ -617,16 +617,7 @@ mod tests {
                         continue;
                     };
                     if r(2) == 0 {
-                        Op::SetAttr {
-                            path,
-                            mode: Some(0o600 + r(8) as u32),
-                            uid: None,
-                            gid: None,
-                            size: None,
-                            atime: None,
-                            mtime: None,
-                            handle: Handle::none(),
-                        }
+                        Op::chmod(path, 0o600 + r(8) as u32)
                     } else {
                         Op::SetXattr {
                             path,

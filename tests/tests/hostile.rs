@@ -373,16 +373,7 @@ fn hostile_records_never_reach_outside_the_image() {
                 uid: 0,
                 gid: 0,
             },
-            Op::SetAttr {
-                path: Vec::new(),
-                mode: Some(0o777),
-                uid: None,
-                gid: None,
-                size: None,
-                atime: None,
-                mtime: None,
-                handle: Handle::none(),
-            },
+            Op::chmod(Vec::new(), 0o777),
         ];
         let mut batch = Vec::new();
         for (i, op) in ops.iter().enumerate() {
