@@ -16,7 +16,7 @@ use fuser::{
 use rustix::fs::Stat;
 
 use crate::error::FsError;
-use crate::volume::{AttrChange, Caller, SetTime, Volume};
+use crate::volume::{AttrChange, Caller, SetTime, Unprivileged, Volume};
 
 /// Attributes are cached by the kernel for a minute: every change passes through this daemon,
 /// and the kernel updates or drops its cached attributes for the operations it sends (a
@@ -61,19 +61,15 @@ impl FuseAdapter {
         }
     }
 
-    /// Whether a content change by this caller must clear set-ID bits, where the kernel does
+    /// The caller of a content change, when it must clear set-ID bits where the kernel does
     /// not say (truncate, fallocate, copy_file_range): the kernel's rule is "the caller lacks
     /// CAP_FSETID", which a FUSE request does not carry; a caller other than root is taken to
     /// lack it.
-    fn kill_for(&self, req: &Request) -> bool {
-        self.killpriv && req.uid() != 0
-    }
-
-    /// The daemon changed `ino`'s mode on its own (set-ID bits cleared at a write): drop the
-    /// kernel's cached attributes before replying, so that no permission check or exec uses
-    /// the old mode.
-    fn mode_changed(&self, ino: INodeNo) {
-        self.volume.attrs_changed(ino.0);
+    fn unprivileged(&self, req: &Request) -> Option<Unprivileged> {
+        (self.killpriv && req.uid() != 0).then(|| Unprivileged {
+            gid: req.gid(),
+            pid: req.pid(),
+        })
     }
 }
 
@@ -232,21 +228,8 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // A truncation by an unprivileged caller clears set-ID bits (the kernel leaves it to
-        // us under HANDLE_KILLPRIV_V2); a mode given with it is the caller's own choice.
-        let mut mode = mode;
-        if size.is_some() && mode.is_none() && self.kill_for(req) {
-            match self.volume.getattr(ino.0, None) {
-                Ok(st) => {
-                    let kill = crate::volume::privileged_bits(st.st_mode);
-                    if kill != 0 {
-                        mode = Some(st.st_mode & 0o7777 & !kill);
-                    }
-                }
-                Err(e) => return reply.error(errno(&e, "setattr")),
-            }
-        }
         let change = AttrChange {
+            unprivileged: self.unprivileged(req),
             mode,
             uid,
             gid,
@@ -411,7 +394,7 @@ impl Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -421,14 +404,13 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let kill = self.killpriv && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.volume.write(ino.0, fh.0, offset, data, kill) {
-            Ok((n, mode_changed)) => {
-                if mode_changed {
-                    self.mode_changed(ino);
-                }
-                reply.written(n)
-            }
+        let who = (self.killpriv && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID))
+            .then(|| Unprivileged {
+                gid: req.gid(),
+                pid: req.pid(),
+            });
+        match self.volume.write(ino.0, fh.0, offset, data, who) {
+            Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e, "write")),
         }
     }
@@ -700,17 +682,11 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let kill = self.kill_for(req);
         match self
             .volume
-            .fallocate(ino.0, fh.0, offset, length, mode, kill)
+            .fallocate(ino.0, fh.0, offset, length, mode, self.unprivileged(req))
         {
-            Ok(mode_changed) => {
-                if mode_changed {
-                    self.mode_changed(ino);
-                }
-                reply.ok()
-            }
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "fallocate")),
         }
     }
@@ -728,16 +704,17 @@ impl Filesystem for FuseAdapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let kill = self.kill_for(req);
         match self.volume.copy_file_range(
-            ino_in.0, fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len, kill,
+            ino_in.0,
+            fh_in.0,
+            offset_in,
+            ino_out.0,
+            fh_out.0,
+            offset_out,
+            len,
+            self.unprivileged(req),
         ) {
-            Ok((n, mode_changed)) => {
-                if mode_changed {
-                    self.mode_changed(ino_out);
-                }
-                reply.written(n.min(u32::MAX as u64) as u32)
-            }
+            Ok(n) => reply.written(n.min(u32::MAX as u64) as u32),
             Err(e) => reply.error(errno(&e, "copy_file_range")),
         }
     }

@@ -1144,6 +1144,11 @@ impl Mirror {
                                 "re-applying a record sent back: {e}"
                             );
                         }
+                        if matches!(op, Op::SetXattr { .. } | Op::RemoveXattr { .. }) {
+                            // At once, not only when adopting ends: a write meanwhile must not
+                            // trust a "no capabilities" seen before this record.
+                            self.xattrs_changed();
+                        }
                     }
                     Ok(())
                 },

@@ -60,6 +60,8 @@ pub struct AttrChange {
     pub atime: Option<SetTime>,
     /// New mtime.
     pub mtime: Option<SetTime>,
+    /// A truncation by this caller (without CAP_FSETID) clears set-ID bits.
+    pub unprivileged: Option<Unprivileged>,
 }
 
 /// One directory entry of a directory handle.
@@ -127,15 +129,45 @@ pub struct Volume {
 /// asked for by the kernel before a write whenever it has refreshed a file's attributes.
 const CAPS_XATTR: &[u8] = b"security.capability";
 
-/// The set-ID bits of `mode` a content change by an unprivileged caller clears: set-user-ID,
-/// and set-group-ID when the group may execute (as the kernel's `setattr_should_drop_suidgid`);
-/// nothing for anything but a regular file.
-pub fn privileged_bits(mode: u32) -> u32 {
+/// Who changes a file's content without CAP_FSETID (the kernel's `FUSE_WRITE_KILL_SUIDGID`
+/// for a write; for a truncation, fallocate or copy_file_range a caller other than root):
+/// what the set-ID rule needs to know of them.
+#[derive(Debug, Clone, Copy)]
+pub struct Unprivileged {
+    /// The caller's group.
+    pub gid: u32,
+    /// The calling process, whose supplementary groups count too.
+    pub pid: u32,
+}
+
+impl Unprivileged {
+    /// Whether the caller is in group `gid` (its own group or a supplementary one, read from
+    /// `/proc/PID/status`; a process that is gone counts as not in the group, which clears the
+    /// bit: the safe side).
+    fn in_group(&self, gid: u32) -> bool {
+        if self.gid == gid {
+            return true;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid)) else {
+            return false;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+    }
+}
+
+/// The set-ID bits of a regular file (`st`) a content change by `who` (without CAP_FSETID)
+/// clears, as the kernel's `setattr_should_drop_suidgid` since Linux 6.2: set-user-ID always;
+/// set-group-ID when the group may execute, or when `who` is not in the file's group.
+pub fn privileged_bits(st: &Stat, who: &Unprivileged) -> u32 {
+    let mode = st.st_mode;
     if mode & libc::S_IFMT != libc::S_IFREG {
         return 0;
     }
     let mut kill = mode & libc::S_ISUID;
-    if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !who.in_group(st.st_gid)) {
         kill |= libc::S_ISGID;
     }
     kill
@@ -491,9 +523,21 @@ impl Volume {
     pub fn setattr(&self, ino: u64, change: AttrChange) -> FsResult<Stat> {
         let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
         let path = self.table().path(ino)?;
+        // A truncation by an unprivileged caller clears set-ID bits (the kernel leaves it to
+        // us under HANDLE_KILLPRIV_V2), decided under the sequencer lock so that no chmod
+        // runs between reading the mode and writing it back; a mode given with it is the
+        // caller's own choice.
+        let mut mode = change.mode;
+        if let (Some(_), None, Some(who)) = (change.size, mode, change.unprivileged) {
+            let st = self.tree.stat(&path)?;
+            let kill = privileged_bits(&st, &who);
+            if kill != 0 {
+                mode = Some(st.st_mode & 0o7777 & !kill);
+            }
+        }
         let op = Op::SetAttr {
             path: path.clone(),
-            mode: change.mode.map(|m| m & 0o7777),
+            mode: mode.map(|m| m & 0o7777),
             uid: change.uid,
             gid: change.gid,
             size: change.size,
@@ -705,28 +749,25 @@ impl Volume {
     /// The kernel leaves dropping privileges on a write to this daemon (FUSE
     /// `HANDLE_KILLPRIV_V2`, which spares a `security.capability` lookup before every write):
     /// the first piece's transaction first removes the file's capabilities, if it has any,
-    /// and with `kill_suidgid` (a writer without CAP_FSETID) clears set-user-ID, and
-    /// set-group-ID when group-executable, each as a mirrored record, as the kernel's own
-    /// `file_remove_privs` would. Returns whether the mode changed (the caller then drops the
-    /// kernel's cached attributes before it replies).
+    /// and for an `unprivileged` writer clears the set-ID bits the kernel's own
+    /// `file_remove_privs` would, each as a mirrored record (see [`Volume::remove_privs`]).
     pub fn write(
         &self,
         ino: u64,
         fh: u64,
         offset: u64,
         data: &[u8],
-        kill_suidgid: bool,
-    ) -> FsResult<(u32, bool)> {
+        unprivileged: Option<Unprivileged>,
+    ) -> FsResult<u32> {
         let fd = self.file(fh)?;
         let chunk = self.mirror.max_record_data();
         let mut last = None;
-        let mut mode_changed = false;
         for (i, piece) in data.chunks(chunk.max(1)).enumerate() {
             let off = offset + (i * chunk) as u64;
             let mut txn = self.mirror.begin(RECORD_OVERHEAD + piece.len())?;
             let path = self.table().path(ino)?;
             if i == 0 {
-                mode_changed = self.remove_privs(&mut txn, ino, &path, &fd, kill_suidgid)?;
+                self.remove_privs(&mut txn, ino, &path, &fd, unprivileged)?;
             }
             let handle = self.handle(Some(ino), &path, Some(&fd));
             txn.record(
@@ -739,20 +780,22 @@ impl Volume {
         if let Some(seq) = last {
             self.mirror.wait_durable(seq)?;
         }
-        Ok((data.len() as u32, mode_changed))
+        Ok(data.len() as u32)
     }
 
     /// What the kernel's `file_remove_privs` does before a write, as records of `txn`: drop
-    /// `security.capability` if the file has it, and with `kill_suidgid` clear set-user-ID and
-    /// (when group-executable) set-group-ID. Returns whether the mode changed.
+    /// `security.capability` if the file has it, and for an `unprivileged` writer clear the
+    /// set-ID bits [`privileged_bits`] names. A cleared bit is invalidated in the kernel's
+    /// cache at once, before anything else of the operation can fail: the kernel must never
+    /// exec the file with the old mode.
     fn remove_privs(
         &self,
         txn: &mut crate::mirror::Txn<'_>,
         ino: u64,
         path: &[u8],
         fd: &OwnedFd,
-        kill_suidgid: bool,
-    ) -> FsResult<bool> {
+        unprivileged: Option<Unprivileged>,
+    ) -> FsResult<()> {
         if !self.known_without(ino, CAPS_XATTR) {
             let epoch = self.mirror.xattr_epoch();
             if fd_has_xattr(fd, CAPS_XATTR)? {
@@ -767,17 +810,18 @@ impl Volume {
                 self.note_without_caps(ino, epoch);
             }
         }
-        if !kill_suidgid {
-            return Ok(false);
-        }
+        let Some(who) = unprivileged else {
+            return Ok(());
+        };
         let st = rustix::fs::fstat(fd)?;
-        let kill = privileged_bits(st.st_mode);
+        let kill = privileged_bits(&st, &who);
         if kill == 0 {
-            return Ok(false);
+            return Ok(());
         }
         let op = Op::chmod(path.to_vec(), st.st_mode & 0o7777 & !kill);
         txn.apply(&self.tree, &op)?;
-        Ok(true)
+        self.attrs_changed(ino);
+        Ok(())
     }
 
     /// Close a file handle; the last close of an unlinked-while-open file removes its orphan.
@@ -1077,6 +1121,9 @@ impl Volume {
         let applied = txn.apply(&self.tree, &op);
         self.mirror.xattrs_changed();
         applied?;
+        // An access ACL (`system.posix_acl_access`) rewrites the mode's group bits, which the
+        // kernel's permission checks read from its cache.
+        self.attrs_changed(ino);
         txn.finish()
     }
 
@@ -1094,6 +1141,7 @@ impl Volume {
         let applied = txn.apply(&self.tree, &op);
         self.mirror.xattrs_changed();
         applied?;
+        self.attrs_changed(ino);
         txn.finish()
     }
 
@@ -1188,7 +1236,8 @@ impl Volume {
     }
 
     /// fallocate (allocate, keep size, punch hole, zero range); privileges dropped first as
-    /// for a write (`kill_suidgid`: the caller is not root). Returns whether the mode changed.
+    /// for a write.
+    #[allow(clippy::too_many_arguments)]
     pub fn fallocate(
         &self,
         ino: u64,
@@ -1196,12 +1245,12 @@ impl Volume {
         offset: u64,
         length: u64,
         mode: i32,
-        kill_suidgid: bool,
-    ) -> FsResult<bool> {
+        unprivileged: Option<Unprivileged>,
+    ) -> FsResult<()> {
         let fd = self.file(fh)?;
         let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
         let path = self.table().path(ino)?;
-        let mode_changed = self.remove_privs(&mut txn, ino, &path, &fd, kill_suidgid)?;
+        self.remove_privs(&mut txn, ino, &path, &fd, unprivileged)?;
         let handle = self.handle(Some(ino), &path, Some(&fd));
         let op = Op::Fallocate {
             path,
@@ -1216,14 +1265,12 @@ impl Volume {
             || Ok(rustix::fs::fallocate(&*fd, flags, offset, length)?),
         )?;
         self.touched(&mut txn, &[ino]);
-        txn.finish()?;
-        Ok(mode_changed)
+        txn.finish()
     }
 
     /// copy_file_range between two open files of this volume: logged as the writes it makes
     /// (a copy re-applied after a power cut would read a source that later writes may already
-    /// have changed; a write carries its bytes), privileges dropped as for a write
-    /// (`kill_suidgid`). Returns the bytes copied and whether the target's mode changed.
+    /// have changed; a write carries its bytes), privileges dropped as for a write.
     #[allow(clippy::too_many_arguments)]
     pub fn copy_file_range(
         &self,
@@ -1234,12 +1281,11 @@ impl Volume {
         fh_out: u64,
         off_out: u64,
         len: u64,
-        kill_suidgid: bool,
-    ) -> FsResult<(u64, bool)> {
+        unprivileged: Option<Unprivileged>,
+    ) -> FsResult<u64> {
         let src = self.file(fh_in)?;
         let chunk = self.mirror.max_record_data().max(1) as u64;
         let mut done = 0u64;
-        let mut mode_changed = false;
         let mut buf = Vec::new();
         while done < len {
             let want = (len - done).min(chunk) as usize;
@@ -1255,21 +1301,14 @@ impl Volume {
             if got == 0 {
                 break;
             }
-            let first = done == 0;
-            let (_, changed) = self.write(
-                ino_out,
-                fh_out,
-                off_out + done,
-                &buf[..got],
-                kill_suidgid && first,
-            )?;
-            mode_changed |= changed;
+            let who = if done == 0 { unprivileged } else { None };
+            self.write(ino_out, fh_out, off_out + done, &buf[..got], who)?;
             done += got as u64;
             if got < want {
                 break;
             }
         }
-        Ok((done, mode_changed))
+        Ok(done)
     }
 }
 
@@ -1333,5 +1372,62 @@ impl crate::mirror::SealTimes for ChangedTimes {
         if let Some(v) = self.0.upgrade() {
             lock(&v.changed).extend(inodes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat_of(mode: u32, gid: u32) -> Stat {
+        // SAFETY: `Stat` is a plain C struct; all zeros is a valid value.
+        let mut st: Stat = unsafe { std::mem::zeroed() };
+        st.st_mode = mode;
+        st.st_gid = gid;
+        st
+    }
+
+    #[test]
+    fn set_id_bits_cleared_as_linux_does() {
+        // This process: its own group and its supplementary groups count as membership.
+        let me = Unprivileged {
+            gid: 4242,
+            pid: std::process::id(),
+        };
+        let reg = libc::S_IFREG;
+        assert_eq!(
+            privileged_bits(&stat_of(reg | 0o4755, 4242), &me),
+            libc::S_ISUID
+        );
+        assert_eq!(
+            privileged_bits(&stat_of(reg | 0o6775, 4242), &me),
+            libc::S_ISUID | libc::S_ISGID,
+            "set-group-ID with group execute: cleared for a member too"
+        );
+        assert_eq!(
+            privileged_bits(&stat_of(reg | 0o2664, 4242), &me),
+            0,
+            "set-group-ID without group execute, writer in the group: kept"
+        );
+        assert_eq!(
+            privileged_bits(&stat_of(reg | 0o2664, 4243), &me),
+            libc::S_ISGID,
+            "set-group-ID without group execute, writer not in the group: cleared"
+        );
+        assert_eq!(privileged_bits(&stat_of(reg | 0o0777, 4243), &me), 0);
+        assert_eq!(
+            privileged_bits(&stat_of(libc::S_IFDIR | 0o2775, 4243), &me),
+            0,
+            "directories keep their set-group-ID"
+        );
+        let gone = Unprivileged {
+            gid: 1,
+            pid: u32::MAX,
+        };
+        assert_eq!(
+            privileged_bits(&stat_of(reg | 0o2664, 4242), &gone),
+            libc::S_ISGID,
+            "a caller whose groups cannot be read is taken as not in the group"
+        );
     }
 }

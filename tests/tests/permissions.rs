@@ -183,7 +183,9 @@ fn a_write_drops_later_capabilities() {
 /// Set-ID bits at a content change (the kernel leaves them to fs-source under FUSE
 /// `HANDLE_KILLPRIV_V2`): a write or a truncation by a user without CAP_FSETID clears
 /// set-user-ID, and set-group-ID when the group may execute, on the mount, the backing volume
-/// and the image; root's writes keep them, as does a set-group-ID file the group cannot execute.
+/// and the image, set-group-ID also when the writer is not in the file's group (Linux 6.2 and
+/// later); root's writes keep them, as does a set-group-ID file the group cannot execute
+/// written by a member of its group.
 #[test]
 fn writes_clear_set_id_bits() {
     const TEST: &str = "writes_clear_set_id_bits";
@@ -198,12 +200,16 @@ fn writes_clear_set_id_bits() {
     make("by-user", 0o6777);
     make("by-root", 0o6777);
     make("no-gexec", 0o2666);
+    make("member", 0o2666);
+    std::os::unix::fs::lchown(m.join("member"), Some(USER), Some(USER)).expect("chown member");
+    fs::set_permissions(m.join("member"), fs::Permissions::from_mode(0o2666))
+        .expect("chmod member");
     make("truncated", 0o6777);
     make("sized", 0o4777);
 
     let out = run_as(
         USER,
-        "echo x >> by-user && echo x >> no-gexec && truncate -s 0 truncated",
+        "echo x >> by-user && echo x >> no-gexec && echo x >> member && truncate -s 0 truncated",
         m,
     );
     assert!(
@@ -232,7 +238,8 @@ fn writes_clear_set_id_bits() {
     let want = [
         ("by-user", 0o0777),
         ("by-root", 0o6777),
-        ("no-gexec", 0o2666),
+        ("no-gexec", 0o0666),
+        ("member", 0o2666),
         ("truncated", 0o0777),
         ("sized", 0o0777),
     ];
