@@ -1052,7 +1052,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     volume.set_notifier(session.notifier());
     {
         let volume = volume.clone();
-        mirror.on_adopted(Box::new(move || volume.forget_cached()));
+        mirror.on_cache_stale(Box::new(move || volume.forget_cached()));
     }
     let bg = session.spawn().context("starting the FUSE session")?;
     println!("fs-source: mounted {}", args.mountpoint.display());

@@ -284,9 +284,13 @@ pub struct Mirror {
     /// or removexattr through the mount, records taken back from the destination): what
     /// the volume remembers about absent attributes is valid only within one epoch.
     xattr_epoch: std::sync::atomic::AtomicU64,
-    /// Called after records were taken back from the destination and applied to the backing
-    /// volume behind the kernel (it drops what the kernel caches).
-    adopted: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Called when the backing volume changed in a way the kernel's caches do not know of
+    /// (it drops what the kernel caches): records taken back from the destination were
+    /// applied, or an operation applied here was answered with an error because it could not
+    /// be confirmed as mirrored. At most once a second for the latter.
+    cache_stale: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// When `cache_stale` last ran for an unconfirmed operation.
+    last_unconfirmed: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -399,7 +403,8 @@ impl Mirror {
             txn_gen: std::sync::atomic::AtomicU64::new(0),
             pool: proto::pool::BufPool::new(POOL_SPARE_BYTES, max_record + POOL_SLACK),
             xattr_epoch: std::sync::atomic::AtomicU64::new(0),
-            adopted: std::sync::OnceLock::new(),
+            cache_stale: std::sync::OnceLock::new(),
+            last_unconfirmed: Mutex::new(None),
         });
         Ok((mirror, cp_rx, replay))
     }
@@ -489,6 +494,14 @@ impl Mirror {
     /// Wait until `seq` is flushed in the local NVRAM and acknowledged by the destination (or
     /// the policy says to go on without it). Leads the flush when no one else does (group commit).
     pub fn wait_durable(&self, seq: u64) -> Result<(), FsError> {
+        let r = self.wait_durable_inner(seq);
+        if r.is_err() {
+            self.unconfirmed();
+        }
+        r
+    }
+
+    fn wait_durable_inner(&self, seq: u64) -> Result<(), FsError> {
         let started = Instant::now();
         let mut p = lock(&self.progress);
         loop {
@@ -1157,15 +1170,32 @@ impl Mirror {
             last = f.header.seq;
         }
         self.flush_through(last).map_err(|e| e.to_string())?;
-        if let Some(hook) = self.adopted.get() {
+        if let Some(hook) = self.cache_stale.get() {
             hook();
         }
         Ok(last)
     }
 
-    /// Install what runs after records were taken back from the destination (see `adopted`).
-    pub fn on_adopted(&self, hook: Box<dyn Fn() + Send + Sync>) {
-        let _ = self.adopted.set(hook);
+    /// Install what runs when the kernel's caches may be stale (see `cache_stale`).
+    pub fn on_cache_stale(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.cache_stale.set(hook);
+    }
+
+    /// An operation was applied to the backing volume but its caller gets an error (not
+    /// mirrored in time, the mirror stopped, the NVRAM flush failed): the kernel keeps what it
+    /// cached of before, which it would otherwise keep for a minute.
+    fn unconfirmed(&self) {
+        let Some(hook) = self.cache_stale.get() else {
+            return;
+        };
+        {
+            let mut last = lock(&self.last_unconfirmed);
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        hook();
     }
 
     /// Mark every replayed record as applied (after start-up recovery).

@@ -235,9 +235,10 @@ impl Volume {
         }
     }
 
-    /// Records were applied to the backing volume behind the kernel's back (taken back from
-    /// the destination at a reconnection): drop every name, attribute and page the kernel
-    /// caches of the inodes it holds. Runs on a thread of its own: an invalidation of a name
+    /// The backing volume changed behind the kernel's back (records taken back from the
+    /// destination at a reconnection were applied, or an operation was applied but answered
+    /// with an error because it could not be confirmed as mirrored): drop every name,
+    /// attribute and page the kernel caches of the inodes it holds. Runs on a thread of its own: an invalidation of a name
     /// waits for the directory's lock, which a request waiting for the link may hold.
     pub fn forget_cached(self: &Arc<Self>) {
         if self.notifier.get().is_none() {
@@ -263,10 +264,10 @@ impl Volume {
                     }
                     failed += usize::from(failed_one(n.inval_inode(fuser::INodeNo(*ino), 0, 0)));
                 }
-                tracing::info!(
+                tracing::debug!(
                     inodes = known.len(),
                     failed,
-                    "dropped the kernel's cache after records were applied behind it"
+                    "dropped the kernel's cached names, attributes and pages"
                 );
             });
         if let Err(e) = spawned {

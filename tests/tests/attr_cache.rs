@@ -111,3 +111,46 @@ fn cached_attrs_follow_changes() {
     h.cp();
     nvmirror_e2e::assert_trees_equal_named(h.backing(), &h.image(), "backing", "image");
 }
+
+/// Policy strict with the destination stopped: a chmod is applied to the backing volume but
+/// answered with an error (not mirrored within the timeout). The kernel must not keep the mode
+/// it cached before for the rest of its minute: fs-source drops its caches, and a stat
+/// through the mount soon shows the mode the file really has.
+#[test]
+fn failed_confirmation_drops_the_cache() {
+    const TEST: &str = "failed_confirmation_drops_cache";
+    require_mount!(TEST);
+    let mut h = Harness::start(
+        HarnessOptions::new(TEST)
+            .policy("strict")
+            .source_args(["--timeout-ms", "1500"]),
+    );
+    let f = h.mnt().join("f");
+    fs::write(&f, b"x\n").expect("write f");
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).expect("chmod 644");
+    assert_eq!(
+        fs::metadata(&f).expect("stat f").mode() & 0o7777,
+        0o644,
+        "now cached"
+    );
+    h.dest().signal(libc::SIGSTOP);
+    let refused = fs::set_permissions(&f, fs::Permissions::from_mode(0o600));
+    h.dest().signal(libc::SIGCONT);
+    assert!(
+        refused.is_err(),
+        "a chmod the stopped destination could not confirm must fail under policy strict"
+    );
+    let backing = fs::metadata(h.backing().join("f"))
+        .expect("stat backing f")
+        .mode()
+        & 0o7777;
+    assert_eq!(
+        backing, 0o600,
+        "the chmod was applied to the backing volume"
+    );
+    nvmirror_e2e::wait_until(
+        "the mount to show the backing volume's mode",
+        std::time::Duration::from_secs(10),
+        || fs::metadata(&f).is_ok_and(|m| m.mode() & 0o7777 == backing),
+    );
+}
