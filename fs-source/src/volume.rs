@@ -1161,9 +1161,10 @@ impl Volume {
     }
 
     /// getxattr with size 0: how long the value is, without reading it. The kernel asks this
-    /// of `security.capability` before every write, so it must be cheap: it allocates no
-    /// value buffer, and an inode seen without capabilities is answered from memory until
-    /// attributes change (every change passes through this daemon: see
+    /// of `security.capability` before the first write to an inode after each refresh of its
+    /// attributes (before every write without HANDLE_KILLPRIV_V2), so it must be cheap: it
+    /// allocates no value buffer, and an inode seen without capabilities is answered from
+    /// memory until attributes change (every change passes through this daemon: see
     /// `Mirror::xattrs_changed`).
     pub fn getxattr_len(&self, ino: u64, name: &[u8]) -> FsResult<usize> {
         if Self::reserved_xattr(name) || self.known_without(ino, name) {
