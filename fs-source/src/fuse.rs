@@ -22,9 +22,11 @@ use crate::volume::{AttrChange, Caller, SetTime, Unprivileged, Volume};
 /// and the kernel updates or drops its cached attributes for the operations it sends (a
 /// setattr's reply, a write, a link or unlink of the inode, a change in a directory). What the
 /// daemon changes on its own, it invalidates explicitly ([`Volume::attrs_changed`]): set-ID
-/// bits cleared at a write, the root directory when a file unlinked while open moves to its
-/// hidden name there or leaves it, and everything the kernel holds when records taken back
-/// from the destination were applied behind it ([`Volume::forget_cached`]). FUSE inode numbers
+/// bits cleared at a write, a file's mode after a setxattr (an ACL rewrites it), the root
+/// directory when a file unlinked while open moves to its hidden name there or leaves it, and
+/// everything the kernel holds when records taken back from the destination were applied
+/// behind it or an operation applied here was answered with an error, not confirmed as
+/// mirrored ([`Volume::forget_cached`]). FUSE inode numbers
 /// are the backing inode numbers, which the backing filesystem reuses: every entry carries the
 /// inode table's generation, bumped when a number is reused by a create, so the kernel never
 /// applies a removed inode's cached attributes to a new file of the same number. (With a
@@ -66,10 +68,7 @@ impl FuseAdapter {
     /// CAP_FSETID", which a FUSE request does not carry; a caller other than root is taken to
     /// lack it.
     fn unprivileged(&self, req: &Request) -> Option<Unprivileged> {
-        (self.killpriv && req.uid() != 0).then(|| Unprivileged {
-            gid: req.gid(),
-            pid: req.pid(),
-        })
+        (self.killpriv && req.uid() != 0).then(|| unprivileged_caller(req))
     }
 }
 
@@ -120,6 +119,14 @@ fn errno(e: &FsError, what: &str) -> Errno {
         tracing::warn!("{what}: {e}");
     }
     Errno::from_i32(e.errno())
+}
+
+/// The caller of `req` as one without CAP_FSETID (for the set-ID rule at a content change).
+fn unprivileged_caller(req: &Request) -> Unprivileged {
+    Unprivileged {
+        gid: req.gid(),
+        pid: req.pid(),
+    }
 }
 
 fn caller(req: &Request) -> Caller {
@@ -405,10 +412,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let who = (self.killpriv && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID))
-            .then(|| Unprivileged {
-                gid: req.gid(),
-                pid: req.pid(),
-            });
+            .then(|| unprivileged_caller(req));
         match self.volume.write(ino.0, fh.0, offset, data, who) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e, "write")),

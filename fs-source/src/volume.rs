@@ -173,24 +173,19 @@ pub fn privileged_bits(st: &Stat, who: &Unprivileged) -> u32 {
     kill
 }
 
-/// Whether the open file `fd` has the extended attribute `name` (its length asked with a null
-/// buffer: nothing is read).
-fn fd_has_xattr(fd: &OwnedFd, name: &[u8]) -> FsResult<bool> {
-    use std::os::fd::AsRawFd;
+/// The length of the extended attribute `name`, asked by `get` (an `lgetxattr` or
+/// `fgetxattr` given a null buffer of size 0: nothing is read). rustix reports how much of a
+/// buffer was filled, not the value's length, hence libc.
+fn xattr_len(name: &[u8], get: impl FnOnce(*const libc::c_char) -> isize) -> FsResult<usize> {
     let c_name = std::ffi::CString::new(name).map_err(|_| Errno::INVAL)?;
-    // SAFETY: the descriptor is open for the call; the name is NUL-terminated; a null buffer
-    // of size 0 asks for the length only.
-    let n = unsafe { libc::fgetxattr(fd.as_raw_fd(), c_name.as_ptr(), std::ptr::null_mut(), 0) };
-    if n >= 0 {
-        return Ok(true);
+    let n = get(c_name.as_ptr());
+    if n < 0 {
+        let e = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        return Err(Errno::from_raw_os_error(e).into());
     }
-    let e = std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO);
-    match e {
-        libc::ENODATA | libc::ENOTSUP => Ok(false),
-        e => Err(Errno::from_raw_os_error(e).into()),
-    }
+    Ok(n as usize)
 }
 /// At most this many inodes are remembered without capabilities (then it starts afresh).
 const NO_CAPS_MAX: usize = 1 << 16;
@@ -238,8 +233,9 @@ impl Volume {
     /// The backing volume changed behind the kernel's back (records taken back from the
     /// destination at a reconnection were applied, or an operation was applied but answered
     /// with an error because it could not be confirmed as mirrored): drop every name,
-    /// attribute and page the kernel caches of the inodes it holds. Runs on a thread of its own: an invalidation of a name
-    /// waits for the directory's lock, which a request waiting for the link may hold.
+    /// attribute and page the kernel caches of the inodes it holds. Runs on a thread of its
+    /// own: an invalidation of a name waits for the directory's lock, which a request waiting
+    /// for the link may hold.
     pub fn forget_cached(self: &Arc<Self>) {
         if self.notifier.get().is_none() {
             return;
@@ -797,19 +793,24 @@ impl Volume {
         fd: &OwnedFd,
         unprivileged: Option<Unprivileged>,
     ) -> FsResult<()> {
-        if !self.known_without(ino, CAPS_XATTR) {
-            let epoch = self.mirror.xattr_epoch();
-            if fd_has_xattr(fd, CAPS_XATTR)? {
+        let caps = self.probe_xattr_len(ino, CAPS_XATTR, || {
+            use std::os::fd::AsRawFd;
+            xattr_len(CAPS_XATTR, |name| {
+                // SAFETY: the descriptor is open for the call; the name is NUL-terminated; a
+                // null buffer of size 0 asks for the length only.
+                unsafe { libc::fgetxattr(fd.as_raw_fd(), name, std::ptr::null_mut(), 0) }
+            })
+        });
+        match caps {
+            Ok(_) => {
                 let op = Op::RemoveXattr {
                     path: path.to_vec(),
                     name: CAPS_XATTR.to_vec(),
                 };
-                let applied = txn.apply(&self.tree, &op);
-                self.mirror.xattrs_changed();
-                applied?;
-            } else {
-                self.note_without_caps(ino, epoch);
+                self.apply_xattr_change(txn, ino, &op)?;
             }
+            Err(FsError::Backing(Errno::NODATA | Errno::NOTSUP)) => {}
+            Err(e) => return Err(e),
         }
         let Some(who) = unprivileged else {
             return Ok(());
@@ -1119,12 +1120,7 @@ impl Volume {
             value: value.to_vec(),
             flags,
         };
-        let applied = txn.apply(&self.tree, &op);
-        self.mirror.xattrs_changed();
-        applied?;
-        // An access ACL (`system.posix_acl_access`) rewrites the mode's group bits, which the
-        // kernel's permission checks read from its cache.
-        self.attrs_changed(ino);
+        self.apply_xattr_change(&mut txn, ino, &op)?;
         txn.finish()
     }
 
@@ -1139,11 +1135,26 @@ impl Volume {
             path,
             name: name.to_vec(),
         };
-        let applied = txn.apply(&self.tree, &op);
+        self.apply_xattr_change(&mut txn, ino, &op)?;
+        txn.finish()
+    }
+
+    /// Apply a setxattr or removexattr of `ino`: the extended-attribute epoch ends whatever
+    /// the outcome (the cache of absent capabilities may be wrong now), and on success the
+    /// kernel's attributes of `ino` are dropped, since an access ACL
+    /// (`system.posix_acl_access`) rewrites the mode's group bits, which the kernel's
+    /// permission checks read from its cache.
+    fn apply_xattr_change(
+        &self,
+        txn: &mut crate::mirror::Txn<'_>,
+        ino: u64,
+        op: &Op,
+    ) -> FsResult<()> {
+        let applied = txn.apply(&self.tree, op);
         self.mirror.xattrs_changed();
         applied?;
         self.attrs_changed(ino);
-        txn.finish()
+        Ok(())
     }
 
     /// getxattr: the value, at most `size` bytes of it (ERANGE when it is longer).
@@ -1167,32 +1178,40 @@ impl Volume {
     /// memory until attributes change (every change passes through this daemon: see
     /// `Mirror::xattrs_changed`).
     pub fn getxattr_len(&self, ino: u64, name: &[u8]) -> FsResult<usize> {
-        if Self::reserved_xattr(name) || self.known_without(ino, name) {
+        if Self::reserved_xattr(name) {
+            return Err(Errno::NODATA.into());
+        }
+        self.probe_xattr_len(ino, name, || {
+            let path = self.table().path(ino)?;
+            let (_keep, p) = self.tree.proc_path(&path)?;
+            let c_path =
+                std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Errno::INVAL)?;
+            xattr_len(name, |name| {
+                // SAFETY: both strings are NUL-terminated and outlive the call; a null value
+                // buffer with size 0 asks for the length only.
+                unsafe { libc::lgetxattr(c_path.as_ptr(), name, std::ptr::null_mut(), 0) }
+            })
+        })
+    }
+
+    /// The length of `ino`'s attribute `name` as `probe` finds it, unless the inode is known
+    /// to have none (ENODATA from memory); a `security.capability` found absent is remembered
+    /// for the epoch the probe began in (see [`Volume::note_without_caps`]).
+    fn probe_xattr_len(
+        &self,
+        ino: u64,
+        name: &[u8],
+        probe: impl FnOnce() -> FsResult<usize>,
+    ) -> FsResult<usize> {
+        if self.known_without(ino, name) {
             return Err(Errno::NODATA.into());
         }
         let epoch = self.mirror.xattr_epoch();
-        let path = self.table().path(ino)?;
-        let (_keep, p) = self.tree.proc_path(&path)?;
-        // rustix reports how much of the buffer was filled, not the value's length: ask the
-        // kernel directly with a null buffer.
-        let c_path = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Errno::INVAL)?;
-        let c_name = std::ffi::CString::new(name).map_err(|_| Errno::INVAL)?;
-        // SAFETY: both strings are NUL-terminated and outlive the call; a null value buffer
-        // with size 0 asks for the length only.
-        let n =
-            unsafe { libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), std::ptr::null_mut(), 0) };
-        if n < 0 {
-            let e = Errno::from_raw_os_error(
-                std::io::Error::last_os_error()
-                    .raw_os_error()
-                    .unwrap_or(libc::EIO),
-            );
-            if e == Errno::NODATA && name == CAPS_XATTR {
-                self.note_without_caps(ino, epoch);
-            }
-            return Err(e.into());
+        let r = probe();
+        if matches!(r, Err(FsError::Backing(Errno::NODATA))) && name == CAPS_XATTR {
+            self.note_without_caps(ino, epoch);
         }
-        Ok(n as usize)
+        r
     }
 
     /// True when `ino` is known to have no `name` (only tracked for `security.capability`).
