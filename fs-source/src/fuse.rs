@@ -16,7 +16,8 @@ use fuser::{
 use rustix::fs::Stat;
 
 use crate::error::FsError;
-use crate::volume::{AttrChange, Caller, SetTime, Unprivileged, Volume};
+use crate::error::FsResult;
+use crate::volume::{AttrChange, Caller, Durable, SetTime, Unprivileged, Volume};
 
 /// Attributes are cached by the kernel for a minute: every change passes through this daemon,
 /// and the kernel updates or drops its cached attributes for the operations it sends (a
@@ -69,6 +70,49 @@ impl FuseAdapter {
     /// lack it.
     fn unprivileged(&self, req: &Request) -> Option<Unprivileged> {
         (self.killpriv && req.uid() != 0).then(|| unprivileged_caller(req))
+    }
+
+    /// Reply to a mutating operation once its records are settled (mirrored, or the policy's
+    /// answer): `reply` gets the value or the errno, on this thread when nothing is left to
+    /// wait for, else on the thread that receives the acknowledgement (this FUSE thread goes
+    /// back to the kernel at once, and is not woken again for this request).
+    fn answer<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        r: FsResult<Durable<T>>,
+        reply: impl FnOnce(Result<T, Errno>) + Send + 'static,
+    ) {
+        match r {
+            Err(e) => reply(Err(errno(&e, what))),
+            Ok(Durable { value, seq: None }) => reply(Ok(value)),
+            Ok(Durable {
+                value,
+                seq: Some(seq),
+            }) => self.volume.mirror().when_durable(
+                seq,
+                Box::new(move |r| reply(r.map(|()| value).map_err(|e| errno(&e, what)))),
+            ),
+        }
+    }
+
+    /// [`FuseAdapter::answer`] for operations that answer with a directory entry.
+    fn answer_entry(&self, what: &'static str, r: FsResult<Durable<Stat>>, reply: ReplyEntry) {
+        let r = r.map(|d| Durable {
+            value: (attr(&d.value), self.generation(&d.value)),
+            seq: d.seq,
+        });
+        self.answer(what, r, move |r| match r {
+            Ok((a, g)) => reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &a, g),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    /// [`FuseAdapter::answer`] for operations that answer with nothing.
+    fn answer_empty(&self, what: &'static str, r: FsResult<Durable<()>>, reply: ReplyEmpty) {
+        self.answer(what, r, move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
     }
 }
 
@@ -244,10 +288,14 @@ impl Filesystem for FuseAdapter {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
         };
-        match self.volume.setattr(ino.0, change) {
-            Ok(st) => reply.attr(&ATTR_TTL, &attr(&st)),
-            Err(e) => reply.error(errno(&e, "setattr")),
-        }
+        let r = self.volume.setattr(ino.0, change).map(|d| Durable {
+            value: attr(&d.value),
+            seq: d.seq,
+        });
+        self.answer("setattr", r, move |r| match r {
+            Ok(a) => reply.attr(&ATTR_TTL, &a),
+            Err(e) => reply.error(e),
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -267,19 +315,15 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.volume.mknod(
+        let r = self.volume.mknod(
             caller(req),
             parent.0,
             name.as_bytes(),
             mode,
             umask,
             rdev as u64,
-        ) {
-            Ok(st) => {
-                reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), self.generation(&st))
-            }
-            Err(e) => reply.error(errno(&e, "mknod")),
-        }
+        );
+        self.answer_entry("mknod", r, reply);
     }
 
     fn mkdir(
@@ -291,29 +335,20 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self
+        let r = self
             .volume
-            .mkdir(caller(req), parent.0, name.as_bytes(), mode, umask)
-        {
-            Ok(st) => {
-                reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), self.generation(&st))
-            }
-            Err(e) => reply.error(errno(&e, "mkdir")),
-        }
+            .mkdir(caller(req), parent.0, name.as_bytes(), mode, umask);
+        self.answer_entry("mkdir", r, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.volume.unlink(parent.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e, "unlink")),
-        }
+        let r = self.volume.unlink(parent.0, name.as_bytes());
+        self.answer_empty("unlink", r, reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.volume.rmdir(parent.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e, "rmdir")),
-        }
+        let r = self.volume.rmdir(parent.0, name.as_bytes());
+        self.answer_empty("rmdir", r, reply);
     }
 
     fn symlink(
@@ -324,17 +359,13 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.volume.symlink(
+        let r = self.volume.symlink(
             caller(req),
             parent.0,
             link_name.as_bytes(),
             target.as_os_str().as_bytes(),
-        ) {
-            Ok(st) => {
-                reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), self.generation(&st))
-            }
-            Err(e) => reply.error(errno(&e, "symlink")),
-        }
+        );
+        self.answer_entry("symlink", r, reply);
     }
 
     fn rename(
@@ -347,16 +378,14 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.volume.rename(
+        let r = self.volume.rename(
             parent.0,
             name.as_bytes(),
             newparent.0,
             newname.as_bytes(),
             flags.bits(),
-        ) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e, "rename")),
-        }
+        );
+        self.answer_empty("rename", r, reply);
     }
 
     fn link(
@@ -367,12 +396,8 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.volume.link(ino.0, newparent.0, newname.as_bytes()) {
-            Ok(st) => {
-                reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &attr(&st), self.generation(&st))
-            }
-            Err(e) => reply.error(errno(&e, "link")),
-        }
+        let r = self.volume.link(ino.0, newparent.0, newname.as_bytes());
+        self.answer_entry("link", r, reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -413,10 +438,11 @@ impl Filesystem for FuseAdapter {
     ) {
         let who = (self.killpriv && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID))
             .then(|| unprivileged_caller(req));
-        match self.volume.write(ino.0, fh.0, offset, data, who) {
+        let r = self.volume.write(ino.0, fh.0, offset, data, who);
+        self.answer("write", r, move |r| match r {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(&e, "write")),
-        }
+            Err(e) => reply.error(e),
+        });
     }
 
     fn flush(
@@ -661,19 +687,30 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
+        let r = self
             .volume
             .create(caller(req), parent.0, name.as_bytes(), mode, umask, flags)
-        {
-            Ok((st, fh)) => reply.created(
-                &ATTR_TTL,
-                &attr(&st),
-                self.generation(&st),
-                FileHandle(fh),
-                FopenFlags::FOPEN_NOFLUSH,
-            ),
-            Err(e) => reply.error(errno(&e, "create")),
-        }
+            .map(|d| Durable {
+                value: (attr(&d.value.0), self.generation(&d.value.0), d.value.1),
+                seq: d.seq,
+            });
+        let handle = match &r {
+            Ok(d) => Some(d.value.2),
+            Err(_) => None,
+        };
+        let volume = self.volume.clone();
+        self.answer("create", r, move |r| match r {
+            Ok((a, g, fh)) => {
+                reply.created(&ATTR_TTL, &a, g, FileHandle(fh), FopenFlags::FOPEN_NOFLUSH)
+            }
+            Err(e) => {
+                // The client never gets the handle, so never releases it.
+                if let Some(fh) = handle {
+                    volume.drop_handle(fh);
+                }
+                reply.error(e)
+            }
+        });
     }
 
     fn fallocate(

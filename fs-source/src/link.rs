@@ -262,6 +262,21 @@ pub async fn run(
     }
 }
 
+/// How often operations waiting for an acknowledgement are checked against the policy's
+/// timeout (their replies leave at most this late after it).
+const SETTLE_TICK: Duration = Duration::from_millis(200);
+
+/// Apply the policy to operations whose acknowledgement is overdue (see
+/// [`Mirror::when_durable`]): acknowledgements settle them as they come, this settles the rest.
+pub async fn settle_overdue(mirror: Arc<Mirror>) {
+    let mut tick = tokio::time::interval(SETTLE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        mirror.settle_waiters();
+    }
+}
+
 /// Read one message (also used by the asynchronous leg).
 pub(crate) async fn read_message(recv: &mut RecvStream) -> Result<Message, LinkError> {
     let mut h = [0u8; wire::HEADER_LEN];

@@ -208,7 +208,8 @@ struct MountArgs {
     /// strict (where no write could succeed), mount under sync.
     #[arg(long, value_enum)]
     on_unreachable: Option<OnUnreachable>,
-    /// FUSE worker threads (operations in flight at once).
+    /// FUSE worker threads: requests taken from the kernel at once (an operation waiting for
+    /// the destination does not hold one; its reply leaves when the acknowledgement arrives).
     #[arg(long, default_value_t = 16)]
     threads: usize,
     /// Replace the destination's image with this backing directory's content even if the
@@ -892,6 +893,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         ));
     }
     if let (Some(dest), Some(tls_dir)) = (args.dest.clone(), tls) {
+        rt.spawn(link::settle_overdue(mirror.clone()));
         rt.spawn(link::run(
             mirror.clone(),
             link::LinkSettings {

@@ -5,9 +5,11 @@
 //! number, its frame is appended to the NVLOG, the operation is applied to the backing
 //! directory, and the frame is queued for the sender. Then, without any lock, the caller waits in
 //! [`Mirror::wait_durable`] until the NVLOG range is msync'ed (one msync for every frame appended
-//! meanwhile) and the destination has acknowledged the sequence number.
+//! meanwhile) and the destination has acknowledged the sequence number, or hands the rest of
+//! its work to [`Mirror::when_durable`]: the FUSE reply then leaves from the thread that
+//! receives the acknowledgement, without waking the FUSE thread again.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -86,8 +88,32 @@ pub fn now_secs() -> u64 {
     START.elapsed().as_secs()
 }
 
+/// What runs once a record is settled: `Ok` when it is durable on both sides (or the policy
+/// lets the source go on alone), the reason otherwise. A deferred FUSE reply, mostly.
+pub type Settle = Box<dyn FnOnce(Result<(), FsError>) + Send>;
+
+/// Operations flushed locally and waiting for the destination, by the sequence number of
+/// their last record (see [`Mirror::when_durable`]).
+#[derive(Default)]
+struct Waiters(BTreeMap<u64, Vec<(Instant, Settle)>>);
+
+impl std::fmt::Debug for Waiters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} waiting",
+            self.0.values().map(Vec::len).sum::<usize>()
+        )
+    }
+}
+
+/// A settled operation and whether settling it started policy sync's run alone.
+type Verdict = (Result<(), FsError>, bool);
+
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// Operations whose reply waits for an acknowledgement (their records are flushed).
+    waiters: Waiters,
     /// Highest sequence number committed (logged and applied locally).
     pub logged: u64,
     /// Highest sequence number whose NVLOG bytes are flushed.
@@ -505,10 +531,8 @@ impl Mirror {
         let started = Instant::now();
         let mut p = lock(&self.progress);
         loop {
-            if let Some(why) = &p.stopped {
-                if self.settings.policy == Policy::Strict || p.flushed < seq {
-                    return Err(MirrorError::Stopped(why.clone()).into());
-                }
+            if let Some(e) = self.refusal(&p, seq) {
+                return Err(e);
             }
             if p.flushed < seq && !p.flushing {
                 let (guard, res) = self.lead_flush(p);
@@ -516,34 +540,16 @@ impl Mirror {
                 res.map_err(MirrorError::Flush)?;
                 continue;
             }
-            if p.flushed >= seq && (p.acked >= seq || self.settings.standalone) {
-                return Ok(());
-            }
-            if p.flushed >= seq && p.degraded && self.settings.policy == Policy::Sync {
-                return Ok(());
-            }
-            // The destination has not acknowledged for the whole timeout: apply the policy.
-            let waited = started.elapsed();
-            if p.flushed >= seq && waited >= self.settings.timeout {
-                match self.settings.policy {
-                    Policy::Strict => {
-                        return Err(MirrorError::NotMirrored(self.settings.timeout).into())
-                    }
-                    Policy::Sync => {
-                        if !p.degraded {
-                            tracing::warn!(
-                                "destination did not acknowledge for {:?}: continuing alone (policy sync); \
-                                 unmirrored records are kept and sent on reconnect",
-                                self.settings.timeout
-                            );
-                        }
-                        p.degraded = true;
-                        drop(p);
+            if p.flushed >= seq {
+                if let Some((r, degraded_now)) = self.verdict(&mut p, seq, started.elapsed()) {
+                    drop(p);
+                    if degraded_now {
                         self.degraded_watch.send_replace(true);
-                        return Ok(());
                     }
+                    return r;
                 }
             }
+            let waited = started.elapsed();
             let left = self
                 .settings
                 .timeout
@@ -555,6 +561,138 @@ impl Mirror {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// Why `seq` will never be confirmed, when the source was stopped for good (policy strict,
+    /// or the record not even flushed locally).
+    fn refusal(&self, p: &Progress, seq: u64) -> Option<FsError> {
+        let why = p.stopped.as_ref()?;
+        (self.settings.policy == Policy::Strict || p.flushed < seq)
+            .then(|| MirrorError::Stopped(why.clone()).into())
+    }
+
+    /// Whether a record flushed in the local NVRAM, waited for since `waited`, is settled:
+    /// acknowledged (or no destination), or the policy's answer once the destination has been
+    /// silent for the whole timeout (strict: an error; sync: run alone, which this call may
+    /// start: the flag says so, for [`Mirror::degraded_watch`]). `None`: wait on.
+    fn verdict(&self, p: &mut Progress, seq: u64, waited: Duration) -> Option<Verdict> {
+        if let Some(e) = self.refusal(p, seq) {
+            return Some((Err(e), false));
+        }
+        if p.acked >= seq || self.settings.standalone {
+            return Some((Ok(()), false));
+        }
+        if p.degraded && self.settings.policy == Policy::Sync {
+            return Some((Ok(()), false));
+        }
+        if waited < self.settings.timeout {
+            return None;
+        }
+        Some(match self.settings.policy {
+            Policy::Strict => (
+                Err(MirrorError::NotMirrored(self.settings.timeout).into()),
+                false,
+            ),
+            Policy::Sync => {
+                tracing::warn!(
+                    "destination did not acknowledge for {:?}: continuing alone (policy sync); \
+                     unmirrored records are kept and sent on reconnect",
+                    self.settings.timeout
+                );
+                p.degraded = true;
+                (Ok(()), true)
+            }
+        })
+    }
+
+    /// [`Mirror::wait_durable`] without waiting for the destination on this thread: the local
+    /// flush is done (or joined) here, then `settle` runs as soon as `seq` is settled, here if
+    /// it already is, else on the thread that receives the acknowledgement (or applies the
+    /// policy's timeout). It must not block: it runs on the network thread.
+    pub fn when_durable(&self, seq: u64, settle: Settle) {
+        let started = Instant::now();
+        let mut p = lock(&self.progress);
+        while p.flushed < seq {
+            if let Some(e) = self.refusal(&p, seq) {
+                drop(p);
+                return self.settle(vec![(Err(e), settle)]);
+            }
+            if p.flushing {
+                // Another thread's flush is running; it notifies when done.
+                p = self
+                    .progress_changed
+                    .wait_timeout(p, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            }
+            let (guard, res) = self.lead_flush(p);
+            p = guard;
+            if let Err(e) = res {
+                drop(p);
+                return self.settle(vec![(Err(MirrorError::Flush(e).into()), settle)]);
+            }
+        }
+        match self.verdict(&mut p, seq, started.elapsed()) {
+            Some((r, degraded_now)) => {
+                drop(p);
+                if degraded_now {
+                    self.degraded_watch.send_replace(true);
+                }
+                self.settle(vec![(r, settle)]);
+            }
+            None => p.waiters.0.entry(seq).or_default().push((started, settle)),
+        }
+    }
+
+    /// Run settled operations' continuations (no lock held), noting unconfirmed ones.
+    fn settle(&self, done: Vec<(Result<(), FsError>, Settle)>) {
+        for (r, settle) in done {
+            if r.is_err() {
+                self.unconfirmed();
+            }
+            settle(r);
+        }
+    }
+
+    /// Settle the waiters the acknowledgements so far cover (cheap: the oldest first).
+    fn settle_acked(&self, p: &mut Progress) -> Vec<(Result<(), FsError>, Settle)> {
+        let mut done = Vec::new();
+        while let Some(e) = p.waiters.0.first_entry() {
+            if *e.key() > p.acked {
+                break;
+            }
+            done.extend(e.remove().into_iter().map(|(_, s)| (Ok(()), s)));
+        }
+        done
+    }
+
+    /// Settle every waiter the state now decides (timeouts, a stop, running alone): called
+    /// periodically by the network runtime and after such changes.
+    pub fn settle_waiters(&self) {
+        let mut p = lock(&self.progress);
+        if p.waiters.0.is_empty() {
+            return;
+        }
+        let mut done = self.settle_acked(&mut p);
+        let mut degraded = false;
+        let waiting = std::mem::take(&mut p.waiters.0);
+        for (seq, list) in waiting {
+            for (since, settle) in list {
+                match self.verdict(&mut p, seq, since.elapsed()) {
+                    Some((r, d)) => {
+                        degraded |= d;
+                        done.push((r, settle));
+                    }
+                    None => p.waiters.0.entry(seq).or_default().push((since, settle)),
+                }
+            }
+        }
+        drop(p);
+        if degraded {
+            self.degraded_watch.send_replace(true);
+        }
+        self.settle(done);
     }
 
     fn flush(&self, ranges: &[(usize, usize)]) -> std::io::Result<()> {
@@ -629,7 +767,10 @@ impl Mirror {
             p.lagging_since = (p.acked < p.logged).then(Instant::now);
         }
         let acked = p.acked;
+        let done = self.settle_acked(&mut p);
         drop(p);
+        // Deferred replies leave from here, before anything else is woken.
+        self.settle(done);
         // Notified after the lock is released: a waiter woken under it would only block again
         // on the mutex (two more futex calls and a context switch per acknowledgement).
         self.progress_changed.notify_all();
@@ -657,6 +798,7 @@ impl Mirror {
             p.degraded = true;
             drop(p);
             self.degraded_watch.send_replace(true);
+            self.settle_waiters();
         }
     }
 
@@ -755,6 +897,8 @@ impl Mirror {
         p.stopped = Some(why);
         self.progress_changed.notify_all();
         self.state_changed.notify_all();
+        drop(p);
+        self.settle_waiters();
     }
 
     /// The destination told us (in its welcome) how far its image is applied.

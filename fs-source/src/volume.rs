@@ -45,6 +45,32 @@ pub enum SetTime {
     At(SystemTime),
 }
 
+/// What a mutating operation answers, valid for the client once the records it logged are
+/// settled (mirrored, or the policy's answer): the FUSE layer replies with `value` from
+/// [`Mirror::when_durable`]; other callers [`Durable::wait`].
+#[must_use]
+#[derive(Debug)]
+pub struct Durable<T> {
+    /// The answer (attributes, a file handle, a byte count...).
+    pub value: T,
+    /// The operation's last record; `None` when it logged nothing (nothing to wait for).
+    pub seq: Option<u64>,
+}
+
+impl<T> Durable<T> {
+    fn new(value: T, seq: Option<u64>) -> Self {
+        Durable { value, seq }
+    }
+
+    /// Wait on this thread until the records are settled; the value, or why they are not.
+    pub fn wait(self, mirror: &Mirror) -> FsResult<T> {
+        if let Some(seq) = self.seq {
+            mirror.wait_durable(seq)?;
+        }
+        Ok(self.value)
+    }
+}
+
 /// Attribute changes of a setattr.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AttrChange {
@@ -517,7 +543,7 @@ impl Volume {
     }
 
     /// Change attributes (chmod, chown, truncate, utimens).
-    pub fn setattr(&self, ino: u64, change: AttrChange) -> FsResult<Stat> {
+    pub fn setattr(&self, ino: u64, change: AttrChange) -> FsResult<Durable<Stat>> {
         let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
         let path = self.table().path(ino)?;
         // A truncation by an unprivileged caller clears set-ID bits (the kernel leaves it to
@@ -547,8 +573,8 @@ impl Volume {
         };
         txn.apply(&self.tree, &op)?;
         self.touched(&mut txn, &[ino]);
-        txn.finish()?;
-        self.stat_path(&path)
+        let seq = txn.release();
+        Ok(Durable::new(self.stat_path(&path)?, seq))
     }
 
     /// The target of a symlink.
@@ -564,7 +590,7 @@ impl Volume {
         parent: u64,
         name: &[u8],
         make: impl FnOnce(Vec<u8>, u32, u32, bool) -> Op,
-    ) -> FsResult<Stat> {
+    ) -> FsResult<Durable<Stat>> {
         if Self::is_orphan(parent, name) {
             return Err(Errno::PERM.into());
         }
@@ -592,8 +618,7 @@ impl Volume {
             t.looked_up(st.st_ino, parent, name);
         }
         self.touched(&mut txn, &[st.st_ino, parent]);
-        txn.finish()?;
-        Ok(st)
+        Ok(Durable::new(st, txn.release()))
     }
 
     /// mknod: regular files, FIFOs, sockets, device nodes.
@@ -605,7 +630,7 @@ impl Volume {
         mode: u32,
         umask: u32,
         rdev: u64,
-    ) -> FsResult<Stat> {
+    ) -> FsResult<Durable<Stat>> {
         let perm = mode & 0o7777 & !umask;
         let kind = mode & libc::S_IFMT;
         self.create_common(caller, parent, name, |path, uid, gid, _| {
@@ -636,7 +661,7 @@ impl Volume {
         name: &[u8],
         mode: u32,
         umask: u32,
-    ) -> FsResult<Stat> {
+    ) -> FsResult<Durable<Stat>> {
         let perm = mode & 0o7777 & !umask;
         self.create_common(caller, parent, name, |path, uid, gid, setgid| Op::Mkdir {
             path,
@@ -653,7 +678,7 @@ impl Volume {
         parent: u64,
         name: &[u8],
         target: &[u8],
-    ) -> FsResult<Stat> {
+    ) -> FsResult<Durable<Stat>> {
         self.create_common(caller, parent, name, |path, uid, gid, _| Op::Symlink {
             path,
             target: target.to_vec(),
@@ -671,7 +696,7 @@ impl Volume {
         mode: u32,
         umask: u32,
         flags: i32,
-    ) -> FsResult<(Stat, u64)> {
+    ) -> FsResult<Durable<(Stat, u64)>> {
         if Self::is_orphan(parent, name) {
             return Err(Errno::PERM.into());
         }
@@ -710,8 +735,7 @@ impl Volume {
         self.note_without_caps(st.st_ino, caps_epoch);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.files).insert(fh, (st.st_ino, Arc::new(fd)));
-        txn.finish()?;
-        Ok((st, fh))
+        Ok(Durable::new((st, fh), txn.release()))
     }
 
     /// Open a file.
@@ -755,7 +779,7 @@ impl Volume {
         offset: u64,
         data: &[u8],
         unprivileged: Option<Unprivileged>,
-    ) -> FsResult<u32> {
+    ) -> FsResult<Durable<u32>> {
         let fd = self.file(fh)?;
         let chunk = self.mirror.max_record_data();
         let mut last = None;
@@ -774,10 +798,7 @@ impl Volume {
             self.touched_open(&mut txn, ino, path, &fd, handle);
             last = txn.release();
         }
-        if let Some(seq) = last {
-            self.mirror.wait_durable(seq)?;
-        }
-        Ok(data.len() as u32)
+        Ok(Durable::new(data.len() as u32, last))
     }
 
     /// What the kernel's `file_remove_privs` does before a write, as records of `txn`: drop
@@ -824,6 +845,14 @@ impl Volume {
         txn.apply(&self.tree, &op)?;
         self.attrs_changed(ino);
         Ok(())
+    }
+
+    /// Forget a handle the client never got (its create was answered with an error): no
+    /// record, no lock beyond the tables', so that it can run on the network thread.
+    pub fn drop_handle(&self, fh: u64) {
+        if let Some((ino, _fd)) = lock(&self.files).remove(&fh) {
+            self.table().opened(ino, -1);
+        }
     }
 
     /// Close a file handle; the last close of an unlinked-while-open file removes its orphan.
@@ -918,7 +947,7 @@ impl Volume {
     }
 
     /// unlink.
-    pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<Durable<()>> {
         let mut txn = self.mirror.begin(2 * RECORD_OVERHEAD)?;
         if self.orphan_if_open(&mut txn, parent, name)?.is_none() {
             let path = self.table().child_path(parent, name)?;
@@ -927,18 +956,18 @@ impl Volume {
             self.table().remove_name(parent, name);
             self.touched(&mut txn, &[parent]);
         }
-        txn.finish()
+        Ok(Durable::new((), txn.release()))
     }
 
     /// rmdir.
-    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<Durable<()>> {
         let mut txn = self.mirror.begin(RECORD_OVERHEAD)?;
         let path = self.table().child_path(parent, name)?;
         let op = Op::Rmdir { path };
         txn.apply(&self.tree, &op)?;
         self.table().remove_name(parent, name);
         self.touched(&mut txn, &[parent]);
-        txn.finish()
+        Ok(Durable::new((), txn.release()))
     }
 
     /// rename, with RENAME_NOREPLACE / RENAME_EXCHANGE.
@@ -949,7 +978,7 @@ impl Volume {
         new_parent: u64,
         new_name: &[u8],
         flags: u32,
-    ) -> FsResult<()> {
+    ) -> FsResult<Durable<()>> {
         if Self::is_orphan(new_parent, new_name) || Self::is_orphan(parent, name) {
             return Err(Errno::PERM.into());
         }
@@ -1015,11 +1044,11 @@ impl Volume {
         if let Some(m) = moved {
             self.touched(&mut txn, &[m]);
         }
-        txn.finish()
+        Ok(Durable::new((), txn.release()))
     }
 
     /// link.
-    pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Stat> {
+    pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Durable<Stat>> {
         if Self::is_orphan(new_parent, new_name) {
             return Err(Errno::PERM.into());
         }
@@ -1039,8 +1068,7 @@ impl Volume {
         let st = self.stat_path(&new_path)?;
         self.table().looked_up(st.st_ino, new_parent, new_name);
         self.touched(&mut txn, &[new_parent]);
-        txn.finish()?;
-        Ok(st)
+        Ok(Durable::new(st, txn.release()))
     }
 
     /// Read a whole directory for a directory handle.
@@ -1323,7 +1351,8 @@ impl Volume {
                 break;
             }
             let who = if done == 0 { unprivileged } else { None };
-            self.write(ino_out, fh_out, off_out + done, &buf[..got], who)?;
+            self.write(ino_out, fh_out, off_out + done, &buf[..got], who)?
+                .wait(&self.mirror)?;
             done += got as u64;
             if got < want {
                 break;

@@ -189,6 +189,118 @@ fn write_waits_for_destination() {
     assert_trees_equal_named(h.backing(), &h.image(), "backing", "image");
 }
 
+/// An operation waiting for its acknowledgement does not hold a FUSE thread: its reply leaves
+/// from the thread that receives the acknowledgement. With one FUSE thread and three writes
+/// stalled by a stopped destination, a read is still answered; the writes complete once the
+/// destination resumes. (With the reply sent by the waiting FUSE thread, the first stalled
+/// write would hold the only thread and the read would wait for the whole policy timeout.)
+#[test]
+fn stalled_writes_do_not_hold_fuse_threads() {
+    const TEST: &str = "stalled_writes_do_not_hold_fuse_threads";
+    require_mount!(TEST);
+    let mut h = Harness::start(HarnessOptions::new(TEST).source_args([
+        "--threads",
+        "1",
+        "--timeout-ms",
+        "60000",
+    ]));
+    fs::create_dir(h.mnt().join("quiet")).expect("mkdir quiet");
+    fs::write(h.mnt().join("quiet/before.txt"), b"before the stop\n").expect("write before");
+    let files: Vec<_> = (0..3)
+        .map(|i| {
+            let dir = h.mnt().join(format!("busy{i}"));
+            fs::create_dir(&dir).expect("mkdir busy");
+            let f = dir.join("f");
+            fs::write(&f, b"").expect("create f");
+            f
+        })
+        .collect();
+    let before = h.status();
+    assert_eq!(
+        before.last_acked_seq, before.last_logged_seq,
+        "{}",
+        before.raw
+    );
+
+    h.dest().signal(libc::SIGSTOP);
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writers: Vec<_> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let (f, done) = (f.clone(), done.clone());
+            thread::spawn(move || {
+                let r = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&f)
+                    .and_then(|mut file| file.write_all(format!("stalled {i}\n").as_bytes()));
+                done.fetch_add(1, Ordering::SeqCst);
+                r
+            })
+        })
+        .collect();
+    // All three writes logged (a write and a times record each), none acknowledged: each is
+    // waiting for its reply, and the one FUSE thread took every one of them.
+    wait_until(
+        "three writes logged and waiting for the stopped destination",
+        Duration::from_secs(20),
+        || h.status().last_logged_seq >= before.last_logged_seq + 6,
+    );
+    let read_done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (read_done, mnt) = (read_done.clone(), h.mnt().to_path_buf());
+        thread::spawn(move || {
+            // Names never looked up before: the kernel must ask the daemon.
+            let missing = fs::metadata(mnt.join("quiet/never-there"));
+            let content = fs::read(mnt.join("quiet/before.txt"));
+            read_done.store(true, Ordering::SeqCst);
+            (missing, content)
+        })
+    };
+    let answered =
+        nvmirror_e2e::poll_until(Duration::from_secs(10), || read_done.load(Ordering::SeqCst));
+    h.dest().signal(libc::SIGCONT);
+    assert!(
+        answered,
+        "a lookup and a read through the mount were not answered while three writes waited for \
+         the stopped destination (one FUSE thread): a waiting operation holds the thread"
+    );
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        0,
+        "a write completed while the destination was stopped"
+    );
+    let (missing, content) = reader.join().expect("reader thread");
+    assert_eq!(
+        missing
+            .expect_err("quiet/never-there must not exist")
+            .kind(),
+        std::io::ErrorKind::NotFound
+    );
+    assert_eq!(
+        content.expect("read during the stall"),
+        b"before the stop\n"
+    );
+    wait_until(
+        "the three writes to complete after the destination resumed",
+        Duration::from_secs(60),
+        || done.load(Ordering::SeqCst) == 3,
+    );
+    for (i, w) in writers.into_iter().enumerate() {
+        w.join()
+            .expect("writer thread")
+            .unwrap_or_else(|e| panic!("write {i} must succeed once the destination is back: {e}"));
+    }
+    h.cp();
+    for (i, f) in files.iter().enumerate() {
+        let rel = f.strip_prefix(h.mnt()).expect("under the mount");
+        assert_eq!(
+            fs::read(h.image().join(rel)).expect("file in the image"),
+            format!("stalled {i}\n").as_bytes()
+        );
+    }
+}
+
 #[test]
 fn clean_unmount_on_sigterm() {
     const TEST: &str = "clean_unmount_on_sigterm";
