@@ -206,7 +206,7 @@ pub fn restamp(frame: &mut [u8], epoch: u32, partition: u16) -> Result<(), Frame
     Ok(())
 }
 
-/// Payload size from which deriving a CRC by combination ([`crc_with_payload`], about a
+/// Payload size from which deriving a CRC by combination ([`crc_with_payload`], well under a
 /// microsecond) beats passes over the payload (CRC32C runs at several GB/s).
 const COMBINE_FROM: usize = 16 << 10;
 
@@ -238,7 +238,7 @@ fn payload_crc(frame: &[u8]) -> u32 {
 
 /// CRC32C(A ‖ P) from CRC32C(A), CRC32C(P) and |P|.
 fn crc_with_payload(head_crc: u32, payload_crc: u32, payload_len: usize) -> u32 {
-    crc32c::crc32c_combine(head_crc, payload_crc, payload_len)
+    crate::crc_shift::combine(head_crc, payload_crc, payload_len)
 }
 
 /// The header of a frame whose payload is `inner`, a whole frame whose CRC was checked (a

@@ -23,6 +23,7 @@
 
 pub mod apply;
 pub mod config;
+pub mod crc_shift;
 pub mod frame;
 pub mod fscheck;
 pub mod handle;

@@ -28,7 +28,7 @@ bench_need fio=fio bindfs=bindfs
 if [ "${GLUSTER:-0}" = 1 ]; then bench_need glusterd=glusterfs-server glusterfs=glusterfs-client; fi
 
 cargo build --release --bins -q
-BIN=$ROOT/target/release
+BIN=${BIN:-$ROOT/target/release}  # BIN=DIR: binaries built elsewhere (A/B runs)
 W=$(mktemp -d /tmp/nvmirror-bench.XXXXXX)
 export NVMIRROR_RUN_DIR=$W/run
 mkdir -p "$W"/{native,bind-backing,bind-mnt,backing,mnt,dest,run}
