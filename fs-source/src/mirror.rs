@@ -1492,3 +1492,159 @@ impl Drop for Txn<'_> {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A mirror over a fresh NVRAM file in a temporary directory (removed on drop).
+    struct Fixture {
+        mirror: Arc<Mirror>,
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn fixture(test: &str, policy: Policy, timeout: Duration) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("nvm-mirror-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let geometry = proto::nvlog::Geometry {
+            partitions: 2,
+            partition_size: 1 << 20,
+        };
+        let (storage, _) =
+            MmapStorage::open(&dir.join("nv"), geometry.region_len()).expect("NVRAM file");
+        let settings = MirrorSettings {
+            standalone: false,
+            policy,
+            timeout,
+        };
+        let (mirror, _cp, _recovery) = Mirror::open(
+            Arc::new(storage),
+            geometry,
+            "t",
+            settings,
+            &dir.join("nv.backlog"),
+        )
+        .expect("open the mirror");
+        // As once connected (policy strict refuses to log anything with the link down).
+        mirror.set_link(true);
+        Fixture { mirror, dir }
+    }
+
+    /// Log one record (no backing change) and return its sequence number.
+    fn log_one(m: &Mirror) -> u64 {
+        let mut txn = m.begin(64).expect("begin");
+        let seq = txn.next_seq();
+        txn.record(|b| b.extend_from_slice(b"payload"), || Ok(()))
+            .expect("record");
+        assert_eq!(txn.release(), Some(seq));
+        seq
+    }
+
+    /// A continuation that reports its outcome and the thread it ran on.
+    fn reporter() -> (Settle, mpsc::Receiver<(bool, std::thread::ThreadId)>) {
+        let (tx, rx) = mpsc::channel();
+        let settle: Settle = Box::new(move |r| {
+            let _ = tx.send((r.is_ok(), std::thread::current().id()));
+        });
+        (settle, rx)
+    }
+
+    #[test]
+    fn a_deferred_reply_runs_on_the_thread_that_delivers_the_ack() {
+        let f = fixture("ack", Policy::Strict, Duration::from_secs(60));
+        let seq = log_one(&f.mirror);
+        let (settle, rx) = reporter();
+        f.mirror.when_durable(seq, settle);
+        assert!(
+            rx.try_recv().is_err(),
+            "settled before the destination acknowledged"
+        );
+        // An ack below the record settles nothing.
+        f.mirror.on_ack(seq - 1, 0, 0);
+        assert!(
+            rx.try_recv().is_err(),
+            "settled by an ack of an earlier record"
+        );
+        let m = f.mirror.clone();
+        let acker = std::thread::spawn(move || {
+            m.on_ack(seq, 1, 7);
+            std::thread::current().id()
+        })
+        .join()
+        .expect("ack thread");
+        let (ok, on) = rx.recv_timeout(Duration::from_secs(5)).expect("settled");
+        assert!(ok, "an acknowledged record settles with success");
+        assert_eq!(
+            on, acker,
+            "the reply must leave from the acknowledging thread"
+        );
+        // Already acknowledged: settled at once, on the caller's thread.
+        let (settle, rx) = reporter();
+        f.mirror.when_durable(seq, settle);
+        let (ok, on) = rx.try_recv().expect("settled at once");
+        assert!(ok);
+        assert_eq!(on, std::thread::current().id());
+    }
+
+    #[test]
+    fn strict_policy_fails_a_waiting_reply_after_the_timeout() {
+        let timeout = Duration::from_millis(200);
+        let f = fixture("strict", Policy::Strict, timeout);
+        let seq = log_one(&f.mirror);
+        let (settle, rx) = reporter();
+        f.mirror.when_durable(seq, settle);
+        f.mirror.settle_waiters();
+        assert!(rx.try_recv().is_err(), "failed before the timeout");
+        std::thread::sleep(timeout + Duration::from_millis(50));
+        f.mirror.settle_waiters();
+        let (ok, _) = rx.try_recv().expect("settled after the timeout");
+        assert!(
+            !ok,
+            "strict: no acknowledgement within the timeout is an error"
+        );
+        // A late ack finds nothing left to settle (each continuation runs once).
+        f.mirror.on_ack(seq, 1, 7);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn sync_policy_lets_waiting_replies_go_on_alone_after_the_timeout() {
+        let timeout = Duration::from_millis(200);
+        let f = fixture("sync", Policy::Sync, timeout);
+        let first = log_one(&f.mirror);
+        let (settle, rx) = reporter();
+        f.mirror.when_durable(first, settle);
+        std::thread::sleep(timeout + Duration::from_millis(50));
+        f.mirror.settle_waiters();
+        let (ok, _) = rx.try_recv().expect("settled after the timeout");
+        assert!(ok, "sync: the source goes on alone");
+        assert!(
+            f.mirror.progress(|p| p.degraded),
+            "running alone is recorded"
+        );
+        // While alone, a new record settles as soon as it is flushed locally.
+        let second = log_one(&f.mirror);
+        let (settle, rx) = reporter();
+        f.mirror.when_durable(second, settle);
+        assert!(rx.try_recv().expect("settled at once").0);
+    }
+
+    #[test]
+    fn a_stop_fails_waiting_replies_under_strict() {
+        let f = fixture("stop", Policy::Strict, Duration::from_secs(60));
+        let seq = log_one(&f.mirror);
+        let (settle, rx) = reporter();
+        f.mirror.when_durable(seq, settle);
+        f.mirror.stop("fenced".into());
+        let (ok, _) = rx.try_recv().expect("settled by the stop");
+        assert!(!ok);
+    }
+}
