@@ -21,7 +21,7 @@ WRITERS=${WRITERS:-1 4 8}
 . tests/bench/common.sh
 bench_need fio=fio bindfs=bindfs
 cargo build --release --bins -q
-BIN=$ROOT/target/release
+BIN=${BIN:-$ROOT/target/release}  # BIN=DIR: binaries built elsewhere (A/B runs)
 W=$(mktemp -d "${TMPDIR:-/tmp}/nvmirror-scaling.XXXXXX")
 export NVMIRROR_RUN_DIR=$W/run
 mkdir -p "$W"/{run,bind-backing,bind-mnt}
