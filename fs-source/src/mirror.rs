@@ -1548,6 +1548,14 @@ mod tests {
         seq
     }
 
+    /// Log a record and file a reporting continuation for it: (its sequence number, reports).
+    fn waiting(m: &Mirror) -> (u64, mpsc::Receiver<(bool, std::thread::ThreadId)>) {
+        let seq = log_one(m);
+        let (settle, rx) = reporter();
+        m.when_durable(seq, settle);
+        (seq, rx)
+    }
+
     /// A continuation that reports its outcome and the thread it ran on.
     fn reporter() -> (Settle, mpsc::Receiver<(bool, std::thread::ThreadId)>) {
         let (tx, rx) = mpsc::channel();
@@ -1560,9 +1568,7 @@ mod tests {
     #[test]
     fn a_deferred_reply_runs_on_the_thread_that_delivers_the_ack() {
         let f = fixture("ack", Policy::Strict, Duration::from_secs(60));
-        let seq = log_one(&f.mirror);
-        let (settle, rx) = reporter();
-        f.mirror.when_durable(seq, settle);
+        let (seq, rx) = waiting(&f.mirror);
         assert!(
             rx.try_recv().is_err(),
             "settled before the destination acknowledged"
@@ -1598,9 +1604,7 @@ mod tests {
     fn strict_policy_fails_a_waiting_reply_after_the_timeout() {
         let timeout = Duration::from_millis(200);
         let f = fixture("strict", Policy::Strict, timeout);
-        let seq = log_one(&f.mirror);
-        let (settle, rx) = reporter();
-        f.mirror.when_durable(seq, settle);
+        let (seq, rx) = waiting(&f.mirror);
         f.mirror.settle_waiters();
         assert!(rx.try_recv().is_err(), "failed before the timeout");
         std::thread::sleep(timeout + Duration::from_millis(50));
@@ -1619,9 +1623,7 @@ mod tests {
     fn sync_policy_lets_waiting_replies_go_on_alone_after_the_timeout() {
         let timeout = Duration::from_millis(200);
         let f = fixture("sync", Policy::Sync, timeout);
-        let first = log_one(&f.mirror);
-        let (settle, rx) = reporter();
-        f.mirror.when_durable(first, settle);
+        let (_, rx) = waiting(&f.mirror);
         std::thread::sleep(timeout + Duration::from_millis(50));
         f.mirror.settle_waiters();
         let (ok, _) = rx.try_recv().expect("settled after the timeout");
@@ -1631,18 +1633,14 @@ mod tests {
             "running alone is recorded"
         );
         // While alone, a new record settles as soon as it is flushed locally.
-        let second = log_one(&f.mirror);
-        let (settle, rx) = reporter();
-        f.mirror.when_durable(second, settle);
+        let (_, rx) = waiting(&f.mirror);
         assert!(rx.try_recv().expect("settled at once").0);
     }
 
     #[test]
     fn a_stop_fails_waiting_replies_under_strict() {
         let f = fixture("stop", Policy::Strict, Duration::from_secs(60));
-        let seq = log_one(&f.mirror);
-        let (settle, rx) = reporter();
-        f.mirror.when_durable(seq, settle);
+        let (_, rx) = waiting(&f.mirror);
         f.mirror.stop("fenced".into());
         let (ok, _) = rx.try_recv().expect("settled by the stop");
         assert!(!ok);
