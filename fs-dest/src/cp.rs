@@ -241,6 +241,9 @@ pub fn apply_through(
     let marker_done = tree
         .marker_done()
         .map_err(|e| image_err("reading the replay marker", e))?;
+    // Each write logs its file's times; only the last of a namespace-quiet stretch matters.
+    let superseded = proto::replay::drop_superseded_times(&mut window);
+    tracing::debug!(source = %source.name, superseded, "CP: times entries overridden later in the window");
     let steps = proto::replay::plan(&window, Some(marker));
     // The namespace records up to the marker: the image holds them.
     let upto = window.partition_point(|(s, _)| *s <= marker);

@@ -140,6 +140,31 @@ pub fn plan(window: &[(u64, Op)], marker: Option<u64>) -> Vec<Step> {
     before
 }
 
+/// Drop from `window` every `Times` entry that a later `Times` entry for the same path
+/// overrides before any namespace record comes between them (so both name the same entry):
+/// times are absolute values, and what content records between them do to the times is
+/// overridden too. Returns how many entries were dropped. A CP applies one `utimensat` per
+/// file and namespace-quiet stretch instead of one per write (each write logs its file's
+/// times). Order, sequence numbers and every other record stay as they were, so the replay
+/// marker's reasoning ([`plan`]) is unchanged.
+pub fn drop_superseded_times(window: &mut [(u64, Op)]) -> usize {
+    let mut later: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    let mut dropped = 0;
+    for (_, op) in window.iter_mut().rev() {
+        if op.is_namespace() {
+            later.clear();
+            continue;
+        }
+        if let Op::Times { entries } = op {
+            let before = entries.len();
+            entries.retain(|e| !later.contains(&e.path));
+            dropped += before - entries.len();
+            later.extend(entries.iter().map(|e| e.path.clone()));
+        }
+    }
+    dropped
+}
+
 /// Where the entry at `path` before record `window[from]` is after the namespace records of
 /// `window[from..]` (renames carry it along, removals and replacements end it). `None` when it
 /// lost that name: removed, replaced, or (a hard link) still alive under a name the window
@@ -173,6 +198,98 @@ pub fn track(path: &[u8], window: &[(u64, Op)]) -> Option<Vec<u8>> {
         }
     }
     Some(p)
+}
+
+#[cfg(test)]
+mod superseded_times_tests {
+    use super::*;
+    use crate::record::{TimesEntry, Timestamp};
+
+    fn times(paths: &[&str], secs: i64) -> Op {
+        Op::Times {
+            entries: paths
+                .iter()
+                .map(|p| TimesEntry {
+                    path: p.as_bytes().to_vec(),
+                    atime: Timestamp { secs, nanos: 0 },
+                    mtime: Timestamp { secs, nanos: 0 },
+                    handle: Default::default(),
+                })
+                .collect(),
+        }
+    }
+
+    fn write(path: &str) -> Op {
+        Op::Write {
+            path: path.as_bytes().to_vec(),
+            offset: 0,
+            data: vec![1],
+            handle: Default::default(),
+        }
+    }
+
+    fn kept(window: &[(u64, Op)]) -> Vec<(u64, Vec<String>)> {
+        window
+            .iter()
+            .filter_map(|(s, op)| match op {
+                Op::Times { entries } => Some((
+                    *s,
+                    entries
+                        .iter()
+                        .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+                        .collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_later_entry_for_the_same_path_overrides_an_earlier_one() {
+        let mut w = vec![
+            (1, write("a")),
+            (2, times(&["a", "d"], 10)),
+            (3, write("a")),
+            (4, times(&["a"], 11)),
+            (5, write("b")),
+            (6, times(&["b", "a"], 12)),
+        ];
+        assert_eq!(drop_superseded_times(&mut w), 2);
+        assert_eq!(
+            kept(&w),
+            vec![
+                (2, vec!["d".to_string()]),
+                (4, vec![]),
+                (6, vec!["b".to_string(), "a".to_string()])
+            ]
+        );
+        assert_eq!(w.len(), 6, "no record is removed, only entries");
+    }
+
+    #[test]
+    fn a_namespace_record_between_keeps_both() {
+        let rename = Op::Rename {
+            from: b"a".to_vec(),
+            to: b"b".to_vec(),
+            flags: 0,
+            handle: Default::default(),
+        };
+        let mut w = vec![
+            (1, times(&["a"], 10)),
+            (2, rename),
+            (3, times(&["a"], 11)),
+            (
+                4,
+                Op::Unlink {
+                    path: b"c".to_vec(),
+                },
+            ),
+            (5, times(&["b"], 12)),
+        ];
+        assert_eq!(drop_superseded_times(&mut w), 0);
+        assert_eq!(kept(&w).len(), 3);
+        assert!(kept(&w).iter().all(|(_, e)| e.len() == 1));
+    }
 }
 
 #[cfg(test)]
