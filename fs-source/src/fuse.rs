@@ -15,8 +15,7 @@ use fuser::{
 };
 use rustix::fs::Stat;
 
-use crate::error::FsError;
-use crate::error::FsResult;
+use crate::error::{FsError, FsResult};
 use crate::volume::{AttrChange, Caller, Durable, SetTime, Unprivileged, Volume};
 
 /// Attributes are cached by the kernel for a minute: every change passes through this daemon,
@@ -97,10 +96,7 @@ impl FuseAdapter {
 
     /// [`FuseAdapter::answer`] for operations that answer with a directory entry.
     fn answer_entry(&self, what: &'static str, r: FsResult<Durable<Stat>>, reply: ReplyEntry) {
-        let r = r.map(|d| Durable {
-            value: (attr(&d.value), self.generation(&d.value)),
-            seq: d.seq,
-        });
+        let r = r.map(|d| d.map(|st| (attr(&st), self.generation(&st))));
         self.answer(what, r, move |r| match r {
             Ok((a, g)) => reply.entry_with_ttls(&ENTRY_TTL, &ATTR_TTL, &a, g),
             Err(e) => reply.error(e),
@@ -288,10 +284,10 @@ impl Filesystem for FuseAdapter {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
         };
-        let r = self.volume.setattr(ino.0, change).map(|d| Durable {
-            value: attr(&d.value),
-            seq: d.seq,
-        });
+        let r = self
+            .volume
+            .setattr(ino.0, change)
+            .map(|d| d.map(|st| attr(&st)));
         self.answer("setattr", r, move |r| match r {
             Ok(a) => reply.attr(&ATTR_TTL, &a),
             Err(e) => reply.error(e),
@@ -690,14 +686,8 @@ impl Filesystem for FuseAdapter {
         let r = self
             .volume
             .create(caller(req), parent.0, name.as_bytes(), mode, umask, flags)
-            .map(|d| Durable {
-                value: (attr(&d.value.0), self.generation(&d.value.0), d.value.1),
-                seq: d.seq,
-            });
-        let handle = match &r {
-            Ok(d) => Some(d.value.2),
-            Err(_) => None,
-        };
+            .map(|d| d.map(|(st, fh)| (attr(&st), self.generation(&st), fh)));
+        let handle = r.as_ref().ok().map(|d| d.value.2);
         let volume = self.volume.clone();
         self.answer("create", r, move |r| match r {
             Ok((a, g, fh)) => {

@@ -529,31 +529,20 @@ impl Mirror {
 
     fn wait_durable_inner(&self, seq: u64) -> Result<(), FsError> {
         let started = Instant::now();
-        let mut p = lock(&self.progress);
+        let (mut p, flushed) = self.flush_through_locked(lock(&self.progress), seq);
+        flushed?;
         loop {
-            if let Some(e) = self.refusal(&p, seq) {
-                return Err(e);
-            }
-            if p.flushed < seq && !p.flushing {
-                let (guard, res) = self.lead_flush(p);
-                p = guard;
-                res.map_err(MirrorError::Flush)?;
-                continue;
-            }
-            if p.flushed >= seq {
-                if let Some((r, degraded_now)) = self.verdict(&mut p, seq, started.elapsed()) {
-                    drop(p);
-                    if degraded_now {
-                        self.degraded_watch.send_replace(true);
-                    }
-                    return r;
+            if let Some((r, degraded_now)) = self.verdict(&mut p, seq, started.elapsed()) {
+                drop(p);
+                if degraded_now {
+                    self.degraded_watch.send_replace(true);
                 }
+                return r;
             }
-            let waited = started.elapsed();
             let left = self
                 .settings
                 .timeout
-                .saturating_sub(waited)
+                .saturating_sub(started.elapsed())
                 .max(Duration::from_millis(50));
             p = self
                 .progress_changed
@@ -561,6 +550,20 @@ impl Mirror {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// [`Mirror::flush_locked`] for an operation's reply: a stopped source refuses a record
+    /// not yet flushed (see [`Mirror::refusal`]). The guard comes back with why not, if not.
+    fn flush_through_locked<'g>(
+        &'g self,
+        p: MutexGuard<'g, Progress>,
+        seq: u64,
+    ) -> (MutexGuard<'g, Progress>, Result<(), FsError>) {
+        if let Some(e) = self.refusal(&p, seq) {
+            return (p, Err(e));
+        }
+        let (p, res) = self.flush_locked(p, seq);
+        (p, res.map_err(|e| MirrorError::Flush(e).into()))
     }
 
     /// Why `seq` will never be confirmed, when the source was stopped for good (policy strict,
@@ -611,29 +614,12 @@ impl Mirror {
     /// policy's timeout). It must not block: it runs on the network thread.
     pub fn when_durable(&self, seq: u64, settle: Settle) {
         let started = Instant::now();
-        let mut p = lock(&self.progress);
-        while p.flushed < seq {
-            if let Some(e) = self.refusal(&p, seq) {
-                drop(p);
-                return self.settle(vec![(Err(e), settle)]);
-            }
-            if p.flushing {
-                // Another thread's flush is running; it notifies when done.
-                p = self
-                    .progress_changed
-                    .wait_timeout(p, Duration::from_millis(50))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-                continue;
-            }
-            let (guard, res) = self.lead_flush(p);
-            p = guard;
-            if let Err(e) = res {
-                drop(p);
-                return self.settle(vec![(Err(MirrorError::Flush(e).into()), settle)]);
-            }
-        }
-        match self.verdict(&mut p, seq, started.elapsed()) {
+        let (mut p, flushed) = self.flush_through_locked(lock(&self.progress), seq);
+        let verdict = match flushed {
+            Ok(()) => self.verdict(&mut p, seq, started.elapsed()),
+            Err(e) => Some((Err(e), false)),
+        };
+        match verdict {
             Some((r, degraded_now)) => {
                 drop(p);
                 if degraded_now {
@@ -674,7 +660,7 @@ impl Mirror {
         if p.waiters.0.is_empty() {
             return;
         }
-        let mut done = self.settle_acked(&mut p);
+        let mut done = Vec::new();
         let mut degraded = false;
         let waiting = std::mem::take(&mut p.waiters.0);
         for (seq, list) in waiting {
@@ -730,23 +716,35 @@ impl Mirror {
     /// records the source itself holds durably, so the destination never applies (and then
     /// discards) a record a power cut could take from the source's NVRAM.
     pub fn flush_through(&self, seq: u64) -> Result<(), MirrorError> {
-        let mut p = lock(&self.progress);
-        loop {
-            if p.flushed >= seq || p.logged < seq {
-                return Ok(());
-            }
-            if !p.flushing {
-                let (guard, res) = self.lead_flush(p);
-                p = guard;
-                res.map_err(MirrorError::Flush)?;
+        self.flush_locked(lock(&self.progress), seq)
+            .1
+            .map_err(MirrorError::Flush)
+    }
+
+    /// Flush on this thread until every logged record up to `seq` is durable in the local
+    /// NVRAM: lead the flush when none runs (group commit), else wait for the one that does.
+    fn flush_locked<'g>(
+        &'g self,
+        mut p: MutexGuard<'g, Progress>,
+        seq: u64,
+    ) -> (MutexGuard<'g, Progress>, std::io::Result<()>) {
+        while p.flushed < seq && p.logged >= seq {
+            if p.flushing {
+                // Another thread's flush is running; it notifies when done.
+                p = self
+                    .progress_changed
+                    .wait_timeout(p, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
                 continue;
             }
-            p = self
-                .progress_changed
-                .wait_timeout(p, Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            let (guard, res) = self.lead_flush(p);
+            p = guard;
+            if res.is_err() {
+                return (p, res);
+            }
         }
+        (p, Ok(()))
     }
 
     /// Record an acknowledgement from the destination.

@@ -62,6 +62,14 @@ impl<T> Durable<T> {
         Durable { value, seq }
     }
 
+    /// The same records' wait with the answer turned into another (what the reply carries).
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Durable<U> {
+        Durable {
+            value: f(self.value),
+            seq: self.seq,
+        }
+    }
+
     /// Wait on this thread until the records are settled; the value, or why they are not.
     pub fn wait(self, mirror: &Mirror) -> FsResult<T> {
         if let Some(seq) = self.seq {
