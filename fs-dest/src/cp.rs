@@ -241,9 +241,23 @@ pub fn apply_through(
     let marker_done = tree
         .marker_done()
         .map_err(|e| image_err("reading the replay marker", e))?;
+    // A file created and removed within the window never reaches the image.
+    let left_out = proto::replay::drop_transient(&mut window, marker);
+    let transient = left_out.iter().filter(|d| **d).count();
+    if transient > 0 {
+        let mut flags = left_out.iter();
+        window.retain(|_| !flags.next().is_some_and(|d| *d));
+        let mut flags = left_out.iter();
+        payloads.retain(|_| !flags.next().is_some_and(|d| *d));
+        source
+            .stats
+            .transient_records
+            .fetch_add(transient as u64, Ordering::Relaxed);
+    }
     // Each write logs its file's times; only the last of a namespace-quiet stretch matters.
     let superseded = proto::replay::drop_superseded_times(&mut window);
-    tracing::debug!(source = %source.name, superseded, "CP: times entries overridden later in the window");
+    tracing::debug!(source = %source.name, superseded, transient,
+        "CP: times entries overridden later in the window, records of files created and removed in it");
     let steps = proto::replay::plan(&window, Some(marker));
     // The namespace records up to the marker: the image holds them.
     let upto = window.partition_point(|(s, _)| *s <= marker);

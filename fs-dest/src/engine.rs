@@ -85,6 +85,9 @@ pub struct Stats {
     pub cp_count: AtomicU64,
     /// Records that failed to apply at a CP.
     pub apply_errors: AtomicU64,
+    /// Records a CP left out because they made and removed a file within its window
+    /// (`proto::replay::drop_transient`): work the image never had to do.
+    pub transient_records: AtomicU64,
     /// When the last CP completed and how long it took.
     pub last_cp: Mutex<Option<(std::time::Instant, std::time::Duration)>>,
     /// When the last record arrived.

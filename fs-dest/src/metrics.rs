@@ -249,6 +249,16 @@ impl Collector for DestCollector {
             e,
             sources,
             (
+                "nvmirror_dest_transient_records",
+                "Records of the source that CPs left out since this server started: files created and removed within one CP's window.",
+                Counter,
+            ),
+            |s| n(s.transient_records),
+        )?;
+        per_source(
+            e,
+            sources,
+            (
                 "nvmirror_dest_journal_bytes",
                 "Bytes in the source's journal files.",
                 Gauge,

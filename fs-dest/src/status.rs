@@ -48,6 +48,10 @@ pub struct SourceStatus {
     pub cp_count: u64,
     /// Records that failed to apply since the server started.
     pub apply_errors: u64,
+    /// Records CPs left out since the server started: files created and removed within one
+    /// CP's window, which the image never had to hold.
+    #[serde(default)]
+    pub transient_records: u64,
     /// Bytes in its journal files.
     pub journal_bytes: u64,
     /// "in-sync", "out-of-sync" (some paths of the image differ from the source: records
@@ -173,6 +177,7 @@ pub fn snapshot(engine: &Engine) -> StatusReport {
                 bytes_received: s.stats.bytes_received.load(Ordering::Relaxed),
                 cp_count: s.stats.cp_count.load(Ordering::Relaxed),
                 apply_errors: s.stats.apply_errors.load(Ordering::Relaxed),
+                transient_records: s.stats.transient_records.load(Ordering::Relaxed),
                 journal_bytes: s.journal_bytes(),
                 last_cp_age_seconds: last_cp.map(|(at, _)| at.elapsed().as_secs_f64()),
                 last_cp_seconds: last_cp.map(|(_, took)| took.as_secs_f64()),
@@ -241,6 +246,7 @@ pub fn offline(root: &Path) -> StatusReport {
                 bytes_received: 0,
                 cp_count: 0,
                 apply_errors: 0,
+                transient_records: 0,
                 journal_bytes,
                 last_cp_age_seconds: None,
                 last_cp_seconds: None,

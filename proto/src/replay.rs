@@ -165,6 +165,123 @@ pub fn drop_superseded_times(window: &mut [(u64, Op)]) -> usize {
     dropped
 }
 
+/// How much scanning [`drop_transient`] may do per record of the window for the renames and
+/// removals of directories that end candidates beneath them, before it stops looking for more
+/// candidates (keeping the work linear in the window whatever its shape).
+const TRANSIENT_SCAN_PER_RECORD: usize = 8;
+
+/// Mark the files that are created and removed again inside `window`, with nothing in between
+/// that lets the rest of the tree see them: their create, their unlink and every record on
+/// them in between (writes, attributes, xattrs) are flagged in the returned vector (`true`:
+/// leave it out), and their entries in `Times` records in between are removed in place. A CP
+/// then never materializes a temporary file in the image (the tree after the window is the
+/// same: the file is gone either way, and its parent directory's times come from the `Times`
+/// records logged with the unlink).
+///
+/// A candidate is a regular file, symlink or special file created by a record after
+/// `marker` (a CP that a crash interrupted may already have applied a record at or before the
+/// marker, and nothing after it: see [`plan`]). It stops being one when something could make
+/// it outlive its unlink or be seen elsewhere: a hard link, a rename from or onto it or one of
+/// its directories, a copy out of it, a `Replace` or `rmdir` above it.
+pub fn drop_transient(window: &mut [(u64, Op)], marker: u64) -> Vec<bool> {
+    use std::collections::HashMap;
+    fn under(p: &[u8], dir: &[u8]) -> bool {
+        dir.is_empty() || (p.len() > dir.len() && p.starts_with(dir) && p[dir.len()] == b'/')
+    }
+    struct Live {
+        create: usize,
+        deps: Vec<usize>,
+    }
+    let mut drop = vec![false; window.len()];
+    let mut live: HashMap<Vec<u8>, Live> = HashMap::new();
+    // Per collapsed path, the (create, unlink) index spans whose `Times` entries go too.
+    let mut spans: HashMap<Vec<u8>, Vec<(usize, usize)>> = HashMap::new();
+    let mut budget = window.len().saturating_mul(TRANSIENT_SCAN_PER_RECORD);
+    let mut searching = true;
+    // End every candidate at or under `dir` (a rename or removal there).
+    let mut end_under = |live: &mut HashMap<Vec<u8>, Live>, dir: &[u8], searching: &mut bool| {
+        live.remove(dir);
+        if live.is_empty() {
+            return;
+        }
+        if live.len() > budget {
+            live.clear();
+            *searching = false;
+            return;
+        }
+        budget -= live.len();
+        live.retain(|p, _| !under(p, dir));
+    };
+    for (i, (seq, op)) in window.iter().enumerate() {
+        match op {
+            Op::Create { path, .. } | Op::Mknod { path, .. } | Op::Symlink { path, .. } => {
+                if searching && *seq > marker {
+                    live.insert(
+                        path.clone(),
+                        Live {
+                            create: i,
+                            deps: Vec::new(),
+                        },
+                    );
+                } else {
+                    live.remove(path);
+                }
+            }
+            Op::Unlink { path } => {
+                if let Some(l) = live.remove(path) {
+                    drop[l.create] = true;
+                    for d in l.deps {
+                        drop[d] = true;
+                    }
+                    drop[i] = true;
+                    spans.entry(path.clone()).or_default().push((l.create, i));
+                }
+            }
+            Op::Mkdir { .. } | Op::Times { .. } => {}
+            Op::Rmdir { path } | Op::Replace { path, .. } => {
+                end_under(&mut live, path, &mut searching)
+            }
+            Op::Rename { from, to, .. } => {
+                end_under(&mut live, from, &mut searching);
+                end_under(&mut live, to, &mut searching);
+            }
+            Op::Link { existing, new_path } => {
+                live.remove(existing);
+                live.remove(new_path);
+            }
+            Op::CopyFileRange {
+                src_path, dst_path, ..
+            } => {
+                live.remove(src_path);
+                if let Some(l) = live.get_mut(dst_path) {
+                    l.deps.push(i);
+                }
+            }
+            Op::SetAttr { path, .. }
+            | Op::Write { path, .. }
+            | Op::Fallocate { path, .. }
+            | Op::SetXattr { path, .. }
+            | Op::RemoveXattr { path, .. } => {
+                if let Some(l) = live.get_mut(path) {
+                    l.deps.push(i);
+                }
+            }
+        }
+    }
+    if !spans.is_empty() {
+        for (i, (_, op)) in window.iter_mut().enumerate() {
+            if let Op::Times { entries } = op {
+                entries.retain(|e| {
+                    !spans
+                        .get(&e.path)
+                        .is_some_and(|v| v.iter().any(|&(a, b)| a < i && i < b))
+                });
+            }
+        }
+    }
+    drop
+}
+
 /// Where the entry at `path` before record `window[from]` is after the namespace records of
 /// `window[from..]` (renames carry it along, removals and replacements end it). `None` when it
 /// lost that name: removed, replaced, or (a hard link) still alive under a name the window
@@ -289,6 +406,193 @@ mod superseded_times_tests {
         assert_eq!(drop_superseded_times(&mut w), 0);
         assert_eq!(kept(&w).len(), 3);
         assert!(kept(&w).iter().all(|(_, e)| e.len() == 1));
+    }
+}
+
+#[cfg(test)]
+mod transient_tests {
+    use super::*;
+    use crate::record::{TimesEntry, Timestamp};
+
+    fn p(s: &str) -> Vec<u8> {
+        s.as_bytes().to_vec()
+    }
+    fn create(path: &str) -> Op {
+        Op::Create {
+            path: p(path),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }
+    }
+    fn write(path: &str) -> Op {
+        Op::Write {
+            path: p(path),
+            offset: 0,
+            data: vec![7; 4],
+            handle: Default::default(),
+        }
+    }
+    fn unlink(path: &str) -> Op {
+        Op::Unlink { path: p(path) }
+    }
+    fn times(paths: &[&str]) -> Op {
+        Op::Times {
+            entries: paths
+                .iter()
+                .map(|x| TimesEntry {
+                    path: p(x),
+                    atime: Timestamp { secs: 1, nanos: 0 },
+                    mtime: Timestamp { secs: 1, nanos: 0 },
+                    handle: Default::default(),
+                })
+                .collect(),
+        }
+    }
+    fn rename(from: &str, to: &str) -> Op {
+        Op::Rename {
+            from: p(from),
+            to: p(to),
+            flags: 0,
+            handle: Default::default(),
+        }
+    }
+    fn numbered(ops: Vec<Op>) -> Vec<(u64, Op)> {
+        ops.into_iter()
+            .enumerate()
+            .map(|(i, o)| (i as u64 + 11, o))
+            .collect()
+    }
+    fn times_paths(op: &Op) -> Vec<String> {
+        match op {
+            Op::Times { entries } => entries
+                .iter()
+                .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+                .collect(),
+            _ => panic!("not a Times record"),
+        }
+    }
+
+    #[test]
+    fn a_file_created_written_and_removed_in_the_window_is_left_out_but_its_directory_times_stay() {
+        let mut w = numbered(vec![
+            create("d/f"),
+            times(&["d", "d/f"]),
+            write("d/f"),
+            times(&["d/f"]),
+            unlink("d/f"),
+            times(&["d"]),
+            create("d/g"),
+        ]);
+        let drop = drop_transient(&mut w, 10);
+        assert_eq!(drop, [true, false, true, false, true, false, false]);
+        assert_eq!(times_paths(&w[1].1), ["d"]);
+        assert!(times_paths(&w[3].1).is_empty());
+        assert_eq!(times_paths(&w[5].1), ["d"]);
+    }
+
+    #[test]
+    fn a_create_at_or_before_the_marker_may_be_in_the_image_and_is_kept() {
+        let mut w = numbered(vec![create("f"), write("f"), unlink("f")]);
+        assert_eq!(drop_transient(&mut w, 11), [false, false, false]);
+        let mut w = numbered(vec![create("f"), write("f"), unlink("f")]);
+        assert_eq!(drop_transient(&mut w, 10), [true, true, true]);
+    }
+
+    #[test]
+    fn anything_that_lets_the_file_be_seen_elsewhere_keeps_it() {
+        let cases = vec![
+            (
+                "hard link",
+                vec![
+                    create("f"),
+                    Op::Link {
+                        existing: p("f"),
+                        new_path: p("g"),
+                    },
+                    unlink("f"),
+                ],
+            ),
+            (
+                "renamed away",
+                vec![create("f"), rename("f", "g"), unlink("f")],
+            ),
+            (
+                "replaced by a rename",
+                vec![create("f"), rename("h", "f"), unlink("f")],
+            ),
+            (
+                "its directory renamed",
+                vec![create("d/f"), rename("d", "e"), unlink("d/f")],
+            ),
+            (
+                "copied out of",
+                vec![
+                    create("f"),
+                    Op::CopyFileRange {
+                        src_path: p("f"),
+                        src_offset: 0,
+                        dst_path: p("g"),
+                        dst_offset: 0,
+                        length: 4,
+                    },
+                    unlink("f"),
+                ],
+            ),
+            (
+                "its directory replaced",
+                vec![
+                    create("d/f"),
+                    Op::Replace {
+                        path: p("d"),
+                        entry: crate::record::Entry::Absent,
+                    },
+                    unlink("d/f"),
+                ],
+            ),
+        ];
+        for (what, ops) in cases {
+            let mut w = numbered(ops);
+            let drop = drop_transient(&mut w, 0);
+            assert!(drop.iter().all(|d| !d), "{what}: {drop:?}");
+        }
+    }
+
+    #[test]
+    fn a_rename_elsewhere_or_of_a_sibling_prefix_does_not_end_a_candidate() {
+        let mut w = numbered(vec![
+            create("d/f"),
+            rename("d/fx", "d/fy"),
+            rename("dd", "e"),
+            unlink("d/f"),
+        ]);
+        assert_eq!(drop_transient(&mut w, 0), [true, false, false, true]);
+    }
+
+    #[test]
+    fn the_scan_budget_bounds_the_work_and_only_loses_candidates() {
+        // Many live files, then many renames: the budget runs out, nothing after is dropped,
+        // and what was collapsed before stays correct.
+        let mut ops = vec![create("t"), unlink("t")];
+        for i in 0..50 {
+            ops.push(create(&format!("f{i}")));
+        }
+        for i in 0..50 {
+            ops.push(rename(&format!("x{i}"), &format!("y{i}")));
+        }
+        ops.push(create("late"));
+        ops.push(unlink("late"));
+        ops.push(unlink("f0"));
+        let mut w = numbered(ops);
+        let drop = drop_transient(&mut w, 0);
+        assert!(
+            drop[0] && drop[1],
+            "the pair before the renames is left out"
+        );
+        assert!(
+            drop[2..].iter().all(|d| !d),
+            "nothing after the budget ran out"
+        );
     }
 }
 
@@ -843,8 +1147,22 @@ mod tests {
             .map_or(0, |(s, _)| *s)
     }
 
-    fn replay(mut m: Model, window: &[(u64, Op)], marker: u64) -> Result<Model, String> {
+    /// Replay `window` onto `m` as a CP does; with `transient`, leaving out the files created
+    /// and removed inside it first ([`drop_transient`]).
+    fn replay(
+        mut m: Model,
+        window: &[(u64, Op)],
+        marker: u64,
+        transient: bool,
+    ) -> Result<Model, String> {
         m.clock = 1_000_000;
+        let mut window = window.to_vec();
+        if transient {
+            let drop = drop_transient(&mut window, marker);
+            let mut flags = drop.into_iter();
+            window.retain(|_| !flags.next().unwrap_or(false));
+        }
+        let window = &window[..];
         for step in plan(window, Some(marker)) {
             let (seq, op) = &window[step.index];
             match step.how {
@@ -889,15 +1207,18 @@ mod tests {
                 for (logged, marker) in cases {
                     let crashed = crash_state(&h, durable, j, logged, &mut pick);
                     let window = &h.records[durable..logged];
-                    let got = replay(crashed, window, marker)?;
-                    if got.canonical() != h.states[logged].canonical() {
-                        return Err(format!(
-                            "cut after record {j}, durable cursor {durable}, {logged} logged, \
-                             marker {marker}:\n records {:#?}\n got {:#?}\n want {:#?}",
-                            &h.records[durable..logged],
-                            got.canonical(),
-                            h.states[logged].canonical()
-                        ));
+                    for transient in [false, true] {
+                        let got = replay(crashed.clone(), window, marker, transient)?;
+                        if got.canonical() != h.states[logged].canonical() {
+                            return Err(format!(
+                                "cut after record {j}, durable cursor {durable}, {logged} logged, \
+                                 marker {marker}, transient files left out: {transient}:\n \
+                                 records {:#?}\n got {:#?}\n want {:#?}",
+                                &h.records[durable..logged],
+                                got.canonical(),
+                                h.states[logged].canonical()
+                            ));
+                        }
                     }
                 }
             }
@@ -958,7 +1279,7 @@ mod tests {
             want,
             "the blind replay should have moved the new a"
         );
-        let marked = replay(m, &window[1..], 3).unwrap();
+        let marked = replay(m, &window[1..], 3, false).unwrap();
         assert_eq!(marked.canonical(), want);
     }
 }

@@ -9,6 +9,8 @@
 #   GLUSTER=1 tests/bench/run.sh                # plus GlusterFS replica 2 (shared/bench/peers.sh)
 #   VARIANT="t1=--threads 1"                    # plus a source with other options (A/B runs)
 #   RAW_OUT=FILE                                # keep the raw lines (for tests/bench/plot.sh)
+#   BENCH_FS=root                               # on the root filesystem, not a fresh journaled
+#                                               # ext4 on a loop device (see common.sh: bench_fs)
 #
 # fs-dest and fs-source run from a release build on loopback with NVRAM on /dev/shm. Prints the
 # raw lines and a summary with ratios to the plain directory (see shared/bench/summarize.py).
@@ -30,6 +32,7 @@ if [ "${GLUSTER:-0}" = 1 ]; then bench_need glusterd=glusterfs-server glusterfs=
 cargo build --release --bins -q
 BIN=${BIN:-$ROOT/target/release}  # BIN=DIR: binaries built elsewhere (A/B runs)
 W=$(mktemp -d /tmp/nvmirror-bench.XXXXXX)
+bench_fs "$W"   # BENCH_FS=root: the root filesystem instead of a fresh journaled ext4 (common.sh)
 export NVMIRROR_RUN_DIR=$W/run
 mkdir -p "$W"/{native,bind-backing,bind-mnt,backing,mnt,dest,run}
 pids=()
@@ -39,6 +42,7 @@ cleanup() {
   for m in "$W/mnt" "$W/mnt-wb" "$W/mnt-var" "$W/mnt-disk" "$W/bind-mnt"; do umount -l "$m" 2>/dev/null || true; done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  bench_fs_release "$W"
   rm -rf "$W" /dev/shm/nvmirror-bench-$$-*
 }
 trap cleanup EXIT

@@ -9,7 +9,8 @@
 #   RAW_OUT=FILE                                     # keep the raw lines (tests/bench/plot.sh)
 #
 # Lines: "system writers metric value"; then a markdown table and the peak RSS of each pair.
-# Release build; NVRAM on /dev/shm; backing, image and bindfs on the disk ($TMPDIR or /tmp).
+# Release build; NVRAM on /dev/shm; backing, image and bindfs on a fresh journaled ext4 on a loop
+# device (BENCH_FS=root: on the disk, $TMPDIR or /tmp; see common.sh, bench_fs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -23,6 +24,7 @@ bench_need fio=fio bindfs=bindfs
 cargo build --release --bins -q
 BIN=${BIN:-$ROOT/target/release}  # BIN=DIR: binaries built elsewhere (A/B runs)
 W=$(mktemp -d "${TMPDIR:-/tmp}/nvmirror-scaling.XXXXXX")
+bench_fs "$W"   # BENCH_FS=root: the root filesystem instead of a fresh journaled ext4 (common.sh)
 export NVMIRROR_RUN_DIR=$W/run
 mkdir -p "$W"/{run,bind-backing,bind-mnt}
 pids=()
@@ -30,6 +32,7 @@ cleanup() {
   for m in "$W"/mnt-* "$W/bind-mnt"; do umount -l "$m" 2>/dev/null || true; done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  bench_fs_release "$W"
   rm -rf "$W" /dev/shm/nvmirror-scaling-$$-*
 }
 trap cleanup EXIT
