@@ -207,6 +207,27 @@ pub fn privileged_bits(st: &Stat, who: &Unprivileged) -> u32 {
     kill
 }
 
+/// Whether a chmod/chown of the file `st` to `mode` (already adjusted as the kernel sends it),
+/// `uid` and `gid` would leave mode, owner and group as they are: what tar, `cp -p` and rsync
+/// do to files they just created. A chown of a non-directory clears the set-user-ID bit, and
+/// the set-group-ID bit of a group-executable file, even when the owner stays (the kernel's
+/// `notify_change` under `ATTR_KILL_SUID`/`ATTR_KILL_SGID`); those are changes. Only the
+/// status-change time moves, which the image does not mirror. (File capabilities, which a
+/// chown removes, are the caller's to check.)
+pub fn attrs_unchanged(st: &Stat, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>) -> bool {
+    if mode.is_some_and(|m| m & 0o7777 != st.st_mode & 0o7777)
+        || uid.is_some_and(|u| u != st.st_uid)
+        || gid.is_some_and(|g| g != st.st_gid)
+    {
+        return false;
+    }
+    let chown = uid.is_some() || gid.is_some();
+    let dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+    let kills = st.st_mode & libc::S_ISUID != 0
+        || (st.st_mode & libc::S_ISGID != 0 && st.st_mode & libc::S_IXGRP != 0);
+    !(chown && !dir && kills)
+}
+
 /// The length of the extended attribute `name`, asked by `get` (an `lgetxattr` or
 /// `fgetxattr` given a null buffer of size 0: nothing is read). rustix reports how much of a
 /// buffer was filled, not the value's length, hence libc.
@@ -579,10 +600,65 @@ impl Volume {
                 None => Handle::none(),
             },
         };
+        if let Some(answer) = self.setattr_unchanged(&txn, ino, &path, &op)? {
+            return Ok(answer);
+        }
         txn.apply(&self.tree, &op)?;
         self.touched(&mut txn, &[ino]);
         let seq = txn.release();
         Ok(Durable::new(self.stat_path(&path)?, seq))
+    }
+
+    /// A chmod or chown that leaves mode, owner and group as they are (see
+    /// [`attrs_unchanged`]) changes nothing the image holds: it is applied to the backing
+    /// volume for its status-change time, logs no record, and its reply waits only for the
+    /// records logged before it (the state it found). `None`: it changes something, log it.
+    fn setattr_unchanged(
+        &self,
+        txn: &crate::mirror::Txn<'_>,
+        ino: u64,
+        path: &[u8],
+        op: &Op,
+    ) -> FsResult<Option<Durable<Stat>>> {
+        let Op::SetAttr {
+            mode,
+            uid,
+            gid,
+            size: None,
+            atime: None,
+            mtime: None,
+            ..
+        } = op
+        else {
+            return Ok(None);
+        };
+        let before = self.tree.stat(path)?;
+        if !attrs_unchanged(&before, *mode, *uid, *gid) {
+            return Ok(None);
+        }
+        // A chown removes file capabilities: a file with any is changed by it.
+        let is_dir = before.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if (uid.is_some() || gid.is_some()) && !is_dir {
+            match self.getxattr_len(ino, CAPS_XATTR) {
+                Err(FsError::Backing(Errno::NODATA)) => {}
+                _ => return Ok(None),
+            }
+        }
+        self.tree
+            .apply(op, proto::apply::ApplyMode::Live)
+            .map_err(|e| FsError::Backing(Errno::from_raw_os_error(e.errno())))?;
+        let after = self.stat_path(path)?;
+        if (after.st_mode, after.st_uid, after.st_gid)
+            != (before.st_mode, before.st_uid, before.st_gid)
+        {
+            // Not what the kernel's rules predicted: log what the file now is, so that the
+            // image follows (a crash before this record is a difference `verify` reports).
+            tracing::warn!(path = %String::from_utf8_lossy(path), before = before.st_mode,
+                after = after.st_mode, "a chmod/chown expected to change nothing did; mirroring the result");
+            return Ok(None);
+        }
+        let logged = txn.next_seq().saturating_sub(1);
+        Ok(Some(Durable::new(after, (logged > 0).then_some(logged))))
     }
 
     /// The target of a symlink.
@@ -1443,6 +1519,41 @@ mod tests {
         st.st_mode = mode;
         st.st_gid = gid;
         st
+    }
+
+    #[test]
+    fn a_chmod_or_chown_to_the_same_values_changes_nothing_unless_it_clears_set_id_bits() {
+        let f = stat_of(libc::S_IFREG | 0o644, 7);
+        assert!(attrs_unchanged(&f, Some(0o644), None, None));
+        assert!(attrs_unchanged(&f, None, Some(0), Some(7)));
+        assert!(attrs_unchanged(&f, None, None, None));
+        assert!(!attrs_unchanged(&f, Some(0o640), None, None), "a new mode");
+        assert!(!attrs_unchanged(&f, None, Some(1), None), "a new owner");
+        assert!(!attrs_unchanged(&f, None, None, Some(8)), "a new group");
+        let suid = stat_of(libc::S_IFREG | 0o4755, 7);
+        assert!(
+            attrs_unchanged(&suid, Some(0o4755), None, None),
+            "chmod keeps set-ID bits"
+        );
+        assert!(
+            !attrs_unchanged(&suid, None, Some(0), None),
+            "chown clears set-user-ID"
+        );
+        let sgid_x = stat_of(libc::S_IFREG | 0o2755, 7);
+        assert!(
+            !attrs_unchanged(&sgid_x, None, None, Some(7)),
+            "and set-group-ID if group-executable"
+        );
+        let sgid_lock = stat_of(libc::S_IFREG | 0o2644, 7);
+        assert!(
+            attrs_unchanged(&sgid_lock, None, None, Some(7)),
+            "not a mandatory-locking mark"
+        );
+        let dir = stat_of(libc::S_IFDIR | 0o2775, 7);
+        assert!(
+            attrs_unchanged(&dir, None, Some(0), Some(7)),
+            "a directory keeps its bits"
+        );
     }
 
     #[test]
