@@ -55,6 +55,9 @@ pub trait Storage: Send + Sync + 'static {
 pub struct MmapStorage {
     map: memmap2::MmapRaw,
     path: PathBuf,
+    /// On tmpfs or ramfs the mapped pages are the file: an msync has nothing to write and is
+    /// skipped (the file outlives the process either way; nothing outlives a power cut).
+    in_memory: bool,
     _file: File,
 }
 
@@ -137,10 +140,12 @@ impl MmapStorage {
             .len(len)
             .map_raw(&file)
             .map_err(|e| ctx(e, "cannot map"))?;
+        let in_memory = in_memory_fs(&file);
         Ok((
             MmapStorage {
                 map,
                 path: path.to_path_buf(),
+                in_memory,
                 _file: file,
             },
             opened,
@@ -219,7 +224,7 @@ impl Storage for MmapStorage {
 
     fn flush(&self, offset: usize, len: usize) -> io::Result<()> {
         self.check(offset, len);
-        if len == 0 {
+        if len == 0 || self.in_memory {
             return Ok(());
         }
         self.map.flush_range(offset, len).map_err(|e| {
