@@ -245,10 +245,13 @@ pub fn apply_through(
     let left_out = proto::replay::drop_transient(&mut window, marker);
     let transient = left_out.iter().filter(|d| **d).count();
     if transient > 0 {
-        let mut flags = left_out.iter();
-        window.retain(|_| !flags.next().is_some_and(|d| *d));
-        let mut flags = left_out.iter();
-        payloads.retain(|_| !flags.next().is_some_and(|d| *d));
+        // `payloads` runs parallel to `window`: both lose the same records.
+        fn keep<T>(v: &mut Vec<T>, left_out: &[bool]) {
+            let mut flags = left_out.iter();
+            v.retain(|_| !flags.next().is_some_and(|d| *d));
+        }
+        keep(&mut window, &left_out);
+        keep(&mut payloads, &left_out);
         source
             .stats
             .transient_records

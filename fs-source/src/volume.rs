@@ -221,11 +221,15 @@ pub fn attrs_unchanged(st: &Stat, mode: Option<u32>, uid: Option<u32>, gid: Opti
     {
         return false;
     }
-    let chown = uid.is_some() || gid.is_some();
-    let dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
     let kills = st.st_mode & libc::S_ISUID != 0
         || (st.st_mode & libc::S_ISGID != 0 && st.st_mode & libc::S_IXGRP != 0);
-    !(chown && !dir && kills)
+    !(chowns_a_file(st, uid, gid) && kills)
+}
+
+/// Whether a setattr with these `uid`/`gid` is a chown of a non-directory: what clears
+/// set-ID bits and removes file capabilities.
+fn chowns_a_file(st: &Stat, uid: Option<u32>, gid: Option<u32>) -> bool {
+    (uid.is_some() || gid.is_some()) && st.st_mode & libc::S_IFMT != libc::S_IFDIR
 }
 
 /// The length of the extended attribute `name`, asked by `get` (an `lgetxattr` or
@@ -642,8 +646,7 @@ impl Volume {
             return Ok(None);
         }
         // A chown removes file capabilities: a file with any is changed by it.
-        let is_dir = before.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        if (uid.is_some() || gid.is_some()) && !is_dir {
+        if chowns_a_file(&before, *uid, *gid) {
             match self.getxattr_len(ino, CAPS_XATTR) {
                 Err(FsError::Backing(Errno::NODATA)) => {}
                 _ => return Ok(None),

@@ -165,6 +165,11 @@ pub fn drop_superseded_times(window: &mut [(u64, Op)]) -> usize {
     dropped
 }
 
+/// Whether `p` lies beneath directory `dir` (the root, `""`, holds everything).
+fn under(p: &[u8], dir: &[u8]) -> bool {
+    dir.is_empty() || (p.len() > dir.len() && p.starts_with(dir) && p[dir.len()] == b'/')
+}
+
 /// How much scanning [`drop_transient`] may do per record of the window for the renames and
 /// removals of directories that end candidates beneath them, before it stops looking for more
 /// candidates (keeping the work linear in the window whatever its shape).
@@ -185,9 +190,6 @@ const TRANSIENT_SCAN_PER_RECORD: usize = 8;
 /// its directories, a copy out of it, a `Replace` or `rmdir` above it.
 pub fn drop_transient(window: &mut [(u64, Op)], marker: u64) -> Vec<bool> {
     use std::collections::HashMap;
-    fn under(p: &[u8], dir: &[u8]) -> bool {
-        dir.is_empty() || (p.len() > dir.len() && p.starts_with(dir) && p[dir.len()] == b'/')
-    }
     struct Live {
         create: usize,
         deps: Vec<usize>,
@@ -287,9 +289,6 @@ pub fn drop_transient(window: &mut [(u64, Op)], marker: u64) -> Vec<bool> {
 /// lost that name: removed, replaced, or (a hard link) still alive under a name the window
 /// does not show.
 pub fn track(path: &[u8], window: &[(u64, Op)]) -> Option<Vec<u8>> {
-    fn under(p: &[u8], dir: &[u8]) -> bool {
-        dir.is_empty() || (p.len() > dir.len() && p.starts_with(dir) && p[dir.len()] == b'/')
-    }
     fn rebase(p: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
         [to, &p[from.len()..]].concat()
     }
@@ -322,7 +321,7 @@ mod superseded_times_tests {
     use super::*;
     use crate::record::{TimesEntry, Timestamp};
 
-    fn times(paths: &[&str], secs: i64) -> Op {
+    pub(super) fn times(paths: &[&str], secs: i64) -> Op {
         Op::Times {
             entries: paths
                 .iter()
@@ -336,7 +335,7 @@ mod superseded_times_tests {
         }
     }
 
-    fn write(path: &str) -> Op {
+    pub(super) fn write(path: &str) -> Op {
         Op::Write {
             path: path.as_bytes().to_vec(),
             offset: 0,
@@ -411,8 +410,8 @@ mod superseded_times_tests {
 
 #[cfg(test)]
 mod transient_tests {
+    use super::superseded_times_tests::{times, write};
     use super::*;
-    use crate::record::{TimesEntry, Timestamp};
 
     fn p(s: &str) -> Vec<u8> {
         s.as_bytes().to_vec()
@@ -425,29 +424,8 @@ mod transient_tests {
             gid: 0,
         }
     }
-    fn write(path: &str) -> Op {
-        Op::Write {
-            path: p(path),
-            offset: 0,
-            data: vec![7; 4],
-            handle: Default::default(),
-        }
-    }
     fn unlink(path: &str) -> Op {
         Op::Unlink { path: p(path) }
-    }
-    fn times(paths: &[&str]) -> Op {
-        Op::Times {
-            entries: paths
-                .iter()
-                .map(|x| TimesEntry {
-                    path: p(x),
-                    atime: Timestamp { secs: 1, nanos: 0 },
-                    mtime: Timestamp { secs: 1, nanos: 0 },
-                    handle: Default::default(),
-                })
-                .collect(),
-        }
     }
     fn rename(from: &str, to: &str) -> Op {
         Op::Rename {
@@ -477,11 +455,11 @@ mod transient_tests {
     fn a_file_created_written_and_removed_in_the_window_is_left_out_but_its_directory_times_stay() {
         let mut w = numbered(vec![
             create("d/f"),
-            times(&["d", "d/f"]),
+            times(&["d", "d/f"], 1),
             write("d/f"),
-            times(&["d/f"]),
+            times(&["d/f"], 1),
             unlink("d/f"),
-            times(&["d"]),
+            times(&["d"], 1),
             create("d/g"),
         ]);
         let drop = drop_transient(&mut w, 10);

@@ -107,8 +107,9 @@ impl MmapStorage {
                 .map_err(|e| ctx(e, "cannot set mode 0600"))?;
         }
         let existing = meta.len();
+        let in_memory = in_memory_fs(&file);
         let opened = if existing == 0 {
-            if in_memory_fs(&file) {
+            if in_memory {
                 // tmpfs: no blocks to prepare; fallocate reserves the pages (an ENOSPC now
                 // rather than a SIGBUS at the first append).
                 if let Err(e) =
@@ -140,7 +141,6 @@ impl MmapStorage {
             .len(len)
             .map_raw(&file)
             .map_err(|e| ctx(e, "cannot map"))?;
-        let in_memory = in_memory_fs(&file);
         Ok((
             MmapStorage {
                 map,
