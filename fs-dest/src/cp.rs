@@ -26,6 +26,9 @@ use crate::window::{DataRef, WindowRecord};
 /// How long a CP waits for the destager before giving up.
 pub const DESTAGE_WAIT: Duration = Duration::from_secs(120);
 
+/// Directories of the image a CP keeps open by path while it applies its window.
+const CP_DIR_CACHE: usize = 256;
+
 /// Queue `job` for `source`'s CP worker, starting the worker with the first request. Must run
 /// inside a tokio runtime.
 pub fn submit(engine: &Arc<Engine>, source: &Arc<Source>, job: CpJob) -> Result<(), CpSubmitError> {
@@ -184,6 +187,9 @@ pub fn apply_through(
     }
     let tree = source.image_tree()?;
     tree.set_generation(source.generation.load(Ordering::Acquire));
+    // Under the CP lock this CP is the image's only writer: its directories stay open by path
+    // while it applies the window (one `*at` call per record instead of a path walk).
+    let _dirs = tree.dir_cache_scope(CP_DIR_CACHE);
     let image_err = |what: &str, e: Errno| CpError::Image {
         source_name: source.name.clone(),
         reason: format!("{what} of {}: {e}", source.image_dir.display()),

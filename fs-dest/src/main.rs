@@ -372,6 +372,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Serve(a) => {
+            // Journals, connections and a CP's open image directories are descriptors.
+            proto::fd_limit::raise();
             let geometry = Geometry {
                 partitions: a.partitions,
                 partition_size: a.partition_size,

@@ -31,8 +31,9 @@ pub struct LinkSettings {
     pub volume: String,
     /// `--force-baseline`: replace an image that mirrors another volume.
     pub take_over: bool,
-    /// The backing directory (records fetched back from the destination are applied to it).
-    pub backing: PathBuf,
+    /// The backing volume's tree, the volume's own: records fetched back from the destination
+    /// are applied through it, so its directory cache forgets what they rename or remove.
+    pub tree: Arc<proto::apply::Tree>,
 }
 
 /// What the CP driver and the control socket share with the link task.
@@ -339,8 +340,7 @@ async fn recover_lost_records(
         durable,
         "the destination holds records this source lost from its NVRAM; fetching them back"
     );
-    let tree =
-        Arc::new(proto::apply::Tree::open(&settings.backing).map_err(|e| refused(e.to_string()))?);
+    let tree = settings.tree.clone();
     let mut after = logged;
     while after < durable {
         send.write_all(&wire::encode_control(&Control::FetchRecords { after }))

@@ -255,6 +255,10 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Directories of the backing volume kept open by path (`proto::dir_cache`): an operation in a
+/// cached directory costs one `*at` call instead of a path walk, a call and a `close`.
+const DIR_CACHE: usize = 256;
+
 /// Where `fs-source mount` reads its options when no `--config` is given (if it exists).
 const DEFAULT_CONFIG: &str = "/etc/nvmirror/fs-source.toml";
 
@@ -742,6 +746,9 @@ enum OnUnreachable {
 }
 
 fn mount(args: MountArgs) -> anyhow::Result<()> {
+    // Every file a client keeps open is a descriptor here, and the directory cache holds up to
+    // DIR_CACHE more.
+    proto::fd_limit::raise();
     tls::set_timing(proto::timing::LinkTiming::from_millis(
         args.idle_timeout_ms,
         args.keep_alive_ms,
@@ -828,10 +835,12 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
             replay.frames.clear();
         }
     }
-    let tree = Tree::open(&args.backing)?;
+    let tree = Arc::new(Tree::open(&args.backing)?);
     tree.set_generation(mirror.generation());
     tree.set_own_handles(true);
     recovery::recover(&mirror, &tree, replay)?;
+    // This process is the backing volume's only writer from here on (see `Tree::cache_dirs`).
+    tree.cache_dirs(DIR_CACHE);
     let (volume_id, created) = identity::volume_id(&args.backing)?;
     if created {
         tracing::info!(volume = %volume_id, "{} is a new volume", args.backing.display());
@@ -903,7 +912,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
                 name: args.name.clone(),
                 volume: volume_id.clone(),
                 take_over: args.force_baseline,
-                backing: args.backing.clone(),
+                tree: tree.clone(),
             },
             link_shared.clone(),
             control_rx,

@@ -137,7 +137,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The mirrored volume.
 pub struct Volume {
-    tree: Tree,
+    tree: Arc<Tree>,
     mirror: Arc<Mirror>,
     table: Mutex<InodeTable>,
     files: Mutex<HashMap<u64, (u64, Arc<OwnedFd>)>>,
@@ -251,7 +251,7 @@ const NO_CAPS_MAX: usize = 1 << 16;
 
 impl Volume {
     /// A volume over `tree` mirrored by `mirror`.
-    pub fn new(tree: Tree, mirror: Arc<Mirror>) -> FsResult<Self> {
+    pub fn new(tree: Arc<Tree>, mirror: Arc<Mirror>) -> FsResult<Self> {
         let root = rustix::fs::fstat(tree.root_fd())?;
         Ok(Volume {
             tree,

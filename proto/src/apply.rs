@@ -24,6 +24,7 @@ use rustix::fs::{
 use rustix::io::Errno;
 use thiserror::Error;
 
+use crate::dir_cache::{DirCache, DirFd};
 use crate::handle::Handle;
 use crate::path::{self, PathError};
 use crate::record::{Entry, Op, Timestamp};
@@ -212,9 +213,21 @@ pub struct Tree {
     /// The last file written, kept open across consecutive writes (replaying a journal is
     /// mostly runs of writes to one file). Cleared by every namespace change.
     write_cache: Mutex<Option<(Vec<u8>, OwnedFd)>>,
+    /// Directories opened by path (off unless [`Tree::cache_dirs`]).
+    dirs: DirCache,
 }
 
 type IoResult<T> = Result<T, Errno>;
+
+/// See [`Tree::dir_cache_scope`]: turns the directory cache off when dropped.
+#[must_use = "the cache is turned off again when the scope drops"]
+pub struct DirCacheScope<'t>(&'t Tree);
+
+impl Drop for DirCacheScope<'_> {
+    fn drop(&mut self) {
+        self.0.dirs.enable(0);
+    }
+}
 
 impl Tree {
     /// Open the tree rooted at `root` (which must be a directory).
@@ -247,6 +260,7 @@ impl Tree {
             own_handles: std::sync::atomic::AtomicBool::new(false),
             root_path: root.to_path_buf(),
             write_cache: Mutex::new(None),
+            dirs: DirCache::new(),
         })
     }
 
@@ -288,13 +302,46 @@ impl Tree {
         reopen_regular(&p, flags)
     }
 
-    /// Open the directory `path` as an `O_PATH` descriptor.
-    pub fn dir(&self, path: &[u8]) -> IoResult<OwnedFd> {
-        self.open_at(path, OFlags::PATH | OFlags::DIRECTORY)
+    /// Open the directory `path` as an `O_PATH` descriptor (from the directory cache when it
+    /// is on and holds `path`).
+    pub fn dir(&self, path: &[u8]) -> IoResult<DirFd> {
+        let miss = match self.dirs.get(path) {
+            Ok(fd) => return Ok(fd),
+            Err(miss) => miss,
+        };
+        let fd = DirFd::new(self.open_at(path, OFlags::PATH | OFlags::DIRECTORY)?);
+        self.dirs.insert(path, &fd, miss);
+        Ok(fd)
+    }
+
+    /// Keep up to `capacity` directories open by path from now on (0: none). Only for a tree
+    /// whose directories nothing but this `Tree` renames or removes while it runs: the cache
+    /// forgets what this tree's own renames, rmdirs and replacements touch (see
+    /// [`crate::dir_cache`]); anything else changing them calls [`Tree::forget_dirs`].
+    pub fn cache_dirs(&self, capacity: usize) {
+        self.dirs.enable(capacity);
+    }
+
+    /// Forget every cached directory (after a change made around this tree).
+    pub fn forget_dirs(&self) {
+        self.dirs.clear();
+    }
+
+    /// Cache up to `capacity` directories until the guard drops (then none): for a run of
+    /// changes during which this tree is the only writer of its directories (a CP).
+    pub fn dir_cache_scope(&self, capacity: usize) -> DirCacheScope<'_> {
+        self.dirs.clear();
+        self.dirs.enable(capacity);
+        DirCacheScope(self)
+    }
+
+    /// How many directories are cached.
+    pub fn cached_dirs(&self) -> usize {
+        self.dirs.len()
     }
 
     /// Split `path` into its parent directory (opened) and last name. The root has no parent.
-    pub fn parent<'p>(&self, path: &'p [u8]) -> IoResult<(OwnedFd, &'p [u8])> {
+    pub fn parent<'p>(&self, path: &'p [u8]) -> IoResult<(DirFd, &'p [u8])> {
         let (parent, name) = path::split_last(path).ok_or(Errno::INVAL)?;
         Ok((self.dir(parent)?, name))
     }
@@ -312,7 +359,7 @@ impl Tree {
 
     /// A path through `/proc/self/fd` naming `path` without following a final symlink, for the
     /// calls that have only path-based forms (`l*xattr`). Keeps the directory fd alive.
-    pub fn proc_path(&self, path: &[u8]) -> IoResult<(Option<OwnedFd>, PathBuf)> {
+    pub fn proc_path(&self, path: &[u8]) -> IoResult<(Option<DirFd>, PathBuf)> {
         match path::split_last(path) {
             None => Ok((
                 None,
@@ -443,7 +490,11 @@ impl Tree {
                         _ => {}
                     }
                 }
-                match rename_entries(&odir, oname, &ndir, nname, flags, from, to) {
+                let renamed = rename_entries(&odir, oname, &ndir, nname, flags, from, to);
+                // After the change: a descriptor opened before it is not cached after this.
+                self.dirs.forget_beneath(from);
+                self.dirs.forget_beneath(to);
+                match renamed {
                     Ok(()) => Ok(()),
                     // Already renamed: the old name is gone and the new one exists.
                     Err(Errno::NOENT) if replay && !flags.contains(RenameFlags::EXCHANGE) => Ok(()),
@@ -534,7 +585,12 @@ impl Tree {
                     .map(drop)
                     .map_err(|e| fail(e, dst_path))
             }
-            Op::Replace { path, entry } => self.replace(path, entry).map_err(|e| fail(e, path)),
+            Op::Replace { path, entry } => {
+                let replaced = self.replace(path, entry);
+                // It may have removed directories at or beneath `path`.
+                self.dirs.forget_beneath(path);
+                replaced.map_err(|e| fail(e, path))
+            }
             Op::Times { entries } => {
                 for e in entries {
                     self.setattr(&e.path, None, None, None, Some(e.atime), Some(e.mtime))
@@ -959,7 +1015,11 @@ impl Tree {
     fn remove(&self, path: &[u8], flags: AtFlags, replay: bool) -> IoResult<()> {
         let (dir, name) = self.parent(path)?;
         self.forget_cached();
-        match rustix::fs::unlinkat(&dir, os(name), flags) {
+        let removed = rustix::fs::unlinkat(&dir, os(name), flags);
+        if flags.contains(AtFlags::REMOVEDIR) {
+            self.dirs.forget_beneath(path);
+        }
+        match removed {
             Ok(()) => Ok(()),
             Err(Errno::NOENT) if replay => Ok(()),
             Err(e) => Err(e),
@@ -976,7 +1036,7 @@ impl Tree {
         atime: Option<Timestamp>,
         mtime: Option<Timestamp>,
     ) -> IoResult<()> {
-        let (dir, name): (OwnedFd, &[u8]) = match path::split_last(path) {
+        let (dir, name): (DirFd, &[u8]) = match path::split_last(path) {
             Some(_) => self.parent(path)?,
             None => (self.dir(b"")?, b"."),
         };
@@ -1203,7 +1263,7 @@ fn gid_of(g: u32) -> Gid {
 /// follow" form, so it goes through the `/proc` link of an `O_PATH` descriptor, which never
 /// follows a final symlink.
 fn owner_mode_at(
-    dir: &OwnedFd,
+    dir: &impl AsFd,
     name: &[u8],
     kind: FileType,
     uid: u32,
@@ -1263,7 +1323,7 @@ pub fn remove_all(dir: &OwnedFd, name: &[u8]) -> IoResult<()> {
 
 /// Remove every entry of the directory `dir` (any descriptor of it, `O_PATH` included: it is
 /// reopened for reading).
-fn clear_dir(dir: &OwnedFd) -> IoResult<()> {
+fn clear_dir(dir: &impl AsFd) -> IoResult<()> {
     let readable = rustix::fs::openat(
         dir,
         ".",
@@ -1962,6 +2022,142 @@ mod tests {
             assert_eq!(std::fs::read(d.path().join("d/x")).unwrap(), b"y");
             assert_eq!(std::fs::read(d.path().join("y")).unwrap(), b"x");
             assert!(!d.path().join("d").join(&tmp).exists());
+        }
+    }
+
+    /// The directory cache changes nothing a tree does: the same random operations (renames
+    /// of directories above cached ones, rmdirs, exchanges, recreated names), with stats in
+    /// between that fill the cache, give a cached tree and an uncached one the same answers
+    /// and the same final contents.
+    mod dir_cache {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Few names, so that renames, removals and re-creations keep meeting cached paths.
+        const NAMES: [&str; 7] = ["a", "b", "a/b", "b/a", "a/b/c", "b/a/b", "c"];
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Mkdir(usize),
+            Create(usize),
+            Write(usize, u8),
+            Rename(usize, usize, bool),
+            Rmdir(usize),
+            Unlink(usize),
+            Stat(usize),
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            let n = 0..NAMES.len();
+            prop_oneof![
+                n.clone().prop_map(Step::Mkdir),
+                n.clone().prop_map(Step::Create),
+                (n.clone(), any::<u8>()).prop_map(|(i, b)| Step::Write(i, b)),
+                (n.clone(), n.clone(), any::<bool>()).prop_map(|(a, b, x)| Step::Rename(a, b, x)),
+                n.clone().prop_map(Step::Rmdir),
+                n.clone().prop_map(Step::Unlink),
+                n.prop_map(Step::Stat),
+            ]
+        }
+
+        fn listing(root: &Path) -> Vec<(String, String)> {
+            let mut out = Vec::new();
+            let mut stack = vec![root.to_path_buf()];
+            while let Some(dir) = stack.pop() {
+                for e in std::fs::read_dir(&dir).unwrap() {
+                    let e = e.unwrap();
+                    let p = e.path();
+                    let rel = p.strip_prefix(root).unwrap().display().to_string();
+                    let t = e.file_type().unwrap();
+                    if t.is_dir() {
+                        stack.push(p);
+                        out.push((rel, "dir".into()));
+                    } else {
+                        out.push((rel, format!("{:?}", std::fs::read(&p).unwrap())));
+                    }
+                }
+            }
+            out.sort();
+            out
+        }
+
+        #[test]
+        fn a_directory_removed_and_made_again_is_the_new_one() {
+            let (d, t) = tree();
+            t.cache_dirs(8);
+            let (uid, gid) = me();
+            let mkdir = |p: &str| Op::Mkdir {
+                path: p.into(),
+                mode: 0o755,
+                uid,
+                gid,
+            };
+            t.apply(&mkdir("a"), ApplyMode::Live).unwrap();
+            t.apply(&mkdir("a/b"), ApplyMode::Live).unwrap();
+            assert!(t.stat(b"a/b/f").is_err());
+            assert!(t.cached_dirs() > 0, "the stat cached a/b");
+            t.apply(
+                &Op::Rmdir {
+                    path: b"a/b".to_vec(),
+                },
+                ApplyMode::Live,
+            )
+            .unwrap();
+            t.apply(&mkdir("a/b"), ApplyMode::Live).unwrap();
+            let create = Op::Create {
+                path: b"a/b/f".to_vec(),
+                mode: 0o644,
+                uid,
+                gid,
+            };
+            t.apply(&create, ApplyMode::Live)
+                .expect("created in the new a/b, not the removed one");
+            assert!(d.path().join("a/b/f").exists());
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+            #[test]
+            fn a_cached_tree_does_what_an_uncached_one_does(
+                steps in proptest::collection::vec(step(), 1..60)
+            ) {
+                let (plain_dir, plain) = tree();
+                let (cached_dir, cached) = tree();
+                cached.cache_dirs(4);
+                let (uid, gid) = me();
+                for s in &steps {
+                    let p = |i: usize| NAMES[i].as_bytes().to_vec();
+                    let op = match *s {
+                        Step::Mkdir(i) => Op::Mkdir { path: p(i), mode: 0o755, uid, gid },
+                        Step::Create(i) => Op::Create { path: p(i), mode: 0o644, uid, gid },
+                        Step::Write(i, b) => Op::Write {
+                            path: p(i),
+                            offset: 0,
+                            data: vec![b; 3],
+                            handle: Handle::none(),
+                        },
+                        Step::Rename(a, b, exchange) => Op::Rename {
+                            from: p(a),
+                            to: p(b),
+                            flags: if exchange { RenameFlags::EXCHANGE.bits() } else { 0 },
+                            handle: Handle::none(),
+                        },
+                        Step::Rmdir(i) => Op::Rmdir { path: p(i) },
+                        Step::Unlink(i) => Op::Unlink { path: p(i) },
+                        Step::Stat(i) => {
+                            let a = plain.stat(&p(i)).map(|st| st.st_mode);
+                            let b = cached.stat(&p(i)).map(|st| st.st_mode);
+                            prop_assert_eq!(a, b, "stat {}", NAMES[i]);
+                            continue;
+                        }
+                    };
+                    let a = plain.apply(&op, ApplyMode::Live).map_err(|e| e.errno());
+                    let b = cached.apply(&op, ApplyMode::Live).map_err(|e| e.errno());
+                    prop_assert_eq!(a, b, "{:?}", s);
+                }
+                prop_assert_eq!(listing(plain_dir.path()), listing(cached_dir.path()));
+                prop_assert!(cached.cached_dirs() <= 4);
+            }
         }
     }
 }

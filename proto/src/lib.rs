@@ -15,6 +15,7 @@
 //! * [`inspect`]: offline verification of the daemons' files (NVRAM, backlog, journals) for
 //!   `fs-source check` and `fs-dest check`.
 //! * [`pool`]: reused buffers for frames and messages (no page faults per record).
+//! * [`dir_cache`]: open directories of a tree by path, forgotten when renamed or removed.
 //! * [`apply`]: the one piece of code that applies a record to a directory tree, shared by the
 //!   source (its backing volume, at recovery) and the destination (its image, at a CP).
 //!
@@ -24,6 +25,8 @@
 pub mod apply;
 pub mod config;
 pub mod crc_shift;
+pub mod dir_cache;
+pub mod fd_limit;
 pub mod frame;
 pub mod fscheck;
 pub mod handle;

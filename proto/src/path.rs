@@ -75,6 +75,11 @@ pub fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Whether `p` lies strictly beneath directory `dir` (the root, `""`, holds everything).
+pub fn is_beneath(p: &[u8], dir: &[u8]) -> bool {
+    dir.is_empty() || (p.len() > dir.len() && p.starts_with(dir) && p[dir.len()] == b'/')
+}
+
 /// Split into (parent, last component); the root has no parent.
 pub fn split_last(path: &[u8]) -> Option<(&[u8], &[u8])> {
     if path.is_empty() {

@@ -30,6 +30,7 @@
 //! the whole sequence gives. [`crate::apply::Tree::replay`] runs the steps on a real tree.
 
 use crate::apply::ApplyMode;
+use crate::path::is_beneath as under;
 use crate::record::Op;
 
 /// How one record of the window is applied.
@@ -163,11 +164,6 @@ pub fn drop_superseded_times(window: &mut [(u64, Op)]) -> usize {
         }
     }
     dropped
-}
-
-/// Whether `p` lies beneath directory `dir` (the root, `""`, holds everything).
-fn under(p: &[u8], dir: &[u8]) -> bool {
-    dir.is_empty() || (p.len() > dir.len() && p.starts_with(dir) && p[dir.len()] == b'/')
 }
 
 /// How much scanning [`drop_transient`] may do per record of the window for the renames and
