@@ -434,7 +434,15 @@ impl Filesystem for FuseAdapter {
     ) {
         let who = (self.killpriv && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID))
             .then(|| unprivileged_caller(req));
-        let r = self.volume.write(ino.0, fh.0, offset, data, who);
+        let mut r = self.volume.write(ino.0, fh.0, offset, data, who);
+        if self.writeback_cache {
+            // A write-back of the kernel's page cache: answered once logged here (the page is
+            // then clean); the close or fsync that makes it count waits for the mirror.
+            r = r.map(|d| Durable {
+                value: d.value,
+                seq: None,
+            });
+        }
         self.answer("write", r, move |r| match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
@@ -449,10 +457,22 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if self.writeback_cache {
+            // The kernel wrote the file's dirty pages back before this; each write-back was
+            // answered once logged here: the close returns once everything logged is mirrored.
+            self.answer(
+                "flush",
+                Ok(self.volume.everything_logged()),
+                move |r| match r {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(e),
+                },
+            );
+            return;
+        }
         // Every write was durable on both sides before it was answered: nothing to do at a
-        // close. ENOSYS tells the kernel so once (it stops sending FLUSH and returns success,
-        // after writing back its dirty pages under --writeback-cache); files are opened with
-        // FOPEN_NOFLUSH, so without the writeback cache this is not even asked once.
+        // close. ENOSYS tells the kernel so once (it stops sending FLUSH and returns success);
+        // files are opened with FOPEN_NOFLUSH, so it is not even asked once.
         reply.error(Errno::ENOSYS);
     }
 
@@ -480,10 +500,22 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if self.writeback_cache {
+            // After the kernel's write-backs (answered once logged here) and its times update:
+            // the fsync returns once everything logged is mirrored (one wait for all of them).
+            self.answer(
+                "fsync",
+                Ok(self.volume.everything_logged()),
+                move |r| match r {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(e),
+                },
+            );
+            return;
+        }
         // Already durable: every mutation was in NVRAM on both machines before its reply.
-        // ENOSYS makes the kernel answer every later fsync itself, with success, once it has
-        // written back its dirty pages (each such write is mirrored before it completes): one
-        // round trip through this daemon less per fsync.
+        // ENOSYS makes the kernel answer every later fsync itself, with success: one round
+        // trip through this daemon less per fsync.
         reply.error(Errno::ENOSYS);
     }
 

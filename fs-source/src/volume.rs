@@ -330,6 +330,13 @@ impl Volume {
         }
     }
 
+    /// Every record logged so far, to wait for (a close or an fsync under `--writeback-cache`,
+    /// whose write-backs were answered once logged here).
+    pub fn everything_logged(&self) -> Durable<()> {
+        let last = self.mirror.progress(|p| p.logged);
+        Durable::new((), (last > 0).then_some(last))
+    }
+
     /// Serve with the kernel's writeback cache (see `--writeback-cache`).
     pub fn set_writeback_cache(&self, on: bool) {
         self.writeback_cache.store(on, Ordering::Relaxed);

@@ -894,6 +894,35 @@ impl Harness {
         SourceStatus::parse(&out)
     }
 
+    /// The main source's status read from its control socket by this process, without
+    /// starting `fs-source status`: a child process would get a copy of every descriptor the
+    /// test holds open on the mount, and its `exec` would close them, which is a FUSE FLUSH
+    /// (a close) of those files.
+    #[track_caller]
+    pub fn status_in_process(&self) -> SourceStatus {
+        // As fs-source's `control::socket_path`: FNV-1a of the canonical mount point.
+        let canonical = fs::canonicalize(self.mnt()).unwrap_or_else(|_| self.mnt().to_path_buf());
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in canonical.as_os_str().as_encoded_bytes() {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+        let path = self.run_dir.join(format!("source-{h:016x}.sock"));
+        let mut stream = std::os::unix::net::UnixStream::connect(&path)
+            .unwrap_or_else(|e| panic!("control socket {}: {e}", path.display()));
+        stream
+            .set_read_timeout(Some(COMMAND_TIMEOUT))
+            .expect("socket timeout");
+        stream
+            .write_all(b"{\"cmd\":\"status\"}\n")
+            .expect("status request");
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("status answer on {}: {e}", path.display()));
+        SourceStatus::parse(&line)
+    }
+
     /// `fs-dest status --root ROOT --json`.
     #[track_caller]
     pub fn dest_status(&self) -> serde_json::Value {
