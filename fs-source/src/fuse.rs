@@ -103,6 +103,21 @@ impl FuseAdapter {
         });
     }
 
+    /// FLUSH (a close) and FSYNC. Without the writeback cache every write was durable on
+    /// both sides before it was answered: nothing is left to do, and ENOSYS tells the kernel
+    /// so once (it then answers them itself, with success: no round trip through this daemon
+    /// per close or fsync; files are also opened with `FOPEN_NOFLUSH`). Under
+    /// `--writeback-cache` the kernel has just written the file's dirty pages and times back,
+    /// and each write-back was answered once logged here: the answer waits until everything
+    /// logged so far is mirrored (one wait for all of them).
+    fn close_or_fsync(&self, what: &'static str, reply: ReplyEmpty) {
+        if self.writeback_cache {
+            self.answer_empty(what, Ok(self.volume.everything_logged()), reply);
+        } else {
+            reply.error(Errno::ENOSYS);
+        }
+    }
+
     /// [`FuseAdapter::answer`] for operations that answer with nothing.
     fn answer_empty(&self, what: &'static str, r: FsResult<Durable<()>>, reply: ReplyEmpty) {
         self.answer(what, r, move |r| match r {
@@ -457,23 +472,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        if self.writeback_cache {
-            // The kernel wrote the file's dirty pages back before this; each write-back was
-            // answered once logged here: the close returns once everything logged is mirrored.
-            self.answer(
-                "flush",
-                Ok(self.volume.everything_logged()),
-                move |r| match r {
-                    Ok(()) => reply.ok(),
-                    Err(e) => reply.error(e),
-                },
-            );
-            return;
-        }
-        // Every write was durable on both sides before it was answered: nothing to do at a
-        // close. ENOSYS tells the kernel so once (it stops sending FLUSH and returns success);
-        // files are opened with FOPEN_NOFLUSH, so it is not even asked once.
-        reply.error(Errno::ENOSYS);
+        self.close_or_fsync("flush", reply);
     }
 
     fn release(
@@ -500,23 +499,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if self.writeback_cache {
-            // After the kernel's write-backs (answered once logged here) and its times update:
-            // the fsync returns once everything logged is mirrored (one wait for all of them).
-            self.answer(
-                "fsync",
-                Ok(self.volume.everything_logged()),
-                move |r| match r {
-                    Ok(()) => reply.ok(),
-                    Err(e) => reply.error(e),
-                },
-            );
-            return;
-        }
-        // Already durable: every mutation was in NVRAM on both machines before its reply.
-        // ENOSYS makes the kernel answer every later fsync itself, with success: one round
-        // trip through this daemon less per fsync.
-        reply.error(Errno::ENOSYS);
+        self.close_or_fsync("fsync", reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

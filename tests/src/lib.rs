@@ -894,6 +894,38 @@ impl Harness {
         SourceStatus::parse(&out)
     }
 
+    /// Check that every record logged so far is acknowledged, then stop the destination
+    /// (SIGSTOP); returns the status from before the stop.
+    #[track_caller]
+    pub fn stop_dest_when_mirrored(&mut self) -> SourceStatus {
+        let before = self.status();
+        assert_eq!(
+            before.last_acked_seq, before.last_logged_seq,
+            "every completed operation must be acknowledged before the stop: {}",
+            before.raw
+        );
+        self.dest().signal(libc::SIGSTOP);
+        before
+    }
+
+    /// With the destination stopped (SIGSTOP) and `done` set by a thread once its operation
+    /// returned: check that it has not (`what` says which operation, for the message), resume
+    /// the destination and wait (60 s at most) for the operation to return.
+    #[track_caller]
+    pub fn held_until_dest_resumes(&mut self, what: &str, done: &std::sync::atomic::AtomicBool) {
+        use std::sync::atomic::Ordering;
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "{what} returned while the destination was stopped: it did not wait for the mirror"
+        );
+        self.dest().signal(libc::SIGCONT);
+        wait_until(
+            &format!("{what} to return once the destination resumed"),
+            Duration::from_secs(60),
+            || done.load(Ordering::SeqCst),
+        );
+    }
+
     /// The main source's status read from its control socket by this process, without
     /// starting `fs-source status`: a child process would get a copy of every descriptor the
     /// test holds open on the mount, and its `exec` would close them, which is a FUSE FLUSH

@@ -98,14 +98,7 @@ fn write_waits_for_destination() {
         b"written before the stop\n",
     )
     .expect("write before");
-    let before = h.status();
-    assert_eq!(
-        before.last_acked_seq, before.last_logged_seq,
-        "a completed write must be acknowledged: {}",
-        before.raw
-    );
-
-    h.dest().signal(libc::SIGSTOP);
+    let before = h.stop_dest_when_mirrored();
 
     let done = Arc::new(AtomicBool::new(false));
     let path = h.mnt().join("busy/during.txt");
@@ -165,17 +158,7 @@ fn write_waits_for_destination() {
         b"written before the stop\n"
     );
     listing.expect("readdir during the stall");
-    assert!(
-        !done.load(Ordering::SeqCst),
-        "the write completed while the destination was stopped"
-    );
-
-    h.dest().signal(libc::SIGCONT);
-    wait_until(
-        "the write to complete after the destination resumed",
-        Duration::from_secs(60),
-        || done.load(Ordering::SeqCst),
-    );
+    h.held_until_dest_resumes("the write", &done);
     writer
         .join()
         .expect("writer thread")
@@ -215,14 +198,7 @@ fn stalled_writes_do_not_hold_fuse_threads() {
             f
         })
         .collect();
-    let before = h.status();
-    assert_eq!(
-        before.last_acked_seq, before.last_logged_seq,
-        "{}",
-        before.raw
-    );
-
-    h.dest().signal(libc::SIGSTOP);
+    let before = h.stop_dest_when_mirrored();
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writers: Vec<_> = files
         .iter()

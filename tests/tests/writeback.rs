@@ -84,14 +84,7 @@ fn a_write_back_waits_for_the_local_log_only_and_the_close_for_the_mirror() {
     let mut h = writeback_harness(TEST);
     let path = h.mnt().join("f");
     fs::write(&path, vec![1u8; 16 * 1024]).expect("first version");
-    let before = h.status();
-    assert_eq!(
-        before.last_acked_seq, before.last_logged_seq,
-        "{}",
-        before.raw
-    );
-
-    h.dest().signal(libc::SIGSTOP);
+    h.stop_dest_when_mirrored();
     let mut f = fs::OpenOptions::new()
         .write(true)
         .open(&path)
@@ -153,16 +146,7 @@ fn a_write_back_waits_for_the_local_log_only_and_the_close_for_the_mirror() {
         Duration::from_secs(10),
         || h.status_in_process().last_logged_seq > stalled.last_logged_seq,
     );
-    assert!(
-        !closed.load(Ordering::SeqCst),
-        "the close returned while the destination was stopped"
-    );
-    h.dest().signal(libc::SIGCONT);
-    wait_until(
-        "the close to return once the destination resumed",
-        Duration::from_secs(60),
-        || closed.load(Ordering::SeqCst),
-    );
+    h.held_until_dest_resumes("the close", &closed);
     closer.join().expect("closer");
     let s = h.status();
     assert_eq!(
