@@ -310,7 +310,11 @@ impl Tree {
             Err(miss) => miss,
         };
         let fd = DirFd::new(self.open_at(path, OFlags::PATH | OFlags::DIRECTORY)?);
-        self.dirs.insert(path, &fd, miss);
+        // Only a canonical spelling is kept: `./a` or `a//b` would alias `a` and `a/b` under
+        // keys that forgetting `a` does not reach.
+        if path::validate(path).is_ok() {
+            self.dirs.insert(path, &fd, miss);
+        }
         Ok(fd)
     }
 
@@ -2079,6 +2083,29 @@ mod tests {
             }
             out.sort();
             out
+        }
+
+        #[test]
+        fn only_canonical_spellings_are_cached() {
+            let (_d, t) = tree();
+            t.cache_dirs(8);
+            let (uid, gid) = me();
+            t.apply(
+                &Op::Mkdir {
+                    path: b"a".to_vec(),
+                    mode: 0o755,
+                    uid,
+                    gid,
+                },
+                ApplyMode::Live,
+            )
+            .unwrap();
+            let root_only = t.cached_dirs(); // the mkdir opened the root
+            t.dir(b"./a").expect("openat2 resolves ./a");
+            t.dir(b"a//").expect("and a//");
+            assert_eq!(t.cached_dirs(), root_only, "aliases of a are not cached");
+            t.dir(b"a").unwrap();
+            assert_eq!(t.cached_dirs(), root_only + 1);
         }
 
         #[test]
